@@ -1,0 +1,5 @@
+use clap::Parser as _;
+
+fn main() -> anyhow::Result<()> {
+    collector::cli::run(collector::cli::Cli::parse())
+}

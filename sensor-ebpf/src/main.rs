@@ -1,0 +1,22 @@
+//! Keywatch kernel programs. Built for `bpfel-unknown-none` by `sensor/build.rs`; on any other
+//! target this is an empty program so `cargo check --workspace` and clippy work everywhere.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod probes;
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("keywatch-ebpf is a BPF object: it is built for bpfel-unknown-none by the sensor");
+}

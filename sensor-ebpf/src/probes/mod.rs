@@ -1,0 +1,5 @@
+//! Program entry points, maps and the helpers they share.
+
+mod exec;
+mod maps;
+mod task;

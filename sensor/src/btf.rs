@@ -1,0 +1,143 @@
+//! Kernel struct member offsets from the running kernel's BTF, so one eBPF object works across
+//! kernel versions without CO-RE.
+
+use std::path::Path;
+
+use btf_rs::{Btf, Type};
+use sensor_ebpf::KernelOffsets;
+
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error(
+        "cannot read kernel BTF at {path}: {source} (kernel built without CONFIG_DEBUG_INFO_BTF?)"
+    )]
+    Read { path: String, source: btf_rs::Error },
+    #[error("kernel BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("kernel BTF has no member {member} in struct {strukt}")]
+    NoMember { strukt: String, member: String },
+    #[error("kernel BTF: {0}")]
+    Parse(#[from] btf_rs::Error),
+}
+
+/// Parsed kernel BTF with member-offset look-ups.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn load() -> Result<Self, BtfError> {
+        Self::from_file(Path::new(VMLINUX_BTF))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self { btf })
+    }
+
+    /// Byte offset of `member` in `struct strukt`, looking inside anonymous structs and unions
+    /// (such as the one holding `file.f_path`).
+    pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let types = self.btf.resolve_types_by_name(strukt)?;
+        let Some(Type::Struct(s)) = types.into_iter().find(|t| matches!(t, Type::Struct(_))) else {
+            return Err(BtfError::NoStruct(strukt.to_string()));
+        };
+        self.find_member(&s, member)?
+            .map(|bits| bits / 8)
+            .ok_or_else(|| BtfError::NoMember {
+                strukt: strukt.to_string(),
+                member: member.to_string(),
+            })
+    }
+
+    /// Offset in bits of `member` within `s`, recursing into anonymous members.
+    fn find_member(&self, s: &btf_rs::Struct, member: &str) -> Result<Option<u32>, BtfError> {
+        for m in &s.members {
+            let name = self.btf.resolve_name(m).unwrap_or_default();
+            if name == member {
+                return Ok(Some(m.bit_offset()));
+            }
+            if name.is_empty()
+                && let Some(inner) = self.composite(self.btf.resolve_chained_type(m)?)?
+                && let Some(bits) = self.find_member(&inner, member)?
+            {
+                return Ok(Some(m.bit_offset() + bits));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The struct or union behind `t`, skipping typedefs and qualifiers.
+    fn composite(&self, mut t: Type) -> Result<Option<btf_rs::Struct>, BtfError> {
+        loop {
+            match t {
+                Type::Struct(s) | Type::Union(s) => return Ok(Some(s)),
+                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::TypeTag(_) => {
+                    let inner = t.as_btf_type().map(|b| self.btf.resolve_chained_type(b));
+                    match inner {
+                        Some(next) => t = next?,
+                        None => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// Every offset the kernel programs need.
+    pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        Ok(KernelOffsets {
+            task_real_parent: self.member_offset("task_struct", "real_parent")?,
+            task_tgid: self.member_offset("task_struct", "tgid")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_task_struct_offsets_from_this_kernel() {
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("skipped: no readable {VMLINUX_BTF}");
+            return;
+        };
+        let offsets = btf.kernel_offsets().expect("offsets");
+        assert!(offsets.task_tgid > 0);
+        assert!(offsets.task_real_parent > offsets.task_tgid);
+    }
+
+    #[test]
+    fn finds_members_inside_anonymous_unions() {
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("skipped: no readable {VMLINUX_BTF}");
+            return;
+        };
+        // `f_path` sits in an anonymous union on recent kernels; a flat walk misses it.
+        let f_path = btf.member_offset("file", "f_path").expect("file.f_path");
+        let f_inode = btf.member_offset("file", "f_inode").expect("file.f_inode");
+        assert_ne!(f_path, f_inode);
+    }
+
+    #[test]
+    fn names_missing_members() {
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("skipped: no readable {VMLINUX_BTF}");
+            return;
+        };
+        let err = btf
+            .member_offset("task_struct", "no_such_field")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "kernel BTF has no member no_such_field in struct task_struct"
+        );
+    }
+}

@@ -1,0 +1,96 @@
+//! Command-line interface of `keywatch-sensor`.
+
+use std::collections::BTreeSet;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::loader::{self, LoadOptions, ProgramStatus};
+
+/// Keywatch host sensor: sees, in the kernel, which process reads a credential, touches
+/// another process's secrets or calls an authentication endpoint.
+///
+/// Needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN for mounts) and a kernel with BTF
+/// (/sys/kernel/btf/vmlinux). Run `keywatch-sensor probe` first to see what this kernel supports.
+#[derive(Debug, Parser)]
+#[command(name = "keywatch-sensor", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the kernel programs and report events.
+    ///
+    /// Example: `keywatch-sensor run --stdout` prints one JSON object per event.
+    Run(RunArgs),
+    /// Report, per kernel program, whether it attaches on this host and why not.
+    Probe {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Standalone mode: write events to stdout as JSON lines.
+    #[arg(long, required = true)]
+    pub stdout: bool,
+    /// Accept that these programs do not attach (comma-separated names from `probe`).
+    #[arg(long, value_delimiter = ',')]
+    pub allow_missing: Vec<String>,
+    /// Kernel ring buffer size in MiB (a power of two).
+    #[arg(long, default_value_t = 8)]
+    pub ring_mib: u32,
+}
+
+impl RunArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            allow_missing: self.allow_missing.iter().cloned().collect::<BTreeSet<_>>(),
+            ring_bytes: self.ring_mib.saturating_mul(1024 * 1024),
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => crate::run::run_stdout(&args.load_options()).await,
+        Command::Probe { json } => {
+            let report = loader::probe()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", probe_table(&report));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The probe report as an aligned table.
+pub fn probe_table(report: &[ProgramStatus]) -> String {
+    let width = |f: &dyn Fn(&ProgramStatus) -> usize, title: &str| {
+        report.iter().map(f).chain([title.len()]).max().unwrap_or(0)
+    };
+    let w_prog = width(&|s| s.program.len(), "PROGRAM");
+    let w_attach = width(&|s| s.attach.len(), "ATTACH");
+    let mut out = format!(
+        "{:w_prog$}  {:w_attach$}  {:8}  DETAIL\n",
+        "PROGRAM", "ATTACH", "STATUS"
+    );
+    for s in report {
+        let (status, detail) = if s.attached {
+            ("attached", s.purpose.to_string())
+        } else {
+            ("MISSING", s.reason.clone().unwrap_or_default())
+        };
+        out.push_str(&format!(
+            "{:w_prog$}  {:w_attach$}  {status:8}  {detail}\n",
+            s.program, s.attach
+        ));
+    }
+    out
+}

@@ -1,0 +1,18 @@
+//! Keywatch host sensor.
+//!
+//! Data path: kernel programs ([`loader`]) → ring buffer → [`reader`] (decode) → sink
+//! ([`output`]), joined by bounded channels so pressure propagates instead of memory growing.
+
+pub mod btf;
+pub mod cli;
+pub mod event;
+pub mod loader;
+pub mod output;
+pub mod reader;
+pub mod run;
+pub mod system;
+
+/// The eBPF object built by `build.rs` from the `sensor-ebpf` crate (empty when the build ran
+/// with `AYA_BUILD_SKIP=1`).
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywatch-ebpf"));

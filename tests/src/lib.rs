@@ -1,0 +1,58 @@
+//! Helpers for the privileged tests: starting a real sensor, deciding whether a host that cannot
+//! run BPF skips (outside CI, with the reason printed) or fails (in CI), and waiting for events.
+
+use std::time::Duration;
+
+use sensor::{
+    event::Event,
+    loader::{LoadError, LoadOptions},
+    run::Sensor,
+};
+
+/// True when running under CI, where every privileged test must really run.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Starts a sensor with `opts`, or returns `None` after printing why this host cannot run it.
+/// Under CI a sensor that cannot start fails the test.
+pub fn start_sensor(opts: &LoadOptions) -> Option<Sensor> {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    match Sensor::start(opts) {
+        Ok(sensor) => Some(sensor),
+        Err(error) => skip_or_fail(root, &error),
+    }
+}
+
+fn skip_or_fail(root: bool, error: &LoadError) -> Option<Sensor> {
+    let why = if root {
+        format!("{error}")
+    } else {
+        format!("not root ({error})")
+    };
+    if in_ci() {
+        panic!("BPF must load under CI, but the sensor did not start: {why}");
+    }
+    eprintln!("SKIPPED: the sensor cannot run here: {why}");
+    None
+}
+
+/// Waits up to `within` for an event matching `pred`, returning it.
+pub async fn wait_for(
+    sensor: &mut Sensor,
+    within: Duration,
+    mut pred: impl FnMut(&Event) -> bool,
+) -> Option<Event> {
+    tokio::time::timeout(within, async {
+        while let Some(event) = sensor.next_event().await {
+            if pred(&event) {
+                return Some(event);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}

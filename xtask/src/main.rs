@@ -1,0 +1,40 @@
+//! Project tasks. `cargo xtask setup | test | run | build`.
+
+mod setup;
+mod tasks;
+
+use clap::{Parser, Subcommand};
+
+/// Keywatch project tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what building the kernel programs needs (nightly rust-src, LLVM 22, bpf-linker).
+    /// Idempotent: quick when everything is present.
+    Setup,
+    /// Setup, then formatting, lints and every test (privileged ones included; run as root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Setup, build, and run the sensor in standalone mode (events as JSON lines on stdout).
+    Run,
+    /// Setup, then build every binary in release mode.
+    Build,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::run(),
+        Task::Test { cargo_args } => tasks::test(&cargo_args),
+        Task::Run => tasks::run(),
+        Task::Build => tasks::build(),
+    }
+}
