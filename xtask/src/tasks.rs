@@ -1,6 +1,11 @@
 //! Test, run and build tasks.
 
-use std::process::Command;
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::bail;
 
 use crate::setup::{self, sh};
 
@@ -20,12 +25,63 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    sh(cargo()
-        .args(["test", "--workspace", "--no-fail-fast"])
-        .arg("--")
-        .args(extra))?;
-    println!("xtask test: all checks passed");
+    let summary = cargo_test(
+        cargo()
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .arg("--")
+            .args(extra),
+    )?;
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        summary.passed, summary.failed, summary.ignored
+    );
+    if summary.failed > 0 || !summary.success {
+        bail!("tests failed");
+    }
     Ok(())
+}
+
+/// Totals over every `test result:` line of a cargo test run.
+#[derive(Debug, Default)]
+struct TestSummary {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+    success: bool,
+}
+
+/// Runs cargo test, passing its output through, and adds up the results of every test binary.
+fn cargo_test(cmd: &mut Command) -> anyhow::Result<TestSummary> {
+    println!("+ cargo test --workspace");
+    let mut child = cmd.stdout(Stdio::piped()).spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut summary = TestSummary::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            add_result_line(&mut summary, rest);
+        }
+    }
+    summary.success = child.wait()?.success();
+    Ok(summary)
+}
+
+/// Adds "ok. 3 passed; 0 failed; 1 ignored; …" to the totals.
+fn add_result_line(summary: &mut TestSummary, rest: &str) {
+    for part in rest.split(['.', ';']) {
+        let mut words = part.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(n) = n.parse::<u64>() else { continue };
+        match what {
+            "passed" => summary.passed += n,
+            "failed" => summary.failed += n,
+            "ignored" => summary.ignored += n,
+            _ => {}
+        }
+    }
 }
 
 pub fn build() -> anyhow::Result<()> {
