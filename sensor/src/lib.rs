@@ -8,9 +8,11 @@ pub mod cli;
 pub mod event;
 pub mod loader;
 pub mod output;
+pub mod process;
 pub mod reader;
 pub mod run;
 pub mod system;
+pub mod watch;
 
 /// The eBPF object built by `build.rs` from the `sensor-ebpf` crate (empty when the build ran
 /// with `AYA_BUILD_SKIP=1`).

@@ -1,0 +1,2 @@
+//! What to watch: credentials, secrets and authentication endpoints, resolved to what the
+//! kernel programs match on (inodes and addresses).
