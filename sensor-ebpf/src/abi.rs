@@ -4,34 +4,78 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
-/// Longest path or file name copied from the kernel, NUL included.
+/// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
+/// Longest single path component (dentry name) copied from the kernel, NUL included.
+pub const NAME_LEN: usize = 128;
 /// `TASK_COMM_LEN` in the kernel.
 pub const COMM_LEN: usize = 16;
+/// Watch id meaning "no watch".
+pub const NO_WATCH: u32 = u32::MAX;
 
 /// Event kinds. Numbers are part of the ABI and are never reused.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum EventKind {
     /// A task finished `execve` (`sched:sched_process_exec`).
     Exec = 1,
+    /// A new process (not a thread) was created.
+    Fork = 2,
+    /// A process (its thread-group leader) exited.
+    Exit = 3,
+    /// A watched file, or a file in a watched directory, was opened.
+    FileOpen = 4,
+    /// Another process's secrets were touched (/proc environ/mem, ptrace, process_vm_readv,
+    /// keyctl read, watched unix socket).
+    Secret = 5,
+    /// A connect or UDP send to a watched endpoint.
+    Connect = 6,
+    /// A setuid-family or capset syscall succeeded; the record holds the credentials after it.
+    CredChange = 7,
 }
 
 impl EventKind {
     /// Every kind, for per-kind counters and reports.
-    pub const ALL: [EventKind; 1] = [EventKind::Exec];
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Exec,
+        EventKind::Fork,
+        EventKind::Exit,
+        EventKind::FileOpen,
+        EventKind::Secret,
+        EventKind::Connect,
+        EventKind::CredChange,
+    ];
+
+    /// Stable lower-case name, used in reports and counters.
+    pub const fn name(self) -> &'static str {
+        match self {
+            EventKind::Exec => "exec",
+            EventKind::Fork => "fork",
+            EventKind::Exit => "exit",
+            EventKind::FileOpen => "file_open",
+            EventKind::Secret => "secret",
+            EventKind::Connect => "connect",
+            EventKind::CredChange => "cred_change",
+        }
+    }
 }
 
 impl TryFrom<u32> for EventKind {
     type Error = u32;
 
     fn try_from(value: u32) -> Result<Self, Self::Error> {
-        match value {
-            1 => Ok(Self::Exec),
-            other => Err(other),
-        }
+        Ok(match value {
+            1 => Self::Exec,
+            2 => Self::Fork,
+            3 => Self::Exit,
+            4 => Self::FileOpen,
+            5 => Self::Secret,
+            6 => Self::Connect,
+            7 => Self::CredChange,
+            other => return Err(other),
+        })
     }
 }
 
@@ -41,7 +85,7 @@ impl TryFrom<u32> for EventKind {
 pub struct EventHeader {
     /// [`EventKind`] as `u32`.
     pub kind: u32,
-    /// Repeats folded into this record (1 for a single occurrence).
+    /// For folded kinds: always 1 here; see `total` in the payload.
     pub count: u32,
     /// `bpf_ktime_get_boot_ns()` at the event.
     pub ktime_ns: u64,
@@ -55,6 +99,10 @@ pub struct EventHeader {
     pub uid: u32,
     /// Real gid.
     pub gid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// Audit login uid (`u32::MAX` when unset or unknown).
+    pub login_uid: u32,
     pub _pad0: u32,
     /// `bpf_get_current_cgroup_id()`.
     pub cgroup_id: u64,
@@ -62,7 +110,8 @@ pub struct EventHeader {
     pub comm: [u8; COMM_LEN],
 }
 
-/// `sched:sched_process_exec`: the new program's file name as the kernel resolved it.
+/// `sched:sched_process_exec`: the new program's file name as the kernel resolved it, and the
+/// credentials after exec (the header carries uid/euid).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {
@@ -71,7 +120,284 @@ pub struct ExecEvent {
     pub old_pid: u32,
     /// Bytes of `filename` in use, NUL excluded.
     pub filename_len: u32,
+    /// `i_mode` of the executed file (setuid/setgid bits).
+    pub exe_mode: u32,
+    /// Effective gid after exec.
+    pub egid: u32,
+    /// Effective capabilities after exec.
+    pub cap_effective: u64,
     pub filename: [u8; PATH_LEN],
+}
+
+/// A new process: the header is the parent, `child_tgid` the child.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ForkEvent {
+    pub header: EventHeader,
+    pub child_tgid: u32,
+    pub _pad0: u32,
+}
+
+/// A process exit: the header is the exiting leader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+    /// `task->exit_code` (status << 8 | signal).
+    pub exit_code: u32,
+    pub _pad0: u32,
+}
+
+/// How a file open matched.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileMatch {
+    /// The file's (dev, ino) is watched.
+    File = 1,
+    /// The file's parent directory is watched.
+    Dir = 2,
+}
+
+/// A watched file was opened. Folded: `total` counts every open of this (process, file) since
+/// the fold entry was created; userspace turns it into a delta.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct FileOpenEvent {
+    pub header: EventHeader,
+    pub watch_id: u32,
+    /// [`FileMatch`] as `u32`.
+    pub matched: u32,
+    /// `f_flags` of the opened file.
+    pub flags: u32,
+    /// Kernel-internal `dev_t` of the file's superblock.
+    pub dev: u32,
+    pub ino: u64,
+    /// Inode of the parent directory.
+    pub parent_ino: u64,
+    /// Cumulative opens for this fold key.
+    pub total: u64,
+    /// Bytes of `name` in use.
+    pub name_len: u32,
+    pub _pad0: u32,
+    /// The opened dentry's name.
+    pub name: [u8; NAME_LEN],
+}
+
+/// How another process's secrets were touched.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretMethod {
+    ProcEnviron = 1,
+    ProcMem = 2,
+    Ptrace = 3,
+    ProcessVmReadv = 4,
+    Keyctl = 5,
+    UnixSocket = 6,
+}
+
+impl TryFrom<u32> for SecretMethod {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        Ok(match value {
+            1 => Self::ProcEnviron,
+            2 => Self::ProcMem,
+            3 => Self::Ptrace,
+            4 => Self::ProcessVmReadv,
+            5 => Self::Keyctl,
+            6 => Self::UnixSocket,
+            other => return Err(other),
+        })
+    }
+}
+
+/// Another process's secrets were touched. Folded like [`FileOpenEvent`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SecretEvent {
+    pub header: EventHeader,
+    /// [`SecretMethod`] as `u32`.
+    pub method: u32,
+    /// The process whose secrets were touched (0 when not known, e.g. keyctl).
+    pub target_pid: u32,
+    /// ptrace request, keyctl key serial, unix socket inode…
+    pub detail: u64,
+    pub total: u64,
+    /// For unix sockets: the watch id; otherwise [`NO_WATCH`].
+    pub watch_id: u32,
+    /// `f_flags` for /proc opens.
+    pub flags: u32,
+}
+
+/// A connect (or UDP send) to a watched endpoint. Folded like [`FileOpenEvent`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectEvent {
+    pub header: EventHeader,
+    pub watch_id: u32,
+    /// IPPROTO_TCP (6) or IPPROTO_UDP (17).
+    pub protocol: u32,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u32,
+    /// Destination port, host byte order.
+    pub port: u32,
+    /// Destination address; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+    pub total: u64,
+}
+
+/// Which credential syscall succeeded.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredSyscall {
+    Setuid = 1,
+    Setreuid = 2,
+    Setresuid = 3,
+    Setfsuid = 4,
+    Setgid = 5,
+    Setregid = 6,
+    Setresgid = 7,
+    Setfsgid = 8,
+    Capset = 9,
+}
+
+impl CredSyscall {
+    pub const fn name(self) -> &'static str {
+        match self {
+            CredSyscall::Setuid => "setuid",
+            CredSyscall::Setreuid => "setreuid",
+            CredSyscall::Setresuid => "setresuid",
+            CredSyscall::Setfsuid => "setfsuid",
+            CredSyscall::Setgid => "setgid",
+            CredSyscall::Setregid => "setregid",
+            CredSyscall::Setresgid => "setresgid",
+            CredSyscall::Setfsgid => "setfsgid",
+            CredSyscall::Capset => "capset",
+        }
+    }
+}
+
+impl TryFrom<u32> for CredSyscall {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        Ok(match value {
+            1 => Self::Setuid,
+            2 => Self::Setreuid,
+            3 => Self::Setresuid,
+            4 => Self::Setfsuid,
+            5 => Self::Setgid,
+            6 => Self::Setregid,
+            7 => Self::Setresgid,
+            8 => Self::Setfsgid,
+            9 => Self::Capset,
+            other => return Err(other),
+        })
+    }
+}
+
+/// Credentials after a successful credential syscall; the sensor compares with what it knew.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CredChangeEvent {
+    pub header: EventHeader,
+    /// [`CredSyscall`] as `u32`.
+    pub syscall: u32,
+    pub egid: u32,
+    pub cap_effective: u64,
+}
+
+/// Key of the watched-file and watched-directory maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileKey {
+    /// Kernel-internal `dev_t`: `(major << 20) | minor`.
+    pub dev: u32,
+    pub _pad0: u32,
+    pub ino: u64,
+}
+
+/// LPM trie key data for watched endpoints: the destination port (0 for "any port", matched by
+/// a second lookup) then the address, IPv4 as IPv4-mapped IPv6. Big-endian throughout, so the
+/// prefix covers the port (16 bits) and then the address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointKey {
+    pub port_be: [u8; 2],
+    pub addr: [u8; 16],
+    pub _pad0: [u8; 2],
+}
+
+/// What a watched endpoint matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointValue {
+    pub watch_id: u32,
+    /// Bit 0: TCP, bit 1: UDP.
+    pub protocols: u32,
+}
+
+pub const PROTO_TCP: u32 = 1;
+pub const PROTO_UDP: u32 = 2;
+
+/// Key of the in-kernel fold map: repeats of the same (process, kind, object) within the fold
+/// window become one record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FoldKey {
+    pub tgid: u32,
+    pub kind: u32,
+    /// Inode, target pid, or address hash, by kind.
+    pub object: u64,
+    /// Device, method, or port, by kind.
+    pub qualifier: u64,
+}
+
+impl FoldKey {
+    /// A watched file opened by `tgid`.
+    #[inline(always)]
+    pub const fn file(tgid: u32, dev: u32, ino: u64) -> Self {
+        Self {
+            tgid,
+            kind: EventKind::FileOpen as u32,
+            object: ino,
+            qualifier: dev as u64,
+        }
+    }
+
+    /// `tgid` touching `target`'s secrets by `method` (`detail`: ptrace request, key serial…).
+    #[inline(always)]
+    pub const fn secret(tgid: u32, method: u32, target: u32, detail: u64) -> Self {
+        Self {
+            tgid,
+            kind: EventKind::Secret as u32,
+            object: ((target as u64) << 32) | method as u64,
+            qualifier: detail,
+        }
+    }
+
+    /// `tgid` connecting to a watched endpoint.
+    #[inline(always)]
+    pub fn connect(tgid: u32, addr: &[u8; 16], protocol: u32, port: u32) -> Self {
+        let mut hi = [0u8; 8];
+        let mut lo = [0u8; 8];
+        hi.copy_from_slice(&addr[0..8]);
+        lo.copy_from_slice(&addr[8..16]);
+        Self {
+            tgid,
+            kind: EventKind::Connect as u32,
+            object: u64::from_ne_bytes(hi) ^ u64::from_ne_bytes(lo).rotate_left(17),
+            qualifier: ((protocol as u64) << 16) | port as u64,
+        }
+    }
+}
+
+/// Fold state: `total` counts every occurrence; a record is emitted at most once per window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FoldState {
+    pub total: u64,
+    pub last_emit_ns: u64,
 }
 
 /// Kernel struct member offsets, read from the running kernel's BTF at start-up and handed to
@@ -79,10 +405,36 @@ pub struct ExecEvent {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelOffsets {
-    /// `task_struct.real_parent`
     pub task_real_parent: u32,
-    /// `task_struct.tgid`
     pub task_tgid: u32,
+    pub task_pid: u32,
+    /// `task_struct.cred` (the effective, subjective credentials).
+    pub task_cred: u32,
+    /// `task_struct.loginuid`, 0 when the kernel has no audit support.
+    pub task_loginuid: u32,
+    pub task_files: u32,
+    pub task_mm: u32,
+    pub task_exit_code: u32,
+    pub cred_euid: u32,
+    pub cred_egid: u32,
+    pub cred_cap_effective: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    pub file_f_inode: u32,
+    pub file_f_flags: u32,
+    /// `file.f_path.dentry` (offset of f_path plus offset of path.dentry).
+    pub file_dentry: u32,
+    pub mm_exe_file: u32,
+    pub dentry_d_parent: u32,
+    pub dentry_d_inode: u32,
+    /// `dentry.d_name.name`.
+    pub dentry_name: u32,
+    pub inode_i_ino: u32,
+    pub inode_i_sb: u32,
+    pub inode_i_mode: u32,
+    pub sb_s_dev: u32,
+    pub sb_s_magic: u32,
 }
 
 /// Globals the loader sets before load.
@@ -92,20 +444,42 @@ pub struct SensorConfig {
     /// Thread-group id of the sensor itself; its own activity is never reported.
     pub self_tgid: u32,
     pub _pad0: u32,
+    /// Repeats of a fold key within this many nanoseconds produce no new record.
+    pub fold_window_ns: u64,
     pub offsets: KernelOffsets,
 }
 
 // Layout guards: a change here is a change of ABI_VERSION.
-const _: () = assert!(size_of::<EventHeader>() == 64);
-const _: () = assert!(size_of::<ExecEvent>() == 64 + 8 + PATH_LEN);
-const _: () = assert!(size_of::<KernelOffsets>() == 8);
-const _: () = assert!(size_of::<SensorConfig>() == 16);
+const _: () = assert!(size_of::<EventHeader>() == 72);
+const _: () = assert!(size_of::<ExecEvent>() == 72 + 24 + PATH_LEN);
+const _: () = assert!(size_of::<ForkEvent>() == 80);
+const _: () = assert!(size_of::<ExitEvent>() == 80);
+const _: () = assert!(size_of::<FileOpenEvent>() == 72 + 48 + NAME_LEN);
+const _: () = assert!(size_of::<SecretEvent>() == 72 + 32);
+const _: () = assert!(size_of::<ConnectEvent>() == 72 + 40);
+const _: () = assert!(size_of::<CredChangeEvent>() == 72 + 16);
+const _: () = assert!(size_of::<FileKey>() == 16);
+const _: () = assert!(size_of::<EndpointKey>() == 20);
+const _: () = assert!(size_of::<FoldKey>() == 24);
+const _: () = assert!(size_of::<KernelOffsets>() == 26 * 4);
+const _: () = assert!(size_of::<SensorConfig>() == 16 + 26 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain-old-data, `#[repr(C)]`, no padding, every bit pattern valid.
+    // SAFETY: plain-old-data, `#[repr(C)]`, no implicit padding, every bit pattern valid.
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::ForkEvent {}
+    unsafe impl aya::Pod for super::ExitEvent {}
+    unsafe impl aya::Pod for super::FileOpenEvent {}
+    unsafe impl aya::Pod for super::SecretEvent {}
+    unsafe impl aya::Pod for super::ConnectEvent {}
+    unsafe impl aya::Pod for super::CredChangeEvent {}
+    unsafe impl aya::Pod for super::FileKey {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::EndpointValue {}
+    unsafe impl aya::Pod for super::FoldKey {}
+    unsafe impl aya::Pod for super::FoldState {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SensorConfig {}
 }

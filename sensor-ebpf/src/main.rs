@@ -1,6 +1,9 @@
 //! Keywatch kernel programs. Built for `bpfel-unknown-none` by `sensor/build.rs`; on any other
 //! target this is an empty program so `cargo check --workspace` and clippy work everywhere.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
+// A cross-CPU atomic add on a map value: the bpf target has no stable atomic read-modify-write.
+#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd"))]
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
 
 #[cfg(target_arch = "bpf")]
 mod probes;

@@ -90,11 +90,48 @@ impl KernelBtf {
         }
     }
 
+    /// Offset of a member path such as `["f_path", "dentry"]` across nested structs.
+    fn path_offset(&self, strukt: &str, path: &[(&str, &str)]) -> Result<u32, BtfError> {
+        let mut total = 0;
+        let mut current = strukt;
+        for &(member, next_struct) in path {
+            total += self.member_offset(current, member)?;
+            current = next_struct;
+        }
+        Ok(total)
+    }
+
     /// Every offset the kernel programs need.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        let task = |m: &str| self.member_offset("task_struct", m);
         Ok(KernelOffsets {
-            task_real_parent: self.member_offset("task_struct", "real_parent")?,
-            task_tgid: self.member_offset("task_struct", "tgid")?,
+            task_real_parent: task("real_parent")?,
+            task_tgid: task("tgid")?,
+            task_pid: task("pid")?,
+            task_cred: task("cred")?,
+            // Only with CONFIG_AUDIT; 0 tells the programs to report "unset".
+            task_loginuid: task("loginuid").unwrap_or(0),
+            task_files: task("files")?,
+            task_mm: task("mm")?,
+            task_exit_code: task("exit_code")?,
+            cred_euid: self.member_offset("cred", "euid")?,
+            cred_egid: self.member_offset("cred", "egid")?,
+            cred_cap_effective: self.member_offset("cred", "cap_effective")?,
+            files_fdt: self.member_offset("files_struct", "fdt")?,
+            fdtable_fd: self.member_offset("fdtable", "fd")?,
+            fdtable_max_fds: self.member_offset("fdtable", "max_fds")?,
+            file_f_inode: self.member_offset("file", "f_inode")?,
+            file_f_flags: self.member_offset("file", "f_flags")?,
+            file_dentry: self.path_offset("file", &[("f_path", "path"), ("dentry", "")])?,
+            mm_exe_file: self.member_offset("mm_struct", "exe_file")?,
+            dentry_d_parent: self.member_offset("dentry", "d_parent")?,
+            dentry_d_inode: self.member_offset("dentry", "d_inode")?,
+            dentry_name: self.path_offset("dentry", &[("d_name", "qstr"), ("name", "")])?,
+            inode_i_ino: self.member_offset("inode", "i_ino")?,
+            inode_i_sb: self.member_offset("inode", "i_sb")?,
+            inode_i_mode: self.member_offset("inode", "i_mode")?,
+            sb_s_dev: self.member_offset("super_block", "s_dev")?,
+            sb_s_magic: self.member_offset("super_block", "s_magic")?,
         })
     }
 }

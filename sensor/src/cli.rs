@@ -50,6 +50,7 @@ impl RunArgs {
         LoadOptions {
             allow_missing: self.allow_missing.iter().cloned().collect::<BTreeSet<_>>(),
             ring_bytes: self.ring_mib.saturating_mul(1024 * 1024),
+            ..LoadOptions::default()
         }
     }
 }

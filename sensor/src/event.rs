@@ -3,7 +3,12 @@
 
 use std::mem::size_of;
 
-use sensor_ebpf::{EventHeader, EventKind, ExecEvent};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use sensor_ebpf::{
+    ConnectEvent, CredChangeEvent, CredSyscall, EventHeader, EventKind, ExecEvent, ExitEvent,
+    FileMatch, FileOpenEvent, FoldKey, ForkEvent, SecretEvent, SecretMethod,
+};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -16,6 +21,8 @@ pub enum DecodeError {
     },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
+    #[error("unknown {what} {value}")]
+    UnknownValue { what: &'static str, value: u32 },
 }
 
 /// The process that caused an event, as the kernel saw it at that moment.
@@ -28,6 +35,10 @@ pub struct ProcessRef {
     pub ppid: u32,
     pub uid: u32,
     pub gid: u32,
+    /// Effective uid.
+    pub euid: u32,
+    /// Audit login uid; `None` when unset (not a login session).
+    pub login_uid: Option<u32>,
     pub comm: String,
     pub cgroup_id: u64,
 }
@@ -42,6 +53,50 @@ pub enum Detail {
         filename: String,
         /// Thread id before exec (differs from `pid` when a non-leader thread execs).
         old_pid: u32,
+        /// Mode bits of the executed file (setuid 0o4000, setgid 0o2000).
+        exe_mode: u32,
+        egid: u32,
+        cap_effective: u64,
+    },
+    /// A new process.
+    Fork { child_pid: u32 },
+    /// A process exited.
+    Exit { exit_code: u32 },
+    /// A watched file (or a file in a watched directory) was opened.
+    FileOpen {
+        watch_id: u32,
+        /// `file` (the inode is watched) or `dir` (its directory is).
+        matched: &'static str,
+        /// The opened file's own name (the dentry the kernel opened).
+        name: String,
+        dev: u32,
+        ino: u64,
+        parent_ino: u64,
+        /// open(2) flags.
+        flags: u32,
+        /// Opened for writing (O_WRONLY, O_RDWR, O_CREAT, O_TRUNC or O_APPEND).
+        write: bool,
+    },
+    /// Another process's secrets were touched.
+    Secret {
+        method: &'static str,
+        target_pid: u32,
+        /// ptrace request, keyctl key serial…
+        detail: u64,
+        flags: u32,
+    },
+    /// A connect or UDP send to a watched endpoint.
+    Connect {
+        watch_id: u32,
+        protocol: &'static str,
+        address: IpAddr,
+        port: u16,
+    },
+    /// A credential syscall succeeded; `process` holds the ids after it.
+    CredChange {
+        syscall: &'static str,
+        egid: u32,
+        cap_effective: u64,
     },
 }
 
@@ -55,6 +110,9 @@ pub struct Event {
     pub process: ProcessRef,
     #[serde(flatten)]
     pub detail: Detail,
+    /// For folded kinds: the key and the cumulative total the kernel reported.
+    #[serde(skip)]
+    pub fold: Option<(FoldKey, u64)>,
 }
 
 /// Converts kernel boot-clock stamps to Unix time.
@@ -70,6 +128,13 @@ impl Clock {
 
     pub fn from_system() -> Self {
         Self::new(crate::system::boot_to_unix_offset_ns())
+    }
+
+    /// The current Unix time in nanoseconds.
+    pub fn now_unix_ns(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
     }
 
     fn unix_ns(&self, boot_ns: u64) -> u64 {
@@ -105,8 +170,38 @@ fn process(h: &EventHeader) -> ProcessRef {
         ppid: h.ppid,
         uid: h.uid,
         gid: h.gid,
+        euid: h.euid,
+        login_uid: (h.login_uid != u32::MAX).then_some(h.login_uid),
         comm: text(&h.comm, h.comm.len() as u32),
         cgroup_id: h.cgroup_id,
+    }
+}
+
+const O_ACCMODE: u32 = 0o3;
+const O_WRITE_INTENT: u32 = 0o100 | 0o1000 | 0o2000; // O_CREAT | O_TRUNC | O_APPEND
+
+/// Whether open(2) `flags` ask for writing.
+pub fn opens_for_write(flags: u32) -> bool {
+    flags & O_ACCMODE != 0 || flags & O_WRITE_INTENT != 0
+}
+
+fn secret_method(m: SecretMethod) -> &'static str {
+    match m {
+        SecretMethod::ProcEnviron => "proc_environ",
+        SecretMethod::ProcMem => "proc_mem",
+        SecretMethod::Ptrace => "ptrace",
+        SecretMethod::ProcessVmReadv => "process_vm_readv",
+        SecretMethod::Keyctl => "keyctl",
+        SecretMethod::UnixSocket => "unix_socket",
+    }
+}
+
+fn ip_of(family: u32, addr: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr);
+    match (family, v6.to_ipv4_mapped()) {
+        (2, Some(v4)) => IpAddr::V4(v4),
+        (2, None) => IpAddr::V4(Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15])),
+        _ => IpAddr::V6(v6),
     }
 }
 
@@ -114,12 +209,84 @@ fn process(h: &EventHeader) -> ProcessRef {
 pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes, "header")?;
     let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
+    let unknown = |what, value| DecodeError::UnknownValue { what, value };
+    let mut fold = None;
     let detail = match kind {
         EventKind::Exec => {
             let e: ExecEvent = read(bytes, "exec")?;
             Detail::Exec {
                 filename: text(&e.filename, e.filename_len),
                 old_pid: e.old_pid,
+                exe_mode: e.exe_mode,
+                egid: e.egid,
+                cap_effective: e.cap_effective,
+            }
+        }
+        EventKind::Fork => {
+            let e: ForkEvent = read(bytes, "fork")?;
+            Detail::Fork {
+                child_pid: e.child_tgid,
+            }
+        }
+        EventKind::Exit => {
+            let e: ExitEvent = read(bytes, "exit")?;
+            Detail::Exit {
+                exit_code: e.exit_code,
+            }
+        }
+        EventKind::FileOpen => {
+            let e: FileOpenEvent = read(bytes, "file_open")?;
+            fold = Some((FoldKey::file(header.tgid, e.dev, e.ino), e.total));
+            Detail::FileOpen {
+                watch_id: e.watch_id,
+                matched: match e.matched {
+                    m if m == FileMatch::File as u32 => "file",
+                    m if m == FileMatch::Dir as u32 => "dir",
+                    other => return Err(unknown("file match", other)),
+                },
+                name: text(&e.name, e.name_len),
+                dev: e.dev,
+                ino: e.ino,
+                parent_ino: e.parent_ino,
+                flags: e.flags,
+                write: opens_for_write(e.flags),
+            }
+        }
+        EventKind::Secret => {
+            let e: SecretEvent = read(bytes, "secret")?;
+            let method =
+                SecretMethod::try_from(e.method).map_err(|v| unknown("secret method", v))?;
+            fold = Some((
+                FoldKey::secret(header.tgid, e.method, e.target_pid, e.detail),
+                e.total,
+            ));
+            Detail::Secret {
+                method: secret_method(method),
+                target_pid: e.target_pid,
+                detail: e.detail,
+                flags: e.flags,
+            }
+        }
+        EventKind::Connect => {
+            let e: ConnectEvent = read(bytes, "connect")?;
+            fold = Some((
+                FoldKey::connect(header.tgid, &e.addr, e.protocol, e.port),
+                e.total,
+            ));
+            Detail::Connect {
+                watch_id: e.watch_id,
+                protocol: if e.protocol == 17 { "udp" } else { "tcp" },
+                address: ip_of(e.family, e.addr),
+                port: e.port as u16,
+            }
+        }
+        EventKind::CredChange => {
+            let e: CredChangeEvent = read(bytes, "cred_change")?;
+            let syscall = CredSyscall::try_from(e.syscall).map_err(|v| unknown("syscall", v))?;
+            Detail::CredChange {
+                syscall: syscall.name(),
+                egid: e.egid,
+                cap_effective: e.cap_effective,
             }
         }
     };
@@ -128,6 +295,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
         count: header.count.max(1),
         process: process(&header),
         detail,
+        fold,
     })
 }
 
@@ -149,6 +317,8 @@ mod tests {
             ppid: 1,
             uid: 1000,
             gid: 100,
+            euid: 1000,
+            login_uid: u32::MAX,
             _pad0: 0,
             cgroup_id: 77,
             comm,
@@ -182,6 +352,37 @@ mod tests {
                 old_pid: 11
             }
         );
+    }
+
+    #[test]
+    fn decodes_connect_and_write_flags() {
+        let mut addr = [0u8; 16];
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        addr[12..].copy_from_slice(&[169, 254, 169, 254]);
+        let rec = ConnectEvent {
+            header: header(6),
+            watch_id: 3,
+            protocol: 6,
+            family: 2,
+            port: 80,
+            addr,
+            total: 5,
+        };
+        let event = decode(&bytes_of(&rec), &Clock::new(0)).unwrap();
+        assert_eq!(
+            event.detail,
+            Detail::Connect {
+                watch_id: 3,
+                protocol: "tcp",
+                address: "169.254.169.254".parse().unwrap(),
+                port: 80
+            }
+        );
+        assert_eq!(event.fold.unwrap().1, 5);
+        assert!(!opens_for_write(0)); // O_RDONLY
+        assert!(opens_for_write(1)); // O_WRONLY
+        assert!(opens_for_write(0o1000)); // O_TRUNC
     }
 
     #[test]

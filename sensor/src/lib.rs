@@ -6,6 +6,8 @@
 pub mod btf;
 pub mod cli;
 pub mod event;
+pub mod fold;
+pub mod kernel_maps;
 pub mod loader;
 pub mod output;
 pub mod process;

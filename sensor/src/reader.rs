@@ -17,16 +17,24 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::sync::mpsc;
 
-use crate::event::{Clock, Event, decode};
+use crate::{
+    event::{Clock, Event, decode},
+    fold::FoldTracker,
+    kernel_maps::FoldMap,
+};
 
 /// Longest time a record waits in the ring before the reader looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How often fold tails (occurrences no record carried) are collected from the kernel.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Counters of the reader, shared with whoever reports them.
 #[derive(Debug, Default)]
 pub struct ReaderStats {
     pub records: AtomicU64,
     pub undecodable: AtomicU64,
+    /// Occurrences delivered (records plus fold tails, weighted by their counts).
+    pub occurrences: AtomicU64,
 }
 
 /// A running reader thread; [`ReaderHandle::stop`] or drop ends it.
@@ -53,21 +61,34 @@ impl Drop for ReaderHandle {
 
 /// Starts draining `ring` into `tx`. Sending blocks when downstream is full, which leaves
 /// records in the ring (where the kernel counts any it cannot queue) rather than in memory.
-pub fn spawn(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Event>, clock: Clock) -> ReaderHandle {
+pub fn spawn(
+    mut ring: RingBuf<MapData>,
+    fold_map: FoldMap,
+    mut folds: FoldTracker,
+    tx: mpsc::Sender<Event>,
+    clock: Clock,
+) -> ReaderHandle {
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(ReaderStats::default());
-    let thread = {
-        let stop = Arc::clone(&stop);
-        let stats = Arc::clone(&stats);
-        std::thread::Builder::new()
+    let thread =
+        {
+            let stop = Arc::clone(&stop);
+            let stats = Arc::clone(&stats);
+            std::thread::Builder::new()
             .name("ring-reader".into())
             .spawn(move || {
+                let send = |event: Event| {
+                    stats.occurrences.fetch_add(u64::from(event.count), Ordering::Relaxed);
+                    tx.blocking_send(event).is_ok()
+                };
+                let mut last_sweep = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     while let Some(record) = ring.next() {
                         stats.records.fetch_add(1, Ordering::Relaxed);
                         match decode(&record, &clock) {
                             Ok(event) => {
-                                if tx.blocking_send(event).is_err() {
+                                let Some(event) = folds.on_event(event) else { continue };
+                                if !send(event) {
                                     return; // downstream gone: the sensor is stopping
                                 }
                             }
@@ -77,11 +98,20 @@ pub fn spawn(mut ring: RingBuf<MapData>, tx: mpsc::Sender<Event>, clock: Clock) 
                             }
                         }
                     }
+                    if last_sweep.elapsed() >= SWEEP_INTERVAL {
+                        last_sweep = std::time::Instant::now();
+                        let now = clock.now_unix_ns();
+                        for tail in folds.sweep(&fold_map.totals(), now) {
+                            if !send(tail) {
+                                return;
+                            }
+                        }
+                    }
                     wait_readable(&ring, POLL_INTERVAL);
                 }
             })
             .expect("spawning the ring reader thread")
-    };
+        };
     ReaderHandle {
         stop,
         thread: Some(thread),

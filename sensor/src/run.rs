@@ -6,6 +6,8 @@ use tokio::sync::mpsc;
 
 use crate::{
     event::{Clock, Event},
+    fold::FoldTracker,
+    kernel_maps::WatchMaps,
     loader::{self, LoadError, LoadOptions, Loaded},
     output,
     reader::{self, ReaderHandle},
@@ -20,6 +22,7 @@ pub struct Sensor {
     reader: ReaderHandle,
     loaded: Loaded,
     events: mpsc::Receiver<Event>,
+    watch_maps: WatchMaps,
 }
 
 impl Sensor {
@@ -27,18 +30,27 @@ impl Sensor {
     pub fn start(opts: &LoadOptions) -> Result<Self, LoadError> {
         let mut loaded = loader::load(opts)?;
         let ring = loaded.take_events()?;
+        let fold_map = loaded.take_fold_map()?;
+        let watch_maps = loaded.take_watch_maps()?;
         let (tx, events) = mpsc::channel(CHANNEL_CAPACITY);
-        let reader = reader::spawn(ring, tx, Clock::from_system());
+        let folds = FoldTracker::new(opts.fold_window);
+        let reader = reader::spawn(ring, fold_map, folds, tx, Clock::from_system());
         Ok(Self {
             reader,
             loaded,
             events,
+            watch_maps,
         })
     }
 
     /// The next event; `None` once the reader has stopped.
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
+    }
+
+    /// The kernel's watch maps, to add or remove watched files, directories and endpoints.
+    pub fn watch_maps(&mut self) -> &mut WatchMaps {
+        &mut self.watch_maps
     }
 
     pub fn report(&self) -> &[loader::ProgramStatus] {

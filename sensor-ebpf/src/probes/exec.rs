@@ -1,4 +1,4 @@
-//! Process lifecycle: exec.
+//! Process lifecycle: exec, with the credentials and file mode after it (setuid/setgid exec).
 
 use aya_ebpf::{
     EbpfContext as _, helpers::bpf_probe_read_kernel_str_bytes, macros::tracepoint,
@@ -7,8 +7,9 @@ use aya_ebpf::{
 use sensor_ebpf::{EventKind, ExecEvent};
 
 use super::{
-    maps::{EVENTS, SUBMIT_FLAGS, count_lost},
-    task::{current_tgid, header, is_self},
+    kread,
+    maps::{EVENTS, SUBMIT_FLAGS, count_lost, offsets},
+    task::{cred, current_task, current_tgid, header, is_self},
 };
 
 /// Offsets in `sched:sched_process_exec` (`/sys/kernel/tracing/events/sched/sched_process_exec/format`):
@@ -27,6 +28,13 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     if is_self(current_tgid()) {
         return Ok(());
     }
+    let task = current_task();
+    let o = offsets();
+    let cred = cred(task)?;
+    let egid: u32 = kread::at(cred, o.cred_egid).unwrap_or(0);
+    let cap_effective: u64 = kread::at(cred, o.cred_cap_effective).unwrap_or(0);
+    let exe_mode = exe_mode(task).unwrap_or(0);
+
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count_lost(EventKind::Exec);
         return Ok(());
@@ -37,6 +45,9 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     unsafe {
         (*event).header = header(EventKind::Exec);
         (*event).old_pid = ctx.read_at::<u32>(OLD_PID).unwrap_or(0);
+        (*event).exe_mode = exe_mode;
+        (*event).egid = egid;
+        (*event).cap_effective = cap_effective;
         let loc = ctx.read_at::<u32>(FILENAME_LOC).unwrap_or(0);
         let name = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
         (*event).filename_len = match bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename)
@@ -47,4 +58,14 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     }
     entry.submit(SUBMIT_FLAGS);
     Ok(())
+}
+
+/// `i_mode` of the task's executable (`task->mm->exe_file->f_inode->i_mode`).
+fn exe_mode(task: *const u8) -> Result<u32, i64> {
+    let o = offsets();
+    let mm = kread::ptr(task, o.task_mm)?;
+    let file = kread::ptr(mm, o.mm_exe_file)?;
+    let inode = kread::ptr(file, o.file_f_inode)?;
+    let mode: u16 = kread::at(inode, o.inode_i_mode)?;
+    Ok(mode as u32)
 }

@@ -4,9 +4,11 @@ use aya_ebpf::{
     Global,
     bindings::BPF_RB_NO_WAKEUP,
     macros::map,
-    maps::{PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
-use sensor_ebpf::{EventKind, SensorConfig};
+use sensor_ebpf::{
+    EndpointKey, EndpointValue, EventKind, FileKey, FoldKey, FoldState, KernelOffsets, SensorConfig,
+};
 
 /// Ring buffer of event records; userspace sizes it at load time.
 #[map]
@@ -14,18 +16,68 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 * 1024 * 1024, 0);
 
 /// Per-CPU count of records that could not be reserved, indexed by [`EventKind`] number.
 #[map]
-pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(64, 0);
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);
+
+/// Watched files by (dev, ino) → watch id.
+#[map]
+pub static WATCHED_FILES: HashMap<FileKey, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Watched directories by (dev, ino) → watch id: any file opened in them matches.
+#[map]
+pub static WATCHED_DIRS: HashMap<FileKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Watched endpoints (port + address prefix).
+#[map]
+pub static ENDPOINTS: LpmTrie<EndpointKey, EndpointValue> =
+    LpmTrie::with_max_entries(4096, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Fold state per (process, kind, object).
+#[map]
+pub static FOLD: LruHashMap<FoldKey, FoldState> = LruHashMap::with_max_entries(16384, 0);
 
 /// Set by the loader before load.
 #[unsafe(no_mangle)]
 pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
     self_tgid: 0,
     _pad0: 0,
-    offsets: sensor_ebpf::KernelOffsets {
-        task_real_parent: 0,
-        task_tgid: 0,
-    },
+    fold_window_ns: 1_000_000_000,
+    offsets: ZERO_OFFSETS,
 });
+
+const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
+    task_real_parent: 0,
+    task_tgid: 0,
+    task_pid: 0,
+    task_cred: 0,
+    task_loginuid: 0,
+    task_files: 0,
+    task_mm: 0,
+    task_exit_code: 0,
+    cred_euid: 0,
+    cred_egid: 0,
+    cred_cap_effective: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    fdtable_max_fds: 0,
+    file_f_inode: 0,
+    file_f_flags: 0,
+    file_dentry: 0,
+    mm_exe_file: 0,
+    dentry_d_parent: 0,
+    dentry_d_inode: 0,
+    dentry_name: 0,
+    inode_i_ino: 0,
+    inode_i_sb: 0,
+    inode_i_mode: 0,
+    sb_s_dev: 0,
+    sb_s_magic: 0,
+};
+
+/// The offsets the loader found in this kernel's BTF.
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    CONFIG.load().offsets
+}
 
 /// Records are submitted without waking the reader: a wakeup per record costs several times
 /// the event itself; the sensor polls on a short timer instead.

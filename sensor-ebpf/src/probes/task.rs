@@ -1,12 +1,15 @@
-//! Reads from the current `task_struct` at offsets the loader took from the kernel's BTF.
+//! The current task: identity, credentials and the event header.
 
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-    bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+    bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
 };
 use sensor_ebpf::{COMM_LEN, EventHeader, EventKind};
 
-use super::maps::CONFIG;
+use super::{
+    kread,
+    maps::{CONFIG, offsets},
+};
 
 /// Thread-group id of the current task.
 #[inline(always)]
@@ -20,20 +23,34 @@ pub fn is_self(tgid: u32) -> bool {
     tgid == CONFIG.load().self_tgid
 }
 
-/// Process id of the current task's real parent (0 when unreadable).
+/// The current `task_struct`.
 #[inline(always)]
-pub fn parent_tgid() -> u32 {
-    let offsets = CONFIG.load().offsets;
-    // SAFETY: the kernel validates every read through bpf_probe_read_kernel.
-    unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let parent: *const u8 =
-            match bpf_probe_read_kernel(task.add(offsets.task_real_parent as usize).cast()) {
-                Ok(p) => p,
-                Err(_) => return 0,
-            };
-        bpf_probe_read_kernel(parent.add(offsets.task_tgid as usize).cast::<u32>()).unwrap_or(0)
+pub fn current_task() -> *const u8 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_current_task() as *const u8 }
+}
+
+/// Boot-clock nanoseconds.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// Process id of `task`'s real parent (0 when unreadable).
+#[inline(always)]
+pub fn parent_tgid(task: *const u8) -> u32 {
+    let o = offsets();
+    match kread::ptr(task, o.task_real_parent) {
+        Ok(parent) => kread::at(parent, o.task_tgid).unwrap_or(0),
+        Err(_) => 0,
     }
+}
+
+/// The task's subjective credentials (`task->cred`).
+#[inline(always)]
+pub fn cred(task: *const u8) -> Result<*const u8, i64> {
+    kread::ptr(task, offsets().task_cred)
 }
 
 /// Header for an event of `kind` raised by the current task.
@@ -41,18 +58,30 @@ pub fn parent_tgid() -> u32 {
 pub fn header(kind: EventKind) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
+    let task = current_task();
+    let o = offsets();
+    let euid = match cred(task) {
+        Ok(c) => kread::at(c, o.cred_euid).unwrap_or(uid_gid as u32),
+        Err(_) => uid_gid as u32,
+    };
+    let login_uid = if o.task_loginuid == 0 {
+        u32::MAX
+    } else {
+        kread::at(task, o.task_loginuid).unwrap_or(u32::MAX)
+    };
     EventHeader {
         kind: kind as u32,
         count: 1,
-        // SAFETY: helpers without preconditions.
-        ktime_ns: unsafe { bpf_ktime_get_boot_ns() },
+        ktime_ns: now_ns(),
         pid: pid_tgid as u32,
         tgid: (pid_tgid >> 32) as u32,
-        ppid: parent_tgid(),
+        ppid: parent_tgid(task),
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
+        euid,
+        login_uid,
         _pad0: 0,
-        // SAFETY: as above.
+        // SAFETY: helper without preconditions.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
     }

@@ -1,0 +1,242 @@
+//! Credential and secret files: on a successful open, the new fd is resolved to its
+//! `struct file` and matched on the inode the kernel opened — so relative paths, `..`,
+//! symlinks, hard links, `openat(dirfd, …)` and `/proc/self/root/…` all resolve alike.
+//!
+//! Exit-only: `sys_exit_open*` has the fd; an enter hook would add cost and nothing needed.
+//! Cheap checks first: the inode lookups decide "not watched" before anything is copied.
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel_str_bytes, macros::tracepoint, programs::TracePointContext,
+};
+use sensor_ebpf::{
+    EventKind, FileKey, FileMatch, FileOpenEvent, FoldKey, NO_WATCH, SecretEvent, SecretMethod,
+};
+
+use super::{
+    fold, kread,
+    maps::{EVENTS, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES, count_lost, offsets},
+    task::{current_task, header},
+};
+
+/// `long ret` in every `syscalls:sys_exit_*` format.
+const RET: usize = 16;
+/// `PROC_SUPER_MAGIC`.
+const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+
+#[tracepoint(category = "syscalls", name = "sys_exit_openat")]
+pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_openat2")]
+pub fn sys_exit_openat2(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx)
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_open")]
+pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx)
+}
+
+#[inline(always)]
+fn on_open_exit(ctx: &TracePointContext) -> u32 {
+    match try_open_exit(ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+/// The file behind `fd` in the current task (`current->files->fdt->fd[fd]`).
+#[inline(always)]
+fn file_of_fd(fd: u32) -> Result<*const u8, i64> {
+    let o = offsets();
+    let files = kread::ptr(current_task(), o.task_files)?;
+    let fdt = kread::ptr(files, o.files_fdt)?;
+    let max_fds: u32 = kread::at(fdt, o.fdtable_max_fds)?;
+    if fd >= max_fds {
+        return Err(-1);
+    }
+    let fds = kread::ptr(fdt, o.fdtable_fd)?;
+    kread::ptr(fds, fd.wrapping_mul(8))
+}
+
+fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: reading a field of this tracepoint's format.
+    let ret: i64 = unsafe { ctx.read_at(RET)? };
+    if ret < 0 {
+        return Ok(());
+    }
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if super::task::is_self(tgid) {
+        return Ok(());
+    }
+    let o = offsets();
+    let file = file_of_fd(ret as u32)?;
+    let inode = kread::ptr(file, o.file_f_inode)?;
+    let sb = kread::ptr(inode, o.inode_i_sb)?;
+    let dev: u32 = kread::at(sb, o.sb_s_dev)?;
+    let ino: u64 = kread::at(inode, o.inode_i_ino)?;
+    let key = FileKey { dev, _pad0: 0, ino };
+
+    let dentry = kread::ptr(file, o.file_dentry)?;
+    let parent = kread::ptr(dentry, o.dentry_d_parent)?;
+    let parent_inode = kread::ptr(parent, o.dentry_d_inode)?;
+    let parent_ino: u64 = kread::at(parent_inode, o.inode_i_ino)?;
+
+    if let Some(&watch_id) = unsafe { WATCHED_FILES.get(&key) } {
+        return emit_file(
+            file,
+            dentry,
+            key,
+            parent_ino,
+            watch_id,
+            FileMatch::File,
+            tgid,
+        );
+    }
+    let magic: u64 = kread::at(sb, o.sb_s_magic)?;
+    if magic == PROC_SUPER_MAGIC {
+        return proc_secret(file, dentry, parent, pid_tgid);
+    }
+    let dir = FileKey {
+        dev,
+        _pad0: 0,
+        ino: parent_ino,
+    };
+    if let Some(&watch_id) = unsafe { WATCHED_DIRS.get(&dir) } {
+        return emit_file(
+            file,
+            dentry,
+            key,
+            parent_ino,
+            watch_id,
+            FileMatch::Dir,
+            tgid,
+        );
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn emit_file(
+    file: *const u8,
+    dentry: *const u8,
+    key: FileKey,
+    parent_ino: u64,
+    watch_id: u32,
+    matched: FileMatch,
+    tgid: u32,
+) -> Result<(), i64> {
+    let fold_key = FoldKey::file(tgid, key.dev, key.ino);
+    let Some(total) = fold::occurrence(&fold_key) else {
+        return Ok(());
+    };
+    let o = offsets();
+    let flags: u32 = kread::at(file, o.file_f_flags).unwrap_or(0);
+    let name_ptr = kread::ptr(dentry, o.dentry_name)?;
+    let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {
+        count_lost(EventKind::FileOpen);
+        return Ok(());
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved record of the right size; the name is copied through
+    // a checked kernel read.
+    unsafe {
+        (*event).header = header(EventKind::FileOpen);
+        (*event).watch_id = watch_id;
+        (*event).matched = matched as u32;
+        (*event).flags = flags;
+        (*event).dev = key.dev;
+        (*event).ino = key.ino;
+        (*event).parent_ino = parent_ino;
+        (*event).total = total;
+        (*event)._pad0 = 0;
+        (*event).name_len = match bpf_probe_read_kernel_str_bytes(name_ptr, &mut (*event).name) {
+            Ok(bytes) => bytes.len() as u32,
+            Err(_) => 0,
+        };
+    }
+    entry.submit(SUBMIT_FLAGS);
+    Ok(())
+}
+
+/// `/proc/<pid>/environ` or `/proc/<pid>/mem` of another process, recognised from the opened
+/// dentry (name, and the parent's name as the pid), not from the string the caller passed.
+#[inline(always)]
+fn proc_secret(
+    file: *const u8,
+    dentry: *const u8,
+    parent: *const u8,
+    pid_tgid: u64,
+) -> Result<(), i64> {
+    let o = offsets();
+    let mut name = [0u8; 8];
+    let name_ptr = kread::ptr(dentry, o.dentry_name)?;
+    // SAFETY: checked kernel read into a local buffer.
+    unsafe { bpf_probe_read_kernel_str_bytes(name_ptr, &mut name)? };
+    let method = if name == *b"environ\0" {
+        SecretMethod::ProcEnviron
+    } else if name[..4] == *b"mem\0" {
+        SecretMethod::ProcMem
+    } else {
+        return Ok(());
+    };
+    let mut digits = [0u8; 12];
+    let parent_name = kread::ptr(parent, o.dentry_name)?;
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel_str_bytes(parent_name, &mut digits)? };
+    let target = parse_pid(&digits);
+    let tgid = (pid_tgid >> 32) as u32;
+    if target == 0 || target == tgid || target == pid_tgid as u32 {
+        return Ok(()); // not a pid directory, or the caller's own process
+    }
+    let flags: u32 = kread::at(file, o.file_f_flags).unwrap_or(0);
+    emit_secret(tgid, method, target, 0, flags, NO_WATCH)
+}
+
+/// Decimal digits up to the first NUL; 0 when anything else appears.
+#[inline(always)]
+fn parse_pid(digits: &[u8; 12]) -> u32 {
+    let mut pid: u32 = 0;
+    for &d in digits.iter().take(11) {
+        if d == 0 {
+            return pid;
+        }
+        if !d.is_ascii_digit() {
+            return 0;
+        }
+        pid = pid.wrapping_mul(10).wrapping_add((d - b'0') as u32);
+    }
+    0
+}
+
+/// Emits (or folds) a secret-access record.
+#[inline(always)]
+pub fn emit_secret(
+    tgid: u32,
+    method: SecretMethod,
+    target_pid: u32,
+    detail: u64,
+    flags: u32,
+    watch_id: u32,
+) -> Result<(), i64> {
+    let fold_key = FoldKey::secret(tgid, method as u32, target_pid, detail);
+    let Some(total) = fold::occurrence(&fold_key) else {
+        return Ok(());
+    };
+    let Some(mut entry) = EVENTS.reserve::<SecretEvent>(0) else {
+        count_lost(EventKind::Secret);
+        return Ok(());
+    };
+    entry.write(SecretEvent {
+        header: header(EventKind::Secret),
+        method: method as u32,
+        target_pid,
+        detail,
+        total,
+        watch_id,
+        flags,
+    });
+    entry.submit(SUBMIT_FLAGS);
+    Ok(())
+}
