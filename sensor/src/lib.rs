@@ -13,6 +13,7 @@ pub mod output;
 pub mod process;
 pub mod reader;
 pub mod run;
+pub mod spool;
 pub mod system;
 pub mod watch;
 

@@ -1,0 +1,1237 @@
+//! The sensor's durable spool: every event is appended to an on-disk, checksummed log before
+//! it is sent, and released only once the collector has acked it.
+//!
+//! An identity sensor that loses the one event that mattered is worse than none, so the spool
+//! survives restarts and `SIGKILL` mid-write, reports what it had to throw away instead of
+//! hiding it, and never parses damaged bytes as an event.
+//!
+//! # Use
+//!
+//! [`Spool::open`] recovers the log and says what it found ([`OpenReport`]). The transport then
+//! [`append`](Spool::append)s each batch of encoded `keywatch.v1.Event`s (group commit: one
+//! write and at most one fsync per call), [`read_from`](Spool::read_from) the first unacked seq
+//! to send, and calls [`ack`](Spool::ack) when the collector's `Ack` arrives. A full spool drops
+//! its oldest segment, acked or not, and keeps the [`Gap`] for [`take_evictions`]
+//! (Spool::take_evictions) until the transport confirms it with
+//! [`gap_reported`](Spool::gap_reported).
+//!
+//! # Threads
+//!
+//! The spool is a single-owner value (`&mut self` everywhere, no locks): the transport owns it
+//! in one task. Appends under [`SyncPolicy::EveryAppend`], acks and open all fsync, so run them
+//! off the async runtime (`tokio::task::spawn_blocking` handing the spool back, or a dedicated
+//! thread fed by a bounded channel). A `LOCK` file (`flock`) keeps a second process out of the
+//! same directory.
+//!
+//! # Durability and sequence numbers
+//!
+//! Seqs start at 1, are contiguous and never reused, across restarts too: the next seq is the
+//! largest of what the segments hold and the high-water mark in the state file, which outlives
+//! acked and evicted segments. [`read_from`](Spool::read_from) returns only records that are
+//! fsynced: under [`SyncPolicy::Interval`] a record becomes readable at the next sync (due in
+//! `append`, or on [`sync_if_due`](Spool::sync_if_due) from the transport's timer). So the
+//! collector never holds a seq that a power loss could take back; a record whose write was torn
+//! by a crash was never returned to anyone, and its seq is handed out again.
+//!
+//! # Files
+//!
+//! The directory (mode 0700; files 0600) holds `LOCK`, `state` and segments named by the first
+//! seq they were created for, `{base_seq:020}.seg`. Integers are little-endian.
+//!
+//! Segment header, 32 bytes:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `KWSPOOL\0` |
+//! | 8 | 4 | format version, 1 |
+//! | 12 | 4 | header length, 32 |
+//! | 16 | 8 | base seq: the seq the segment's first record gets |
+//! | 24 | 4 | reserved, 0 |
+//! | 28 | 4 | CRC-32C of bytes 0..28 |
+//!
+//! Then records, back to back:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | record marker `C5 4B 57 52` |
+//! | 4 | 4 | CRC-32C of bytes 8..20+len (length, seq, payload) |
+//! | 8 | 4 | payload length `len` (at most 16 MiB) |
+//! | 12 | 8 | seq |
+//! | 20 | len | payload, opaque (a prost-encoded `keywatch.v1.Event`) |
+//!
+//! A segment whose header has a valid checksum but a newer version is refused
+//! ([`SpoolError::UnsupportedVersion`]), never guessed at.
+//!
+//! CRC-32C (the `crc32c` crate) rather than the zlib CRC-32 of `crc32fast`: the Castagnoli
+//! polynomial keeps a larger Hamming distance at record sizes, which is why ext4, btrfs,
+//! iSCSI, Kafka and RocksDB use it, and x86-64 (SSE4.2) and ARMv8 compute it in hardware, so
+//! checking every record on open and on every read costs next to nothing.
+//!
+//! The state file (replaced whole by write, fsync, rename, fsync of the directory) holds the
+//! acked watermark, the evicted watermark, the next-seq high-water mark, the evicted and
+//! corrupt totals, the unreported gaps, and the damage already counted; it ends with a CRC-32C.
+//!
+//! # Recovery
+//!
+//! Open reads every segment and checks every record. Bytes that are not a valid record, with
+//! valid records after them, are damage in the middle of the log (bit rot): the reader skips
+//! to the next record marker whose checksum holds, counts the seqs that vanished as corrupt and
+//! records a [`GapCause::Corrupt`] gap. Bytes with no valid record after them are a torn tail
+//! (a write cut short by a crash): the file is truncated at the last good record and the
+//! report counts one torn record. A tail record that is complete and claims the next seq but
+//! fails its checksum was durable and then damaged, so its seq is retired rather than reused.
+
+mod format;
+mod state;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::VecDeque,
+    fs::{self, DirBuilder, File, OpenOptions},
+    io::{self, Write as _},
+    ops::RangeInclusive,
+    os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use format::{
+    MAX_PAYLOAD_LEN, Parsed, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader,
+    decode_segment_header, encode_record, encode_segment_header, parse_record, record_len, resync,
+};
+pub use state::{Gap, GapCause};
+use state::{MAX_PENDING_GAPS, State};
+
+/// A sparse index entry is kept every this many bytes of a segment, so a read that does not
+/// continue where the last one stopped scans at most this much to find its first record.
+const INDEX_STRIDE: u64 = 64 * 1024;
+/// Bytes read from a segment at a time when sending.
+const READ_CHUNK: usize = 256 * 1024;
+const STATE_FILE: &str = "state";
+const STATE_TMP: &str = "state.tmp";
+const LOCK_FILE: &str = "LOCK";
+const SEGMENT_SUFFIX: &str = ".seg";
+
+/// When appended records reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// fsync once per [`Spool::append`] call, before it returns.
+    EveryAppend,
+    /// fsync at most once per interval (in `append` or [`Spool::sync_if_due`]): far more
+    /// throughput, and records become readable (sendable) only once synced.
+    Interval(Duration),
+}
+
+/// Sizes and durability of a spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolOptions {
+    /// Upper bound of the segment files' total size; past it the oldest segment is evicted.
+    /// At least two segments' worth, so that eviction never has to drop the segment being
+    /// written.
+    pub max_bytes: u64,
+    /// A segment is sealed and a new one started once the next batch would take it past this
+    /// size (a single larger batch still goes into one segment: one write per batch).
+    pub segment_bytes: u64,
+    pub sync: SyncPolicy,
+}
+
+impl Default for SpoolOptions {
+    /// 256 MiB holds about a million typical events (an hour of a busy host, days of a quiet
+    /// one) while the collector is away; 8 MiB segments make eviction and deletion steps small;
+    /// a 50 ms sync interval keeps fsyncs to 20 a second and delays sending by no more.
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+            segment_bytes: 8 * 1024 * 1024,
+            sync: SyncPolicy::Interval(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// What [`Spool::open`] found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Torn tails truncated (at most one per segment): writes a crash cut short.
+    pub torn_records: u64,
+    /// Bytes removed with those tails.
+    pub truncated_bytes: u64,
+    /// Events newly found damaged in the middle of the log and skipped (also reported as
+    /// [`GapCause::Corrupt`] gaps).
+    pub corrupt_records: u64,
+    /// Bytes skipped over with them.
+    pub corrupt_bytes: u64,
+    /// Unacked events in the spool, to be sent.
+    pub recovered_events: u64,
+    /// Where the sender starts reading.
+    pub first_unacked_seq: u64,
+    /// The seq the next appended event gets.
+    pub next_seq: u64,
+    /// Events evicted from a full spool, over the spool's whole life.
+    pub evicted_total: u64,
+    /// The state file was damaged and rebuilt from the segments: acked events may be sent
+    /// again (the collector drops duplicates) and `evicted_total` restarted from zero.
+    pub state_reset: bool,
+    /// Segment files in use.
+    pub segments: usize,
+}
+
+/// Failures of the spool. After any of them the spool is still consistent and usable: a write
+/// that failed half-way is cut back, and the events of a failed `append` were not spooled.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("disk full writing {path}")]
+    DiskFull {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot {op} {path}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spool directory {path} is in use by another process")]
+    Locked { path: PathBuf },
+    #[error("segment {path} has format version {version}; this build reads version {supported}")]
+    UnsupportedVersion {
+        path: PathBuf,
+        version: u32,
+        supported: u32,
+    },
+    #[error("invalid spool options: {reason}")]
+    InvalidOptions { reason: &'static str },
+    #[error("payload {index} of the batch has {len} bytes, more than the record limit of {max}")]
+    PayloadTooLarge {
+        index: usize,
+        len: usize,
+        max: usize,
+    },
+    #[error("batch of {bytes} bytes does not fit in a spool of {max_bytes} bytes")]
+    BatchTooLarge { bytes: u64, max_bytes: u64 },
+    #[error("ack up to seq {up_to} is beyond the last assigned seq {last}")]
+    AckBeyondEnd { up_to: u64, last: u64 },
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> SpoolError {
+    let full = source.kind() == io::ErrorKind::StorageFull
+        || source.kind() == io::ErrorKind::QuotaExceeded
+        || matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+    if full {
+        SpoolError::DiskFull {
+            path: path.to_owned(),
+            source,
+        }
+    } else {
+        SpoolError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// One segment file and what is known about its records.
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    file: File,
+    base_seq: u64,
+    /// Valid records in the file; `first_seq`/`last_seq` mean nothing while it is 0.
+    records: u64,
+    first_seq: u64,
+    last_seq: u64,
+    /// Logical end: everything before it was written by this spool or checked on open.
+    len: u64,
+    /// `(seq, offset)` of a record every [`INDEX_STRIDE`] bytes.
+    index: Vec<(u64, u64)>,
+    /// Byte ranges `[start, end)` known to be damaged; readers jump over them.
+    skips: Vec<(u64, u64)>,
+    /// Seq ranges inside `first_seq..=last_seq` with no record (damaged or retired).
+    holes: Vec<(u64, u64)>,
+}
+
+impl Segment {
+    /// The seq the next record appended here would naturally get.
+    fn next_seq(&self) -> u64 {
+        let after_holes = self.holes.iter().map(|&(_, b)| b + 1).max().unwrap_or(0);
+        let after_records = if self.records == 0 {
+            self.base_seq
+        } else {
+            self.last_seq + 1
+        };
+        after_records.max(after_holes)
+    }
+
+    /// Events with a seq above `floor`.
+    fn live_events(&self, floor: u64) -> u64 {
+        if self.records == 0 || self.last_seq <= floor {
+            return 0;
+        }
+        let from = self.first_seq.max(floor + 1);
+        let holes: u64 = self
+            .holes
+            .iter()
+            .map(|&(a, b)| {
+                let (a, b) = (a.max(from), b.min(self.last_seq));
+                if a <= b { b - a + 1 } else { 0 }
+            })
+            .sum();
+        (self.last_seq - from + 1).saturating_sub(holes)
+    }
+
+    fn add_record(&mut self, seq: u64, offset: u64, total: u64) {
+        if self.records == 0 {
+            self.first_seq = seq;
+        }
+        let last_indexed = self.index.last().map(|&(_, o)| o);
+        if last_indexed.is_none_or(|o| offset >= o + INDEX_STRIDE) {
+            self.index.push((seq, offset));
+        }
+        self.records += 1;
+        self.last_seq = seq;
+        self.len = offset + total;
+    }
+
+    /// Offset of the latest indexed record at or before `seq`, with that record's seq.
+    fn seek(&self, seq: u64) -> (u64, u64) {
+        let i = self.index.partition_point(|&(s, _)| s <= seq);
+        match i {
+            0 => (self.base_seq, SEGMENT_HEADER_LEN as u64),
+            _ => self.index[i - 1],
+        }
+    }
+}
+
+/// Where the last read stopped, so the next one continues without searching.
+#[derive(Debug, Clone, Copy)]
+struct Cursor {
+    seq: u64,
+    base_seq: u64,
+    offset: u64,
+}
+
+/// A window of one segment's bytes, reused across reads.
+#[derive(Debug, Default)]
+struct ReadBuf {
+    base_seq: u64,
+    start: u64,
+    data: Vec<u8>,
+}
+
+impl ReadBuf {
+    /// The buffered bytes from `pos` on, if `pos` is inside the window.
+    fn at(&self, base_seq: u64, pos: u64) -> Option<&[u8]> {
+        if self.base_seq != base_seq || pos < self.start {
+            return None;
+        }
+        let rel = usize::try_from(pos - self.start).ok()?;
+        self.data.get(rel..).filter(|s| !s.is_empty())
+    }
+
+    fn fill(&mut self, seg: &Segment, pos: u64, want: usize) -> io::Result<()> {
+        let avail = usize::try_from(seg.len.saturating_sub(pos)).unwrap_or(usize::MAX);
+        let n = want.max(READ_CHUNK).min(avail);
+        self.data.resize(n, 0);
+        self.base_seq = seg.base_seq;
+        self.start = pos;
+        seg.file.read_exact_at(&mut self.data, pos)
+    }
+}
+
+/// The spool. See the module docs.
+#[derive(Debug)]
+pub struct Spool {
+    dir: PathBuf,
+    opts: SpoolOptions,
+    /// Held (flock) for the spool's life.
+    _lock: File,
+    /// Oldest first; never empty; the last one is written to.
+    segments: VecDeque<Segment>,
+    state: State,
+    next_seq: u64,
+    /// Records below this seq are fsynced and may be read.
+    durable_next: u64,
+    last_sync: Instant,
+    total_bytes: u64,
+    /// Bytes past the active segment's logical end may hold a failed write that could not be
+    /// cut back; the next append retries the cut before writing.
+    tail_dirty: bool,
+    write_buf: Vec<u8>,
+    read_buf: ReadBuf,
+    cursor: Option<Cursor>,
+    /// Gaps handed out by [`Spool::take_evictions`] and not yet confirmed.
+    in_flight: Vec<Gap>,
+}
+
+fn segment_path(dir: &Path, base_seq: u64) -> PathBuf {
+    dir.join(format!("{base_seq:020}{SEGMENT_SUFFIX}"))
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("fsync directory", dir, e))
+}
+
+fn write_state_file(dir: &Path, state: &State) -> Result<(), SpoolError> {
+    let tmp = dir.join(STATE_TMP);
+    let bytes = state.encode();
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("write", &tmp, e));
+    }
+    let path = dir.join(STATE_FILE);
+    fs::rename(&tmp, &path).map_err(|e| io_err("rename state file to", &path, e))?;
+    sync_dir(dir)
+}
+
+/// Creates an empty segment (header only) and makes it durable, directory entry included.
+fn create_segment(dir: &Path, base_seq: u64) -> Result<Segment, SpoolError> {
+    let path = segment_path(dir, base_seq);
+    let create = || -> io::Result<File> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all_at(&encode_segment_header(base_seq), 0)?;
+        file.sync_all()?;
+        Ok(file)
+    };
+    let file = match create() {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = fs::remove_file(&path);
+            return Err(io_err("create segment", &path, e));
+        }
+    };
+    sync_dir(dir)?;
+    Ok(Segment {
+        path,
+        file,
+        base_seq,
+        records: 0,
+        first_seq: 0,
+        last_seq: 0,
+        len: SEGMENT_HEADER_LEN as u64,
+        index: Vec::new(),
+        skips: Vec::new(),
+        holes: Vec::new(),
+    })
+}
+
+/// Damage found while scanning or reading, in seq terms.
+struct Damage {
+    first: u64,
+    last: u64,
+}
+
+/// What scanning one segment on open found.
+#[derive(Default)]
+struct ScanOutcome {
+    torn: u64,
+    truncated_bytes: u64,
+    corrupt_bytes: u64,
+    damage: Vec<Damage>,
+}
+
+/// Reads and checks every record of one segment file, truncating a torn tail.
+fn scan_segment(dir: &Path, name_base: u64) -> Result<(Segment, ScanOutcome), SpoolError> {
+    let path = segment_path(dir, name_base);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err("open segment", &path, e))?;
+    let bytes = fs::read(&path).map_err(|e| io_err("read segment", &path, e))?;
+    let mut out = ScanOutcome::default();
+    let base_seq = match decode_segment_header(&bytes) {
+        SegmentHeader::Valid { base_seq } => base_seq,
+        SegmentHeader::Unsupported { version } => {
+            return Err(SpoolError::UnsupportedVersion {
+                path,
+                version,
+                supported: format::FORMAT_VERSION,
+            });
+        }
+        SegmentHeader::Short => {
+            // Created but its header never completed: nothing was ever written to it.
+            file.set_len(0)
+                .and_then(|()| file.write_all_at(&encode_segment_header(name_base), 0))
+                .and_then(|()| file.sync_all())
+                .map_err(|e| io_err("rewrite segment header of", &path, e))?;
+            if !bytes.is_empty() {
+                out.torn = 1;
+                out.truncated_bytes = bytes.len() as u64;
+            }
+            name_base
+        }
+        SegmentHeader::Damaged => {
+            tracing::warn!(path = %path.display(), "spool segment header damaged; using the seq in its name");
+            name_base
+        }
+    };
+    let mut seg = Segment {
+        path,
+        file,
+        base_seq,
+        records: 0,
+        first_seq: 0,
+        last_seq: 0,
+        len: SEGMENT_HEADER_LEN as u64,
+        index: Vec::new(),
+        skips: Vec::new(),
+        holes: Vec::new(),
+    };
+    let mut expected = base_seq;
+    let mut pos = SEGMENT_HEADER_LEN;
+    while pos < bytes.len() {
+        let parsed = parse_record(&bytes[pos..]);
+        if let Parsed::Record { seq, total } = parsed
+            && seq >= expected
+        {
+            if seq > expected && seg.records > 0 {
+                // A seq retired by an earlier open (its record failed at the tail).
+                seg.holes.push((expected, seq - 1));
+            }
+            seg.add_record(seq, pos as u64, total as u64);
+            expected = seq + 1;
+            pos += total;
+            continue;
+        }
+        if let Some((next, seq, _)) = resync(&bytes, pos + 1, expected) {
+            out.corrupt_bytes += (next - pos) as u64;
+            seg.skips.push((pos as u64, next as u64));
+            if seq > expected {
+                seg.holes.push((expected, seq - 1));
+                out.damage.push(Damage {
+                    first: expected,
+                    last: seq - 1,
+                });
+            }
+            expected = seq;
+            pos = next;
+            continue;
+        }
+        // Nothing valid after this point: a torn tail.
+        if let Parsed::Invalid {
+            header_ok: true,
+            seq,
+        } = parsed
+            && seq == expected
+        {
+            // Complete, claims the next seq, fails its checksum: it was written whole (and may
+            // have been sent), so its seq is retired, not handed out again.
+            seg.holes.push((seq, seq));
+            out.damage.push(Damage {
+                first: seq,
+                last: seq,
+            });
+        }
+        out.torn += 1;
+        out.truncated_bytes += (bytes.len() - pos) as u64;
+        seg.file
+            .set_len(pos as u64)
+            .and_then(|()| seg.file.sync_all())
+            .map_err(|e| io_err("truncate torn tail of", &seg.path, e))?;
+        break;
+    }
+    seg.len = seg.len.max(pos.min(bytes.len()) as u64);
+    Ok((seg, out))
+}
+
+impl Spool {
+    /// Opens (creating when absent) the spool in `dir` and recovers it; see the module docs.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        opts: SpoolOptions,
+    ) -> Result<(Self, OpenReport), SpoolError> {
+        let dir = dir.as_ref().to_owned();
+        if opts.segment_bytes < (SEGMENT_HEADER_LEN + RECORD_HEADER_LEN) as u64 {
+            return Err(SpoolError::InvalidOptions {
+                reason: "segment_bytes is smaller than one empty record",
+            });
+        }
+        if opts.max_bytes < opts.segment_bytes.saturating_mul(2) {
+            return Err(SpoolError::InvalidOptions {
+                reason: "max_bytes must hold at least two segments",
+            });
+        }
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| io_err("create directory", &dir, e))?;
+        // The events name credentials and processes: nobody else reads them.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| io_err("set permissions of", &dir, e))?;
+
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io_err("open", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked { path: dir }),
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path, e)),
+        }
+
+        let tmp = dir.join(STATE_TMP);
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("remove", &tmp, e));
+            }
+            _ => {}
+        }
+        let state_path = dir.join(STATE_FILE);
+        let mut report = OpenReport::default();
+        let mut state = match fs::read(&state_path) {
+            Ok(bytes) => State::decode(&bytes).unwrap_or_else(|| {
+                tracing::warn!(path = %state_path.display(), "spool state file damaged; rebuilding it from the segments");
+                report.state_reset = true;
+                State::default()
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io_err("read", &state_path, e)),
+        };
+
+        let mut bases = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| io_err("list", &dir, e))? {
+            let entry = entry.map_err(|e| io_err("list", &dir, e))?;
+            if let Some(base) = entry.file_name().to_str().and_then(parse_segment_name) {
+                bases.push(base);
+            }
+        }
+        bases.sort_unstable();
+
+        let mut segments = VecDeque::with_capacity(bases.len() + 1);
+        let mut new_damage = Vec::new();
+        for base in bases {
+            let (seg, out) = scan_segment(&dir, base)?;
+            report.torn_records += out.torn;
+            report.truncated_bytes += out.truncated_bytes;
+            report.corrupt_bytes += out.corrupt_bytes;
+            new_damage.extend(out.damage);
+            segments.push_back(seg);
+        }
+        if report.state_reset {
+            // Resend everything that is left rather than lose anything.
+            state.acked = segments
+                .iter()
+                .find(|s| s.records > 0)
+                .map_or(0, |s| s.first_seq - 1);
+        }
+
+        let mut next_seq = state.next_seq.max(state.floor() + 1).max(1);
+        for seg in &segments {
+            next_seq = next_seq.max(seg.next_seq());
+        }
+
+        let floor = state.floor();
+        let mut dirty_state = report.state_reset || state.next_seq != next_seq;
+        for d in new_damage {
+            let first = d.first.max(floor + 1);
+            if first > d.last || state.hole_known(first, d.last) {
+                continue;
+            }
+            let events = d.last - first + 1;
+            report.corrupt_records += events;
+            state.corrupt_total += events;
+            state.push_gap(
+                Gap {
+                    first_seq: first,
+                    last_seq: d.last,
+                    events,
+                    cause: GapCause::Corrupt,
+                },
+                true,
+            );
+            state.remember_hole(first, d.last);
+            dirty_state = true;
+        }
+
+        // Drop segments that hold nothing live (except the newest, which may be reused).
+        let mut removed = false;
+        while segments.len() > 1 {
+            let front = &segments[0];
+            if front.records > 0 && front.last_seq > floor {
+                break;
+            }
+            fs::remove_file(&front.path).map_err(|e| io_err("remove segment", &front.path, e))?;
+            segments.pop_front();
+            removed = true;
+        }
+        // Append to the newest segment only if its seqs continue into `next_seq`.
+        let reuse = segments.back().is_some_and(|s| s.next_seq() == next_seq);
+        if !reuse {
+            if let Some(last) = segments.back()
+                && (last.records == 0 || last.last_seq <= floor)
+            {
+                fs::remove_file(&last.path).map_err(|e| io_err("remove segment", &last.path, e))?;
+                segments.pop_back();
+                removed = true;
+            }
+            segments.push_back(create_segment(&dir, next_seq)?);
+        }
+        if removed {
+            sync_dir(&dir)?;
+        }
+        // Whatever was recovered is made durable now, so it may be sent.
+        if let Some(active) = segments.back() {
+            active
+                .file
+                .sync_all()
+                .map_err(|e| io_err("fsync", &active.path, e))?;
+        }
+        if dirty_state {
+            state.next_seq = next_seq;
+            write_state_file(&dir, &state)?;
+        }
+
+        let total_bytes = segments.iter().map(|s| s.len).sum();
+        let spool = Self {
+            dir,
+            opts,
+            _lock: lock,
+            segments,
+            state,
+            next_seq,
+            durable_next: next_seq,
+            last_sync: Instant::now(),
+            total_bytes,
+            tail_dirty: false,
+            write_buf: Vec::new(),
+            read_buf: ReadBuf::default(),
+            cursor: None,
+            in_flight: Vec::new(),
+        };
+        report.recovered_events = spool.depth_events();
+        report.first_unacked_seq = spool.first_unacked_seq();
+        report.next_seq = spool.next_seq;
+        report.evicted_total = spool.state.evicted_total;
+        report.segments = spool.segments.len();
+        if report.torn_records + report.corrupt_records > 0 || report.state_reset {
+            tracing::warn!(?report, "spool recovered with repairs");
+        }
+        Ok((spool, report))
+    }
+
+    fn active(&self) -> &Segment {
+        self.segments
+            .back()
+            .expect("a spool always has an active segment")
+    }
+
+    /// Appends a batch, assigning it the next contiguous seqs, with one write and (under
+    /// [`SyncPolicy::EveryAppend`]) one fsync. When the spool would outgrow `max_bytes`, its
+    /// oldest segments are evicted first (see [`Spool::take_evictions`]).
+    ///
+    /// On error nothing of the batch is spooled and no seq is consumed: the caller counts the
+    /// batch's events as lost.
+    pub fn append(&mut self, payloads: &[&[u8]]) -> Result<RangeInclusive<u64>, SpoolError> {
+        let first = self.next_seq;
+        if payloads.is_empty() {
+            // The empty range just before the next seq.
+            return Ok(first..=first - 1);
+        }
+        let mut batch_bytes = 0u64;
+        for (index, p) in payloads.iter().enumerate() {
+            if p.len() > MAX_PAYLOAD_LEN {
+                return Err(SpoolError::PayloadTooLarge {
+                    index,
+                    len: p.len(),
+                    max: MAX_PAYLOAD_LEN,
+                });
+            }
+            batch_bytes += record_len(p.len());
+        }
+        if batch_bytes + SEGMENT_HEADER_LEN as u64 > self.opts.max_bytes {
+            return Err(SpoolError::BatchTooLarge {
+                bytes: batch_bytes,
+                max_bytes: self.opts.max_bytes,
+            });
+        }
+
+        if self.tail_dirty {
+            let a = self.active();
+            a.file
+                .set_len(a.len)
+                .map_err(|e| io_err("truncate failed write in", &a.path, e))?;
+            self.tail_dirty = false;
+        }
+        let a = self.active();
+        if a.records > 0 && a.len + batch_bytes > self.opts.segment_bytes {
+            self.roll_over()?;
+        }
+        while self.total_bytes + batch_bytes > self.opts.max_bytes && self.segments.len() > 1 {
+            self.evict_oldest()?;
+        }
+
+        let mut buf = std::mem::take(&mut self.write_buf);
+        buf.clear();
+        buf.reserve(usize::try_from(batch_bytes).unwrap_or(0));
+        for (i, p) in payloads.iter().enumerate() {
+            encode_record(&mut buf, first + i as u64, p);
+        }
+        let result = self.write_batch(&buf);
+        self.write_buf = buf;
+        let synced = result?;
+
+        let mut offset = self.active().len;
+        let seg = self.segments.back_mut().expect("active segment");
+        for (i, p) in payloads.iter().enumerate() {
+            let total = record_len(p.len());
+            seg.add_record(first + i as u64, offset, total);
+            offset += total;
+        }
+        self.total_bytes += batch_bytes;
+        let last = first + payloads.len() as u64 - 1;
+        self.next_seq = last + 1;
+        if synced {
+            self.durable_next = self.next_seq;
+        }
+        Ok(first..=last)
+    }
+
+    /// Writes `buf` at the active segment's end and syncs as the policy says (returning whether
+    /// it did); on failure cuts the file back so the log on disk stays what memory says it is.
+    fn write_batch(&mut self, buf: &[u8]) -> Result<bool, SpoolError> {
+        let sync_now = match self.opts.sync {
+            SyncPolicy::EveryAppend => true,
+            SyncPolicy::Interval(d) => self.last_sync.elapsed() >= d,
+        };
+        let a = self.active();
+        let res = a
+            .file
+            .write_all_at(buf, a.len)
+            .map_err(|e| io_err("write", &a.path, e))
+            .and_then(|()| {
+                if sync_now {
+                    a.file.sync_data().map_err(|e| io_err("fsync", &a.path, e))
+                } else {
+                    Ok(())
+                }
+            });
+        match res {
+            Ok(()) => {
+                if sync_now {
+                    self.last_sync = Instant::now();
+                }
+                Ok(sync_now)
+            }
+            Err(e) => {
+                if a.file.set_len(a.len).is_err() {
+                    self.tail_dirty = true;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Spool {
+    /// Seals the active segment (synced, so everything before the new one is durable) and
+    /// starts a new one at the next seq.
+    fn roll_over(&mut self) -> Result<(), SpoolError> {
+        self.sync()?;
+        let seg = create_segment(&self.dir, self.next_seq)?;
+        self.total_bytes += seg.len;
+        self.segments.push_back(seg);
+        Ok(())
+    }
+
+    /// Drops the oldest (sealed) segment, acked or not, recording the unacked events in it as
+    /// a gap. The state file says so before the file goes, so a crash in between cannot bring
+    /// the events back as if nothing happened.
+    fn evict_oldest(&mut self) -> Result<(), SpoolError> {
+        let seg = &self.segments[0];
+        let floor = self.state.floor();
+        let live = seg.live_events(floor);
+        let mut state = self.state.clone();
+        if live > 0 {
+            let gap = Gap {
+                first_seq: seg.first_seq.max(floor + 1),
+                last_seq: seg.last_seq,
+                events: live,
+                cause: GapCause::Evicted,
+            };
+            let merge = self.in_flight.last() != state.gaps.last();
+            state.push_gap(gap, merge || self.in_flight.is_empty());
+            state.evicted_total += live;
+            tracing::warn!(
+                first_seq = gap.first_seq,
+                last_seq = gap.last_seq,
+                events = live,
+                "spool full: evicted unacked events"
+            );
+        }
+        let through = seg.next_seq().saturating_sub(1);
+        state.evicted_through = state.evicted_through.max(through);
+        state.next_seq = self.next_seq;
+        self.commit_state(state)?;
+        let seg = &self.segments[0];
+        fs::remove_file(&seg.path).map_err(|e| io_err("remove segment", &seg.path, e))?;
+        self.total_bytes -= seg.len;
+        self.segments.pop_front();
+        sync_dir(&self.dir)
+    }
+
+    /// Writes `state` to disk and only then adopts it.
+    fn commit_state(&mut self, mut state: State) -> Result<(), SpoolError> {
+        let floor = state.floor();
+        state.known_holes.retain(|&(_, b)| b > floor);
+        write_state_file(&self.dir, &state)?;
+        self.state = state;
+        Ok(())
+    }
+
+    /// Up to `max_events` records with seq ≥ `from`, in seq order, whose payloads add up to at
+    /// most `max_bytes` (one record is returned even if larger, so nothing can stall the
+    /// sender). Only durable records are returned, and none at or below the acked or evicted
+    /// watermark.
+    ///
+    /// Seqs are contiguous except across a [`Gap`]: the transport starts a new `EventBatch`
+    /// wherever `seq` is not the previous one plus one. Damage found while reading is skipped,
+    /// counted and reported like damage found on open.
+    pub fn read_from(
+        &mut self,
+        from: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
+        let mut out = Vec::new();
+        let want = from.max(self.state.floor() + 1);
+        let end = self.durable_next;
+        if want >= end || max_events == 0 {
+            return Ok(out);
+        }
+        let mut i = self
+            .segments
+            .partition_point(|s| s.base_seq <= want)
+            .saturating_sub(1);
+        let (mut prev_seq, mut pos) = match self.cursor {
+            Some(c) if c.seq == want && self.segments[i].base_seq == c.base_seq => {
+                (want.saturating_sub(1), c.offset)
+            }
+            _ => {
+                let (seq, offset) = self.segments[i].seek(want);
+                (seq.saturating_sub(1), offset)
+            }
+        };
+        let mut bytes = 0usize;
+        let mut rb = std::mem::take(&mut self.read_buf);
+        let result = loop {
+            if i >= self.segments.len() {
+                break Ok(());
+            }
+            let seg = &self.segments[i];
+            if pos >= seg.len {
+                i += 1;
+                pos = SEGMENT_HEADER_LEN as u64;
+                prev_seq = self
+                    .segments
+                    .get(i)
+                    .map_or(0, |s| s.base_seq.saturating_sub(1));
+                continue;
+            }
+            if let Some(&(_, skip_end)) = seg.skips.iter().find(|&&(a, b)| a <= pos && pos < b) {
+                pos = skip_end;
+                continue;
+            }
+            let parsed = match rb.at(seg.base_seq, pos).map(parse_record) {
+                Some(p @ Parsed::Record { .. }) => p,
+                Some(Parsed::Incomplete { total, .. }) if pos + total as u64 <= seg.len => {
+                    if let Err(e) = rb.fill(seg, pos, total) {
+                        break Err(io_err("read", &seg.path, e));
+                    }
+                    parse_record(rb.at(seg.base_seq, pos).unwrap_or_default())
+                }
+                Some(p) => p,
+                None => {
+                    if let Err(e) = rb.fill(seg, pos, RECORD_HEADER_LEN) {
+                        break Err(io_err("read", &seg.path, e));
+                    }
+                    let p = parse_record(rb.at(seg.base_seq, pos).unwrap_or_default());
+                    match p {
+                        Parsed::Incomplete { total, .. } if pos + total as u64 <= seg.len => {
+                            if let Err(e) = rb.fill(seg, pos, total) {
+                                break Err(io_err("read", &seg.path, e));
+                            }
+                            parse_record(rb.at(seg.base_seq, pos).unwrap_or_default())
+                        }
+                        p => p,
+                    }
+                }
+            };
+            match parsed {
+                Parsed::Record { seq, total } if seq > prev_seq => {
+                    if seq >= end {
+                        break Ok(());
+                    }
+                    if seq >= want {
+                        let len = total - RECORD_HEADER_LEN;
+                        if out.len() >= max_events || (!out.is_empty() && bytes + len > max_bytes) {
+                            self.cursor = Some(Cursor {
+                                seq,
+                                base_seq: seg.base_seq,
+                                offset: pos,
+                            });
+                            break Ok(());
+                        }
+                        let rec = rb.at(seg.base_seq, pos).unwrap_or_default();
+                        out.push((seq, rec[RECORD_HEADER_LEN..total].to_vec()));
+                        bytes += len;
+                    }
+                    prev_seq = seq;
+                    pos += total as u64;
+                }
+                _ => match self.recover_read_damage(i, pos, prev_seq + 1) {
+                    Ok(next) => pos = next,
+                    Err(e) => break Err(e),
+                },
+            }
+        };
+        self.read_buf = rb;
+        result.map(|()| out)
+    }
+
+    /// Damage met while reading segment `i` at `pos`: skips to the next valid record, counts
+    /// and reports the seqs lost (once), and returns where reading goes on.
+    fn recover_read_damage(
+        &mut self,
+        i: usize,
+        pos: u64,
+        expected: u64,
+    ) -> Result<u64, SpoolError> {
+        let seg = &self.segments[i];
+        let n = usize::try_from(seg.len - pos).unwrap_or(usize::MAX);
+        let mut rest = vec![0u8; n];
+        seg.file
+            .read_exact_at(&mut rest, pos)
+            .map_err(|e| io_err("read", &seg.path, e))?;
+        let (skip_end, lost) = match resync(&rest, 1, expected) {
+            Some((rel, seq, _)) => (pos + rel as u64, (expected, seq.saturating_sub(1))),
+            None => (seg.len, (expected, seg.last_seq)),
+        };
+        tracing::warn!(
+            path = %seg.path.display(),
+            offset = pos,
+            bytes = skip_end - pos,
+            "spool record damaged; skipped"
+        );
+        let seg = &mut self.segments[i];
+        seg.skips.push((pos, skip_end));
+        let (a, b) = (lost.0.max(self.state.floor() + 1), lost.1);
+        if a <= b {
+            seg.holes.push((a, b));
+            if !self.state.hole_known(a, b) {
+                let mut state = self.state.clone();
+                let events = b - a + 1;
+                state.corrupt_total += events;
+                state.push_gap(
+                    Gap {
+                        first_seq: a,
+                        last_seq: b,
+                        events,
+                        cause: GapCause::Corrupt,
+                    },
+                    false,
+                );
+                state.remember_hole(a, b);
+                state.next_seq = self.next_seq;
+                self.commit_state(state)?;
+            }
+        }
+        self.cursor = None;
+        Ok(skip_end)
+    }
+
+    /// The collector stored every event up to `up_to`: persists that, and deletes the sealed
+    /// segments it frees. Acks at or below the current watermark are ignored (they repeat
+    /// after a reconnect).
+    pub fn ack(&mut self, up_to: u64) -> Result<(), SpoolError> {
+        if up_to >= self.next_seq {
+            return Err(SpoolError::AckBeyondEnd {
+                up_to,
+                last: self.next_seq - 1,
+            });
+        }
+        if up_to <= self.state.acked {
+            return Ok(());
+        }
+        // Segments go before the state file is written: their events are stored by the
+        // collector whatever the file says, and on a full disk the space they free is what
+        // lets the state file be written at all.
+        self.state.acked = up_to;
+        let floor = self.state.floor();
+        let mut removed = false;
+        while self.segments.len() > 1 {
+            let front = &self.segments[0];
+            if front.records > 0 && front.last_seq > floor {
+                break;
+            }
+            fs::remove_file(&front.path).map_err(|e| io_err("remove segment", &front.path, e))?;
+            self.total_bytes -= front.len;
+            self.segments.pop_front();
+            removed = true;
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+        }
+        let mut state = self.state.clone();
+        state.next_seq = self.next_seq;
+        self.commit_state(state)
+    }
+
+    /// Gaps (evicted or damaged events) not handed out yet by this call. They stay on disk
+    /// until [`Spool::gap_reported`] confirms them; after a reconnect,
+    /// [`Spool::requeue_gaps`] hands the unconfirmed ones out again.
+    pub fn take_evictions(&mut self) -> Vec<Gap> {
+        let new: Vec<Gap> = self
+            .state
+            .gaps
+            .iter()
+            .filter(|g| !self.in_flight.contains(g))
+            .copied()
+            .collect();
+        self.in_flight.extend_from_slice(&new);
+        new
+    }
+
+    /// Makes every unconfirmed gap available to [`Spool::take_evictions`] again.
+    pub fn requeue_gaps(&mut self) {
+        self.in_flight.clear();
+    }
+
+    /// Gaps not yet confirmed, handed out or not.
+    pub fn pending_gaps(&self) -> &[Gap] {
+        &self.state.gaps
+    }
+
+    /// The collector has recorded these gaps: forgets them for good.
+    pub fn gap_reported(&mut self, gaps: &[Gap]) -> Result<(), SpoolError> {
+        if !self.state.gaps.iter().any(|g| gaps.contains(g)) {
+            return Ok(());
+        }
+        let mut state = self.state.clone();
+        state.gaps.retain(|g| !gaps.contains(g));
+        state.next_seq = self.next_seq;
+        self.commit_state(state)?;
+        self.in_flight.retain(|g| !gaps.contains(g));
+        Ok(())
+    }
+
+    /// Makes every appended record durable (and so readable) now.
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        if self.durable_next < self.next_seq {
+            let a = self.active();
+            a.file
+                .sync_data()
+                .map_err(|e| io_err("fsync", &a.path, e))?;
+            self.durable_next = self.next_seq;
+        }
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Under [`SyncPolicy::Interval`], syncs if the interval has passed since the last sync;
+    /// the transport calls this on its timer so the tail of a quiet stream gets sent. Returns
+    /// whether it synced.
+    pub fn sync_if_due(&mut self) -> Result<bool, SpoolError> {
+        let due = match self.opts.sync {
+            SyncPolicy::EveryAppend => true,
+            SyncPolicy::Interval(d) => self.last_sync.elapsed() >= d,
+        };
+        if due && self.durable_next < self.next_seq {
+            self.sync()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Unacked events still in the spool.
+    pub fn depth_events(&self) -> u64 {
+        let floor = self.state.floor();
+        self.segments.iter().map(|s| s.live_events(floor)).sum()
+    }
+
+    /// Size of the segment files: what `max_bytes` bounds (it includes acked records that
+    /// share the newest segment with unacked ones).
+    pub fn depth_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Events evicted from a full spool over its whole life (persisted across restarts).
+    pub fn evicted_total(&self) -> u64 {
+        self.state.evicted_total
+    }
+
+    /// Events lost to damaged records over the spool's life.
+    pub fn corrupt_total(&self) -> u64 {
+        self.state.corrupt_total
+    }
+
+    /// The seq the next appended event gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The acked watermark (0 before the first ack).
+    pub fn acked(&self) -> u64 {
+        self.state.acked
+    }
+
+    /// Where the sender starts reading after a (re)connect.
+    pub fn first_unacked_seq(&self) -> u64 {
+        (self.state.floor() + 1).min(self.next_seq)
+    }
+
+    /// Records below this seq are durable and readable.
+    pub fn durable_next_seq(&self) -> u64 {
+        self.durable_next
+    }
+
+    /// The spool's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Spool {
+    /// A clean shutdown leaves nothing unsynced; a failure here can only be logged.
+    fn drop(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::warn!(error = %e, "spool: final fsync failed");
+        }
+    }
+}
+
+const _: () = assert!(MAX_PENDING_GAPS > 1);
