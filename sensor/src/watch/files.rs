@@ -332,7 +332,7 @@ impl Walker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::watch::{Category, WatchSpec};
     use std::os::unix::fs::symlink;

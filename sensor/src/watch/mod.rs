@@ -7,6 +7,7 @@
 //! - [`resolve_files`] / [`resolve_unix_sockets`] turn path watches into inodes (with the
 //!   device in both userspace and kernel encodings, see [`kernel_dev`]); [`ResolvedFiles::diff`]
 //!   says what to change in the kernel maps after a re-resolution.
+//! - [`FileWatcher`] signals when a re-resolution is due (inotify, debounced).
 
 mod catalog;
 mod config;
@@ -15,6 +16,7 @@ mod files;
 mod pattern;
 mod set;
 mod spec;
+mod watcher;
 
 pub use catalog::builtin_catalog;
 pub use config::{ConfigError, ConfigProblem, WatchConfig, load_config, parse_config};
@@ -25,3 +27,4 @@ pub use files::{
 pub use pattern::system_homes;
 pub use set::{SpecProblem, Watch, WatchSet};
 pub use spec::{Category, WatchSpec};
+pub use watcher::{DEFAULT_DEBOUNCE, FileWatcher};
