@@ -338,6 +338,9 @@ mod tests {
             header: header(1),
             old_pid: 11,
             filename_len: 9,
+            exe_mode: 0o4755,
+            egid: 100,
+            cap_effective: 0,
             filename,
         };
         let event = decode(&bytes_of(&rec), &Clock::new(1_000)).unwrap();
@@ -345,13 +348,11 @@ mod tests {
         assert_eq!(event.process.pid, 10);
         assert_eq!(event.process.tid, 11);
         assert_eq!(event.process.comm, "true");
-        assert_eq!(
-            event.detail,
-            Detail::Exec {
-                filename: "/bin/true".into(),
-                old_pid: 11
-            }
-        );
+        assert_eq!(event.process.login_uid, None);
+        assert!(matches!(
+            &event.detail,
+            Detail::Exec { filename, old_pid: 11, exe_mode: 0o4755, .. } if filename == "/bin/true"
+        ));
     }
 
     #[test]

@@ -4,9 +4,12 @@
 
 use std::collections::HashMap;
 
-use sensor_ebpf::FoldKey;
+use sensor_ebpf::{EventKind, FoldKey, FoldState, NO_WATCH, SecretMethod};
 
-use crate::event::Event;
+use crate::event::{Detail, Event, ProcessRef};
+
+/// A kernel entry this recent may still have its record in flight in the ring.
+const IN_FLIGHT_NS: u64 = 100_000_000;
 
 /// Per fold key: what has been reported and the last event, used as the template for tails.
 #[derive(Debug, Default)]
@@ -54,28 +57,100 @@ impl FoldTracker {
     }
 
     /// Events for occurrences that the kernel counted but no record carried, given the
-    /// kernel's current totals. Keys the kernel no longer holds are forgotten.
-    pub fn sweep(&mut self, kernel_totals: &[(FoldKey, u64)], now_ns: u64) -> Vec<Event> {
+    /// kernel's fold entries. Keys the kernel no longer holds are forgotten. A key whose every
+    /// record was lost (ring full) is still reported, from what the key itself says.
+    pub fn sweep(
+        &mut self,
+        entries: &[(FoldKey, FoldState)],
+        now_unix_ns: u64,
+        now_boot_ns: u64,
+    ) -> Vec<Event> {
         let mut tails = Vec::new();
-        let mut live = std::collections::HashSet::with_capacity(kernel_totals.len());
-        for &(key, total) in kernel_totals {
+        let mut live = std::collections::HashSet::with_capacity(entries.len());
+        for &(key, state) in entries {
             live.insert(key);
-            let Some(reported) = self.keys.get_mut(&key) else {
-                continue;
+            let reported_total = match self.keys.get(&key) {
+                Some(r) => r.total,
+                None if now_boot_ns.saturating_sub(state.last_emit_ns) < IN_FLIGHT_NS => continue,
+                None => 0,
             };
-            if total <= reported.total {
+            if state.total <= reported_total {
                 continue;
             }
-            let mut tail = reported.last.clone();
-            tail.count = u32::try_from(total - reported.total).unwrap_or(u32::MAX);
-            tail.time_ns = now_ns;
-            tail.fold = Some((key, total));
-            reported.total = total;
-            reported.last = tail.clone();
+            let mut tail = match self.keys.get(&key) {
+                Some(r) => r.last.clone(),
+                None => event_from_key(&key, now_unix_ns),
+            };
+            tail.count = u32::try_from(state.total - reported_total).unwrap_or(u32::MAX);
+            tail.time_ns = now_unix_ns;
+            tail.fold = Some((key, state.total));
+            self.keys.insert(
+                key,
+                Reported {
+                    total: state.total,
+                    last: tail.clone(),
+                },
+            );
             tails.push(tail);
         }
         self.keys.retain(|k, _| live.contains(k));
         tails
+    }
+}
+
+/// The most an orphaned fold key says: who, what kind, which object.
+fn event_from_key(key: &FoldKey, now_unix_ns: u64) -> Event {
+    let detail = match EventKind::try_from(key.kind) {
+        Ok(EventKind::Secret) => Detail::Secret {
+            method: match SecretMethod::try_from(key.object as u32) {
+                Ok(SecretMethod::ProcEnviron) => "proc_environ",
+                Ok(SecretMethod::ProcMem) => "proc_mem",
+                Ok(SecretMethod::Ptrace) => "ptrace",
+                Ok(SecretMethod::ProcessVmReadv) => "process_vm_readv",
+                Ok(SecretMethod::Keyctl) => "keyctl",
+                _ => "unix_socket",
+            },
+            target_pid: (key.object >> 32) as u32,
+            detail: key.qualifier,
+            flags: 0,
+        },
+        Ok(EventKind::Connect) => Detail::Connect {
+            watch_id: NO_WATCH,
+            protocol: if key.qualifier >> 16 == 17 {
+                "udp"
+            } else {
+                "tcp"
+            },
+            address: std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            port: key.qualifier as u16,
+        },
+        _ => Detail::FileOpen {
+            watch_id: NO_WATCH,
+            matched: "file",
+            name: String::new(),
+            dev: key.qualifier as u32,
+            ino: key.object,
+            parent_ino: 0,
+            flags: 0,
+            write: false,
+        },
+    };
+    Event {
+        time_ns: now_unix_ns,
+        count: 0,
+        process: ProcessRef {
+            pid: key.tgid,
+            tid: key.tgid,
+            ppid: 0,
+            uid: u32::MAX,
+            gid: u32::MAX,
+            euid: u32::MAX,
+            login_uid: None,
+            comm: String::new(),
+            cgroup_id: 0,
+        },
+        detail,
+        fold: None,
     }
 }
 
@@ -114,12 +189,42 @@ mod tests {
         assert!(t.on_event(event(120, 2_000_000_001)).is_none());
         // The burst goes on to 400 and stops: the sweep reports the tail once.
         let key = FoldKey::file(10, 1, 42);
-        let tails = t.sweep(&[(key, 400)], 3_000_000_000);
+        let state = |total| FoldState {
+            total,
+            last_emit_ns: 0,
+        };
+        let tails = t.sweep(&[(key, state(400))], 3_000_000_000, 10_000_000_000);
         assert_eq!(tails.len(), 1);
         assert_eq!(tails[0].count, 250);
-        assert!(t.sweep(&[(key, 400)], 4_000_000_000).is_empty());
+        assert!(
+            t.sweep(&[(key, state(400))], 4_000_000_000, 10_000_000_000)
+                .is_empty()
+        );
         // The key left the kernel map: forgotten, and a fresh entry counts from scratch.
-        assert!(t.sweep(&[], 5_000_000_000).is_empty());
+        assert!(t.sweep(&[], 5_000_000_000, 10_000_000_000).is_empty());
         assert_eq!(t.on_event(event(1, 6_000_000_000)).unwrap().count, 1);
+    }
+
+    #[test]
+    fn a_key_whose_records_were_all_lost_is_still_counted() {
+        let mut t = FoldTracker::new(std::time::Duration::from_secs(1));
+        let key = FoldKey::file(77, 5, 9);
+        // Too recent: its record may still be in the ring.
+        let fresh = FoldState {
+            total: 30,
+            last_emit_ns: 9_990_000_000,
+        };
+        assert!(t.sweep(&[(key, fresh)], 1, 10_000_000_000).is_empty());
+        let old = FoldState {
+            total: 30,
+            last_emit_ns: 1_000_000_000,
+        };
+        let tails = t.sweep(&[(key, old)], 1, 10_000_000_000);
+        assert_eq!(tails.len(), 1);
+        assert_eq!((tails[0].count, tails[0].process.pid), (30, 77));
+        assert!(matches!(
+            tails[0].detail,
+            Detail::FileOpen { ino: 9, dev: 5, .. }
+        ));
     }
 }

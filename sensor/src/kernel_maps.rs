@@ -159,13 +159,9 @@ impl FoldMap {
         })
     }
 
-    /// Every (key, cumulative total) currently in the kernel.
-    pub fn totals(&self) -> Vec<(FoldKey, u64)> {
-        self.map
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, v.total))
-            .collect()
+    /// Every fold entry currently in the kernel.
+    pub fn entries(&self) -> Vec<(FoldKey, FoldState)> {
+        self.map.iter().filter_map(Result::ok).collect()
     }
 }
 

@@ -100,8 +100,9 @@ pub fn spawn(
                     }
                     if last_sweep.elapsed() >= SWEEP_INTERVAL {
                         last_sweep = std::time::Instant::now();
-                        let now = clock.now_unix_ns();
-                        for tail in folds.sweep(&fold_map.totals(), now) {
+                        let entries = fold_map.entries();
+                        let tails = folds.sweep(&entries, clock.now_unix_ns(), boot_now_ns());
+                        for tail in tails {
                             if !send(tail) {
                                 return;
                             }
@@ -117,6 +118,17 @@ pub fn spawn(
         thread: Some(thread),
         stats,
     }
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the clock the kernel stamps records with.
+fn boot_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn wait_readable(ring: &RingBuf<MapData>, timeout: Duration) {

@@ -1,0 +1,136 @@
+//! The process the privileged tests watch: it performs exactly one kind of access, given on its
+//! command line, then exits. Kept tiny and dependency-free so its behaviour is obvious.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    io::{Read as _, Write as _},
+    net::{TcpStream, UdpSocket},
+    os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _, process::CommandExt as _},
+    path::Path,
+    process::{Command, ExitCode},
+};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
+    let result = match arg(0) {
+        // read PATH: open and read a file.
+        "read" => read(arg(1)),
+        // read-in DIR NAME: chdir to DIR, open NAME relative to it.
+        "read-in" => std::env::set_current_dir(arg(1)).and_then(|()| read(arg(2))),
+        // openat DIR NAME: openat(dirfd(DIR), NAME).
+        "openat" => openat(arg(1), arg(2)),
+        // write PATH: open for writing and append a byte.
+        "write" => std::fs::OpenOptions::new()
+            .append(true)
+            .open(arg(1))
+            .and_then(|mut f| f.write_all(b"\n")),
+        // repeat PATH N: open+close PATH N times.
+        "repeat" => repeat(arg(1), arg(2).parse().unwrap_or(1)),
+        // environ PID: read /proc/PID/environ by a relative path.
+        "environ" => {
+            std::env::set_current_dir(format!("/proc/{}", arg(1))).and_then(|()| read("environ"))
+        }
+        // ptrace PID: attach, then detach.
+        "ptrace" => ptrace_attach(arg(1).parse().unwrap_or(0)),
+        // vm-readv PID ADDR: read a few bytes of PID's memory.
+        "vm-readv" => vm_readv(arg(1).parse().unwrap_or(0)),
+        // connect ADDR: TCP connect.
+        "connect" => TcpStream::connect(arg(1)).map(drop),
+        // udp ADDR: one UDP datagram.
+        "udp" => UdpSocket::bind("127.0.0.1:0").and_then(|s| s.send_to(b"kw", arg(1)).map(drop)),
+        // as-user UID PROGRAM [ARGS…]: drop to UID, then exec PROGRAM.
+        "as-user" => as_user(arg(1).parse().unwrap_or(65534), &args[2..]),
+        other => Err(std::io::Error::other(format!("unknown action {other:?}"))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kw-actor: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read(path: &str) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    File::open(path)?.read_to_end(&mut buf).map(drop)
+}
+
+fn repeat(path: &str, n: u64) -> std::io::Result<()> {
+    for _ in 0..n {
+        drop(File::open(path)?);
+    }
+    Ok(())
+}
+
+fn openat(dir: &str, name: &str) -> std::io::Result<()> {
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?;
+    let name =
+        CString::new(Path::new(name).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: valid fd and NUL-terminated name.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), libc::O_RDONLY) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
+fn ptrace_attach(pid: i32) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on a pid given by the test.
+    unsafe {
+        if libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
+    }
+    Ok(())
+}
+
+fn vm_readv(pid: i32) -> std::io::Result<()> {
+    // Read the first bytes of the target's stack area as listed in its maps.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let line = maps
+        .lines()
+        .find(|l| l.ends_with("[stack]"))
+        .ok_or_else(|| std::io::Error::other("no stack"))?;
+    let start = usize::from_str_radix(line.split('-').next().unwrap_or("0"), 16)
+        .map_err(std::io::Error::other)?;
+    let mut buf = [0u8; 16];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: start as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one local buffer we own; the kernel checks the remote range.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn as_user(uid: u32, program: &[String]) -> std::io::Result<()> {
+    let (prog, rest) = program
+        .split_first()
+        .ok_or_else(|| std::io::Error::other("no program"))?;
+    // SAFETY: setgid/setuid before exec, in this single-threaded process.
+    unsafe {
+        if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Err(Command::new(prog).args(rest).exec())
+}

@@ -1,0 +1,474 @@
+//! The sensor on the real kernel: each test performs a real access in a child process and
+//! asserts the event's process and resource.
+
+use std::{
+    net::{TcpListener, UdpSocket},
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use keywatch_tests::{start_sensor, wait_for};
+use sensor::{
+    event::{Detail, Event},
+    kernel_maps::{EndpointEntry, file_key},
+    loader::LoadOptions,
+    run::Sensor,
+};
+use sensor_ebpf::{EventKind, PROTO_TCP, PROTO_UDP};
+
+const WAIT: Duration = Duration::from_secs(5);
+/// How long "nothing arrives" is watched for.
+const QUIET: Duration = Duration::from_millis(700);
+
+fn actor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kw-actor"))
+}
+
+/// Runs the actor to completion; returns its pid.
+fn act(args: &[&str]) -> u32 {
+    let mut child = actor().args(args).spawn().expect("spawning kw-actor");
+    let pid = child.id();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "kw-actor {args:?} failed: {status}");
+    pid
+}
+
+/// A temp dir with one credential file in it.
+struct Creds {
+    dir: tempfile::TempDir,
+}
+
+impl Creds {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(dir.path().join("credentials"), "[default]\nkey=AKIA\n").unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn cred(&self) -> PathBuf {
+        self.path("credentials")
+    }
+}
+
+fn sensor() -> Option<Sensor> {
+    start_sensor(&LoadOptions::default())
+}
+
+fn watch(sensor: &mut Sensor, path: &Path, id: u32) {
+    sensor
+        .watch_maps()
+        .insert_file(file_key(path).unwrap(), id)
+        .unwrap();
+}
+
+async fn file_open_by(sensor: &mut Sensor, pid: u32, within: Duration) -> Option<Event> {
+    wait_for(sensor, within, |e| {
+        e.process.pid == pid && matches!(e.detail, Detail::FileOpen { .. })
+    })
+    .await
+}
+
+fn assert_file_open(event: &Event, path: &Path, watch: u32) {
+    let key = file_key(path).unwrap();
+    let Detail::FileOpen {
+        watch_id,
+        ino,
+        dev,
+        matched,
+        ..
+    } = &event.detail
+    else {
+        panic!("not a file open: {event:?}");
+    };
+    assert_eq!(
+        (*watch_id, *ino, *dev, *matched),
+        (watch, key.ino, key.dev, "file")
+    );
+    assert_eq!(event.process.ppid, std::process::id(), "parent is the test");
+    assert_eq!(event.process.comm, "kw-actor");
+    assert_eq!(event.process.uid, 0);
+}
+
+#[tokio::test]
+async fn credential_reads_resolve_to_the_inode_whatever_the_path() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    let cred = creds.cred();
+    watch(&mut sensor, &cred, 7);
+    let dir = creds.dir.path().to_str().unwrap().to_string();
+    std::fs::create_dir(creds.path("sub")).unwrap();
+    std::os::unix::fs::symlink(&cred, creds.path("link")).unwrap();
+    std::fs::hard_link(&cred, creds.path("hardlink")).unwrap();
+    let proc_root = format!("/proc/self/root{}", cred.display());
+
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        ("absolute", vec!["read".into(), cred.display().to_string()]),
+        (
+            "relative after chdir",
+            vec!["read-in".into(), dir.clone(), "credentials".into()],
+        ),
+        (
+            "through ..",
+            vec![
+                "read-in".into(),
+                format!("{dir}/sub"),
+                "../credentials".into(),
+            ],
+        ),
+        (
+            "through a symlink",
+            vec!["read".into(), creds.path("link").display().to_string()],
+        ),
+        (
+            "through a hard link",
+            vec!["read".into(), creds.path("hardlink").display().to_string()],
+        ),
+        (
+            "openat(dirfd)",
+            vec!["openat".into(), dir.clone(), "credentials".into()],
+        ),
+        ("/proc/self/root", vec!["read".into(), proc_root]),
+    ];
+    for (what, args) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let pid = act(&args);
+        let event = file_open_by(&mut sensor, pid, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("{what}: no file event for pid {pid}"));
+        assert_file_open(&event, &cred, 7);
+        assert_eq!(event.count, 1, "{what}");
+        let Detail::FileOpen { write, .. } = event.detail else {
+            unreachable!()
+        };
+        assert!(!write, "{what}: a read is not a write");
+    }
+}
+
+#[tokio::test]
+async fn a_write_to_a_credential_is_flagged() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    watch(&mut sensor, &creds.cred(), 3);
+    let pid = act(&["write", creds.cred().to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT)
+        .await
+        .expect("file event for the write");
+    assert_file_open(&event, &creds.cred(), 3);
+    let Detail::FileOpen { write, flags, .. } = event.detail else {
+        unreachable!()
+    };
+    assert!(write, "flags {flags:#o} should say write");
+}
+
+#[tokio::test]
+async fn a_file_in_a_watched_directory_matches_by_directory() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    sensor
+        .watch_maps()
+        .insert_dir(file_key(creds.dir.path()).unwrap(), 9)
+        .unwrap();
+    // Created after the watch was set: the directory's inode is what matches.
+    let later = creds.path("token");
+    std::fs::write(&later, "secret").unwrap();
+    let pid = act(&["read", later.to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT)
+        .await
+        .expect("file event");
+    let Detail::FileOpen {
+        watch_id,
+        matched,
+        name,
+        ..
+    } = &event.detail
+    else {
+        unreachable!()
+    };
+    assert_eq!((*watch_id, *matched, name.as_str()), (9, "dir", "token"));
+}
+
+#[tokio::test]
+async fn unwatched_opens_and_the_sensors_own_reads_produce_nothing() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    watch(&mut sensor, &creds.cred(), 1);
+    let other = creds.path("hostname");
+    std::fs::write(&other, "host").unwrap();
+    let pid = act(&["read", other.to_str().unwrap()]);
+    // This test process is the sensor: its own read of the watched file is not an access.
+    std::fs::read(creds.cred()).unwrap();
+    let me = std::process::id();
+    let noise = wait_for(&mut sensor, QUIET, |e| {
+        (e.process.pid == pid || e.process.pid == me) && matches!(e.detail, Detail::FileOpen { .. })
+    })
+    .await;
+    assert!(noise.is_none(), "unexpected event: {noise:?}");
+}
+
+#[tokio::test]
+async fn environ_of_another_process_by_relative_path_is_a_secret_access() {
+    let Some(mut sensor) = sensor() else { return };
+    let mut target = Command::new("sleep").arg("30").spawn().unwrap();
+    let target_pid = target.id();
+    let pid = act(&["environ", &target_pid.to_string()]);
+    let event = wait_for(&mut sensor, WAIT, |e| {
+        e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
+    })
+    .await
+    .expect("secret event for the environ read");
+    target.kill().unwrap();
+    let _ = target.wait();
+    let Detail::Secret {
+        method,
+        target_pid: t,
+        ..
+    } = event.detail
+    else {
+        unreachable!()
+    };
+    assert_eq!((method, t), ("proc_environ", target_pid));
+    assert_eq!(event.process.ppid, std::process::id());
+}
+
+#[tokio::test]
+async fn ptrace_attach_and_process_vm_readv_are_secret_accesses() {
+    let Some(mut sensor) = sensor() else { return };
+    for (action, method) in [("ptrace", "ptrace"), ("vm-readv", "process_vm_readv")] {
+        let mut target = Command::new("sleep").arg("30").spawn().unwrap();
+        let target_pid = target.id();
+        let pid = act(&[action, &target_pid.to_string()]);
+        let event = wait_for(&mut sensor, WAIT, |e| {
+            e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
+        })
+        .await
+        .unwrap_or_else(|| panic!("no secret event for {action}"));
+        target.kill().unwrap();
+        let _ = target.wait();
+        let Detail::Secret {
+            method: m,
+            target_pid: t,
+            ..
+        } = event.detail
+        else {
+            unreachable!()
+        };
+        assert_eq!((m, t), (method, target_pid), "{action}");
+    }
+}
+
+#[tokio::test]
+async fn connects_and_udp_sends_to_watched_endpoints_are_reported() {
+    let Some(mut sensor) = sensor() else { return };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp = listener.local_addr().unwrap();
+    let udp_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp = udp_sock.local_addr().unwrap();
+    let unwatched_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let unwatched = unwatched_listener.local_addr().unwrap();
+    let entry = |port: u16, protocols: u32, watch_id: u32| EndpointEntry {
+        addr: "127.0.0.1".parse().unwrap(),
+        prefix_len: 32,
+        port,
+        protocols,
+        watch_id,
+    };
+    sensor
+        .watch_maps()
+        .insert_endpoint(&entry(tcp.port(), PROTO_TCP, 21))
+        .unwrap();
+    sensor
+        .watch_maps()
+        .insert_endpoint(&entry(udp.port(), PROTO_UDP, 22))
+        .unwrap();
+
+    let is_connect = |pid: u32| {
+        move |e: &Event| e.process.pid == pid && matches!(e.detail, Detail::Connect { .. })
+    };
+    let pid = act(&["connect", &tcp.to_string()]);
+    let event = wait_for(&mut sensor, WAIT, is_connect(pid))
+        .await
+        .expect("connect event");
+    assert_eq!(
+        event.detail,
+        Detail::Connect {
+            watch_id: 21,
+            protocol: "tcp",
+            address: tcp.ip(),
+            port: tcp.port()
+        }
+    );
+
+    let pid = act(&["udp", &udp.to_string()]);
+    let event = wait_for(&mut sensor, WAIT, is_connect(pid))
+        .await
+        .expect("udp event");
+    assert_eq!(
+        event.detail,
+        Detail::Connect {
+            watch_id: 22,
+            protocol: "udp",
+            address: udp.ip(),
+            port: udp.port()
+        }
+    );
+
+    let pid = act(&["connect", &unwatched.to_string()]);
+    let noise = wait_for(&mut sensor, QUIET, |e| {
+        e.process.pid == pid && matches!(e.detail, Detail::Connect { .. })
+    })
+    .await;
+    assert!(noise.is_none(), "unwatched endpoint reported: {noise:?}");
+}
+
+#[tokio::test]
+async fn exec_of_a_setuid_binary_by_an_unprivileged_user_shows_the_new_euid() {
+    let Some(mut sensor) = sensor() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let suid = dir.path().join("kw-suid-true");
+    std::fs::copy("/bin/true", &suid).unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let target = suid.to_str().unwrap().to_string();
+    let pid = act(&["as-user", "65534", &target]);
+    // Two events, in this order: setuid(65534) in the actor, then the exec of the setuid copy.
+    let (mut exec, mut change) = (None, None);
+    while exec.is_none() || change.is_none() {
+        let event = wait_for(&mut sensor, WAIT, |e| e.process.pid == pid)
+            .await
+            .unwrap_or_else(|| panic!("missing events: exec {exec:?}, setuid {change:?}"));
+        match &event.detail {
+            Detail::Exec { filename, .. } if *filename == target => exec = Some(event),
+            Detail::CredChange {
+                syscall: "setuid", ..
+            } => change = Some(event),
+            _ => {}
+        }
+    }
+    let (exec, change) = (exec.unwrap(), change.unwrap());
+    let Detail::Exec { exe_mode, .. } = exec.detail else {
+        unreachable!()
+    };
+    assert_eq!(
+        (exec.process.uid, exec.process.euid),
+        (65534, 0),
+        "real uid kept, euid root"
+    );
+    assert_ne!(exe_mode & 0o4000, 0, "setuid bit seen");
+    assert_eq!(
+        (change.process.uid, change.process.euid),
+        (65534, 65534),
+        "ids after setuid"
+    );
+}
+
+#[tokio::test]
+async fn a_flood_on_one_credential_is_folded_and_fully_counted() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    watch(&mut sensor, &creds.cred(), 1);
+    let other = creds.path("other");
+    std::fs::write(&other, "x").unwrap();
+    watch(&mut sensor, &other, 2);
+
+    const N: u64 = 100_000;
+    let mut flood = actor()
+        .args(["repeat", creds.cred().to_str().unwrap(), &N.to_string()])
+        .spawn()
+        .unwrap();
+    let flood_pid = flood.id();
+    // During the flood, another process reads another credential: it must get through.
+    let reader_pid = act(&["read", other.to_str().unwrap()]);
+    assert!(flood.wait().unwrap().success());
+
+    let mut counted = 0u64;
+    let mut other_seen = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while counted < N && tokio::time::Instant::now() < deadline {
+        let Some(event) = wait_for(&mut sensor, Duration::from_secs(2), |e| {
+            (e.process.pid == flood_pid || e.process.pid == reader_pid)
+                && matches!(e.detail, Detail::FileOpen { .. })
+        })
+        .await
+        else {
+            continue;
+        };
+        if event.process.pid == reader_pid {
+            other_seen = true;
+        } else {
+            counted += u64::from(event.count);
+        }
+    }
+    assert_eq!(
+        counted, N,
+        "every open is delivered, in records or folded into their counts"
+    );
+    assert_eq!(lost_file_records(&sensor), 0, "no record was lost");
+    let records = sensor
+        .reader_stats()
+        .records
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        records < N / 10,
+        "the flood was folded in the kernel ({records} records)"
+    );
+    if !other_seen {
+        other_seen = wait_for(&mut sensor, WAIT, |e| e.process.pid == reader_pid)
+            .await
+            .is_some();
+    }
+    assert!(
+        other_seen,
+        "the read of the other credential during the flood was delivered"
+    );
+}
+
+#[tokio::test]
+async fn without_folding_a_small_ring_counts_every_loss() {
+    let opts = LoadOptions {
+        ring_bytes: 64 * 1024,
+        fold_window: Duration::ZERO,
+        ..LoadOptions::default()
+    };
+    let Some(mut sensor) = start_sensor(&opts) else {
+        return;
+    };
+    let creds = Creds::new();
+    watch(&mut sensor, &creds.cred(), 1);
+    const N: u64 = 50_000;
+    let pid = act(&["repeat", creds.cred().to_str().unwrap(), &N.to_string()]);
+    let mut delivered = 0u64;
+    while let Some(event) = wait_for(&mut sensor, Duration::from_secs(2), |e| {
+        e.process.pid == pid && matches!(e.detail, Detail::FileOpen { .. })
+    })
+    .await
+    {
+        delivered += u64::from(event.count);
+    }
+    // 50,000 records cannot pass through a 64 KiB ring polled every few milliseconds: records
+    // are lost, and counted. Each record carries its key's running total, so the next record
+    // (or the sweep) still accounts for the opens whose records were lost.
+    let lost = lost_file_records(&sensor);
+    assert!(lost > 0, "the ring overflowed, and the loss was counted");
+    assert_eq!(
+        delivered, N,
+        "opens accounted for despite {lost} lost records"
+    );
+}
+
+fn lost_file_records(sensor: &Sensor) -> u64 {
+    sensor
+        .loaded()
+        .lost_counts()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| *k == EventKind::FileOpen)
+        .map(|(_, n)| n)
+        .sum()
+}
