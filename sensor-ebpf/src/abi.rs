@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -435,6 +435,19 @@ pub struct KernelOffsets {
     pub inode_i_mode: u32,
     pub sb_s_dev: u32,
     pub sb_s_magic: u32,
+    /// `file.private_data` (the `struct socket` of a socket file).
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    /// `sock.__sk_common.skc_family`.
+    pub sock_family: u32,
+    pub sock_peer_pid: u32,
+    /// `unix_sock.peer`.
+    pub unix_peer: u32,
+    /// `unix_sock.path.dentry`.
+    pub unix_path_dentry: u32,
+    /// `pid.numbers[0].nr`.
+    pub pid_nr: u32,
+    pub _pad0: u32,
 }
 
 /// Globals the loader sets before load.
@@ -461,8 +474,8 @@ const _: () = assert!(size_of::<CredChangeEvent>() == 72 + 16);
 const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 26 * 4);
-const _: () = assert!(size_of::<SensorConfig>() == 16 + 26 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 34 * 4);
+const _: () = assert!(size_of::<SensorConfig>() == 16 + 34 * 4);
 
 #[cfg(feature = "user")]
 mod pod {

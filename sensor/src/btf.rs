@@ -132,6 +132,17 @@ impl KernelBtf {
             inode_i_mode: self.member_offset("inode", "i_mode")?,
             sb_s_dev: self.member_offset("super_block", "s_dev")?,
             sb_s_magic: self.member_offset("super_block", "s_magic")?,
+            file_private_data: self.member_offset("file", "private_data")?,
+            socket_sk: self.member_offset("socket", "sk")?,
+            sock_family: self.path_offset(
+                "sock",
+                &[("__sk_common", "sock_common"), ("skc_family", "")],
+            )?,
+            sock_peer_pid: self.member_offset("sock", "sk_peer_pid")?,
+            unix_peer: self.member_offset("unix_sock", "peer")?,
+            unix_path_dentry: self.path_offset("unix_sock", &[("path", "path"), ("dentry", "")])?,
+            pid_nr: self.path_offset("pid", &[("numbers", "upid"), ("nr", "")])?,
+            _pad0: 0,
         })
     }
 }

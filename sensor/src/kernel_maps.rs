@@ -73,6 +73,7 @@ impl EndpointEntry {
 pub struct WatchMaps {
     files: HashMap<MapData, FileKey, u32>,
     dirs: HashMap<MapData, FileKey, u32>,
+    sockets: HashMap<MapData, FileKey, u32>,
     endpoints: LpmTrie<MapData, EndpointKey, EndpointValue>,
 }
 
@@ -88,6 +89,7 @@ impl WatchMaps {
         Ok(Self {
             files: take(ebpf, "WATCHED_FILES", HashMap::try_from)?,
             dirs: take(ebpf, "WATCHED_DIRS", HashMap::try_from)?,
+            sockets: take(ebpf, "WATCHED_SOCKETS", HashMap::try_from)?,
             endpoints: take(ebpf, "ENDPOINTS", LpmTrie::try_from)?,
         })
     }
@@ -120,6 +122,22 @@ impl WatchMaps {
     pub fn remove_dir(&mut self, key: &FileKey) -> Result<(), MapUpdateError> {
         self.dirs.remove(key).map_err(|source| MapUpdateError {
             map: "WATCHED_DIRS",
+            source,
+        })
+    }
+
+    pub fn insert_socket(&mut self, key: FileKey, watch_id: u32) -> Result<(), MapUpdateError> {
+        self.sockets
+            .insert(key, watch_id, 0)
+            .map_err(|source| MapUpdateError {
+                map: "WATCHED_SOCKETS",
+                source,
+            })
+    }
+
+    pub fn remove_socket(&mut self, key: &FileKey) -> Result<(), MapUpdateError> {
+        self.sockets.remove(key).map_err(|source| MapUpdateError {
+            map: "WATCHED_SOCKETS",
             source,
         })
     }

@@ -107,6 +107,18 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         "secret access: keyctl read",
         "4.7",
     ),
+    tp(
+        "sys_enter_connect",
+        "syscalls",
+        "secret access: unix socket connect (fd)",
+        "4.7",
+    ),
+    tp(
+        "sys_exit_connect",
+        "syscalls",
+        "secret access: watched unix socket connect",
+        "4.7",
+    ),
     cg("connect4", "auth endpoints: IPv4 connect", "4.17"),
     cg("connect6", "auth endpoints: IPv6 connect", "4.17"),
     cg("sendmsg4", "auth endpoints: IPv4 UDP send", "4.18"),

@@ -14,7 +14,10 @@ use sensor_ebpf::{
 
 use super::{
     fold, kread,
-    maps::{EVENTS, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES, count_lost, offsets},
+    maps::{
+        CONNECT_FDS, EVENTS, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES, WATCHED_SOCKETS,
+        count_lost, offsets,
+    },
     task::{current_task, header},
 };
 
@@ -238,5 +241,81 @@ pub fn emit_secret(
         flags,
     });
     entry.submit(SUBMIT_FLAGS);
+    Ok(())
+}
+
+/// `connect(2)` exit: a successful connect to a watched unix socket (ssh-agent, docker.sock,
+/// vault agent), recognised from the peer socket's inode, and attributed to the process that
+/// listens there.
+#[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    match try_connect_exit(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+const AF_UNIX: u16 = 1;
+
+fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: reading a field of this tracepoint's format.
+    let ret: i64 = unsafe { ctx.read_at(RET)? };
+    if ret != 0 {
+        return Ok(());
+    }
+    // The fd is an argument, gone at exit: `sys_enter_connect` saved it for unix sockets.
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let Some(&fd) = (unsafe { CONNECT_FDS.get(&pid_tgid) }) else {
+        return Ok(());
+    };
+    let _ = CONNECT_FDS.remove(&pid_tgid);
+    let tgid = (pid_tgid >> 32) as u32;
+    if super::task::is_self(tgid) {
+        return Ok(());
+    }
+    let o = offsets();
+    let file = file_of_fd(fd)?;
+    let socket = kread::ptr(file, o.file_private_data)?;
+    let sk = kread::ptr(socket, o.socket_sk)?;
+    let family: u16 = kread::at(sk, o.sock_family)?;
+    if family != AF_UNIX {
+        return Ok(());
+    }
+    let peer = kread::ptr(sk, o.unix_peer)?;
+    let dentry = kread::ptr(peer, o.unix_path_dentry)?;
+    let inode = kread::ptr(dentry, o.dentry_d_inode)?;
+    let ino: u64 = kread::at(inode, o.inode_i_ino)?;
+    let sb = kread::ptr(inode, o.inode_i_sb)?;
+    let dev: u32 = kread::at(sb, o.sb_s_dev)?;
+    let Some(&watch_id) = (unsafe { WATCHED_SOCKETS.get(&FileKey { dev, _pad0: 0, ino }) }) else {
+        return Ok(());
+    };
+    let target = match kread::ptr(sk, o.sock_peer_pid) {
+        Ok(pid) => kread::at::<u32>(pid, o.pid_nr).unwrap_or(0),
+        Err(_) => 0,
+    };
+    if target == tgid {
+        return Ok(());
+    }
+    emit_secret(tgid, SecretMethod::UnixSocket, target, ino, 0, watch_id)
+}
+
+/// `connect(int fd, …)`: remembers the fd for the exit hook, only for AF_UNIX addresses.
+#[tracepoint(category = "syscalls", name = "sys_enter_connect")]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    match try_connect_enter(&ctx) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+fn try_connect_enter(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: fields of this tracepoint's format: fd at 16, uservaddr at 24.
+    let (fd, addr): (u64, *const u8) = unsafe { (ctx.read_at(16)?, ctx.read_at(24)?) };
+    // SAFETY: checked user read of the address family.
+    let family: u16 = unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr.cast::<u16>())? };
+    if family != AF_UNIX {
+        return Ok(());
+    }
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    CONNECT_FDS.insert(&pid_tgid, &(fd as u32), 0)?;
     Ok(())
 }

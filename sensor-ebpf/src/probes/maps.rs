@@ -26,6 +26,14 @@ pub static WATCHED_FILES: HashMap<FileKey, u32> = HashMap::with_max_entries(1638
 #[map]
 pub static WATCHED_DIRS: HashMap<FileKey, u32> = HashMap::with_max_entries(4096, 0);
 
+/// Watched unix sockets (ssh-agent, docker.sock, vault agent) by the socket file's (dev, ino).
+#[map]
+pub static WATCHED_SOCKETS: HashMap<FileKey, u32> = HashMap::with_max_entries(1024, 0);
+
+/// fd of an in-flight connect(2) to a unix address, by pid_tgid, for the exit hook.
+#[map]
+pub static CONNECT_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4096, 0);
+
 /// Watched endpoints (port + address prefix).
 #[map]
 pub static ENDPOINTS: LpmTrie<EndpointKey, EndpointValue> =
@@ -71,6 +79,14 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     inode_i_mode: 0,
     sb_s_dev: 0,
     sb_s_magic: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    sock_family: 0,
+    sock_peer_pid: 0,
+    unix_peer: 0,
+    unix_path_dentry: 0,
+    pid_nr: 0,
+    _pad0: 0,
 };
 
 /// The offsets the loader found in this kernel's BTF.

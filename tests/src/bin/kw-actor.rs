@@ -38,6 +38,8 @@ fn main() -> ExitCode {
         "vm-readv" => vm_readv(arg(1).parse().unwrap_or(0)),
         // connect ADDR: TCP connect.
         "connect" => TcpStream::connect(arg(1)).map(drop),
+        // unix PATH: connect to a unix stream socket.
+        "unix" => std::os::unix::net::UnixStream::connect(arg(1)).map(drop),
         // udp ADDR: one UDP datagram.
         "udp" => UdpSocket::bind("127.0.0.1:0").and_then(|s| s.send_to(b"kw", arg(1)).map(drop)),
         // as-user UID PROGRAM [ARGS…]: drop to UID, then exec PROGRAM.
