@@ -1,4 +1,26 @@
 //! Keywatch collector: receives sensor event streams, correlates them with declared workload
-//! identities, raises and routes alerts, and serves the API behind the `keywatch` CLI.
+//! identities, raises alerts, and serves the API behind the `keywatch` CLI.
+//!
+//! Data path: [`ingest`] (gRPC `SensorService`) → [`convert`] (checked wire → domain) →
+//! [`correlate`] (event → workload) → [`detect`] (rules) → [`alerts`] (context, grouping) →
+//! [`store`] (one trait; SQLite today). People drive it through [`cli`] → [`api`].
 
+pub mod alerts;
+pub mod auth;
+pub mod clock;
+pub mod convert;
+pub mod correlate;
+pub mod declarations;
+pub mod detect;
+pub mod duration;
+pub mod event;
+pub mod ingest;
+pub mod registry;
+pub mod rule;
+pub mod store;
+pub mod table;
+pub mod timeline;
+
+pub mod api;
 pub mod cli;
+pub mod serve;

@@ -1,0 +1,521 @@
+//! The `ApiService` behind the CLI. Every method resolves the caller's bearer token and asks
+//! [`crate::auth::authorize`]; nothing else decides who may do what.
+
+use std::sync::Arc;
+
+use keywatch_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    alerts::{Alert, AlertStatus},
+    auth::{self, Action, Role, TokenRecord},
+    clock::Clock,
+    declarations::{Declaration, Kind, Objects},
+    registry::{RegistryError, RegistryHandle},
+    store::{AlertFilter, Store, StoreError},
+    timeline::{Cursor, TimelineQuery},
+};
+
+/// The API service.
+pub struct Api {
+    store: Arc<dyn Store>,
+    registry: Arc<RegistryHandle>,
+    clock: Arc<dyn Clock>,
+}
+
+/// The tonic server for the API.
+pub fn api_server(api: Api) -> pb::api_service_server::ApiServiceServer<Api> {
+    pb::api_service_server::ApiServiceServer::new(api).max_decoding_message_size(32 * 1024 * 1024)
+}
+
+async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("internal error"))
+}
+
+/// The one mapping from store errors to gRPC codes.
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound(what) => Status::not_found(format!("{what} not found")),
+        StoreError::Conflict(why) => Status::failed_precondition(why),
+        StoreError::Closed => Status::unavailable("collector shutting down"),
+        other => {
+            tracing::error!(error = %other, source = ?std::error::Error::source(&other), "api storage error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+fn registry_status(e: RegistryError) -> Status {
+    match e {
+        RegistryError::Invalid(problems) => {
+            Status::invalid_argument(format!("{} problem(s)", problems.len()))
+        }
+        RegistryError::Refused(why) => Status::failed_precondition(why),
+        RegistryError::Store(e) => store_status(e),
+    }
+}
+
+fn parse_kind(s: &str) -> Result<Kind, Status> {
+    Kind::parse_loose(s).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "unknown kind {s:?}; expected one of {}",
+            Kind::ALL
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+fn alert_to_proto(a: &Alert) -> pb::Alert {
+    let ns = |t: chrono::DateTime<chrono::Utc>| {
+        t.timestamp_nanos_opt().unwrap_or_default().max(0) as u64
+    };
+    pb::Alert {
+        id: a.id,
+        rule: a.rule.to_string(),
+        severity: a.severity.to_string(),
+        status: a.status.to_string(),
+        workload: a.workload.clone(),
+        owner: a.owner.clone(),
+        host: a.host.id.clone(),
+        count: a.count,
+        first_seen_ns: ns(a.first_seen),
+        last_seen_ns: ns(a.last_seen),
+        json: serde_json::to_string(a).unwrap_or_default(),
+    }
+}
+
+/// The team that owns a declaration, for decisions rights: a workload's owner, or the owner of
+/// the workload an approved change names.
+fn owning_team(d: &Declaration, objects: &Objects) -> Option<String> {
+    match d {
+        Declaration::Workload(w) => Some(w.owner.clone()),
+        Declaration::ApprovedChange(c) => {
+            match objects.get(&(Kind::Workload, c.workload.clone())) {
+                Some(Declaration::Workload(w)) => Some(w.owner.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+impl Api {
+    /// The API over a store and registry.
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<RegistryHandle>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            clock,
+        }
+    }
+
+    /// The caller's token, from `authorization: Bearer …`.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<TokenRecord, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
+        let secret = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("expected `authorization: Bearer <token>`"))?;
+        let hash = auth::hash_secret(secret.trim());
+        let store = self.store.clone();
+        blocking(move || store.token(&hash))
+            .await?
+            .map_err(store_status)?
+            .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
+    }
+
+    /// Caller plus authorization of one action.
+    async fn authorized<T>(
+        &self,
+        request: &Request<T>,
+        action: Action,
+    ) -> Result<TokenRecord, Status> {
+        let who = self.caller(request).await?;
+        auth::authorize(&who, &action).map_err(|d| Status::permission_denied(d.to_string()))?;
+        Ok(who)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::api_service_server::ApiService for Api {
+    async fn apply(
+        &self,
+        request: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let who = self.caller(&request).await?;
+        let req = request.into_inner();
+        let files: Vec<(String, String)> =
+            req.files.into_iter().map(|f| (f.name, f.content)).collect();
+        let registry = self.registry.clone();
+        let before = registry.snapshot();
+        let result = blocking(move || {
+            let allowed = |d: &Declaration, after: &Objects| -> Result<(), String> {
+                // Both the team that owns it now and the team that would own it must be the caller's.
+                let old = before
+                    .objects
+                    .get(&(d.kind(), d.name().to_owned()))
+                    .and_then(|o| owning_team(o, &before.objects));
+                for team in [old, owning_team(d, after)] {
+                    auth::authorize(
+                        &who,
+                        &Action::WriteDeclaration {
+                            kind: d.kind(),
+                            team,
+                        },
+                    )
+                    .map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            };
+            registry.apply(&files, &who.actor(), req.dry_run, &allowed)
+        })
+        .await?;
+        match result {
+            Ok(changes) => Ok(Response::new(pb::ApplyResponse {
+                problems: Vec::new(),
+                changes: changes
+                    .into_iter()
+                    .map(|c| pb::ObjectChange {
+                        kind: c.kind.to_string(),
+                        name: c.name,
+                        action: c.action,
+                        revision: c.revision,
+                    })
+                    .collect(),
+            })),
+            Err(RegistryError::Invalid(problems)) => Ok(Response::new(pb::ApplyResponse {
+                problems: problems
+                    .into_iter()
+                    .map(|p| pb::Problem {
+                        file: p.file,
+                        document: p.document as u32,
+                        object: p.object,
+                        field: p.field,
+                        message: p.message,
+                    })
+                    .collect(),
+                changes: Vec::new(),
+            })),
+            Err(e) => Err(registry_status(e)),
+        }
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        self.authorized(&request, Action::ReadDeclarations).await?;
+        let req = request.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        let store = self.store.clone();
+        let stored = blocking(move || store.declarations())
+            .await?
+            .map_err(store_status)?;
+        let objects: Vec<pb::StoredObject> = stored
+            .into_iter()
+            .filter(|d| {
+                d.declaration.kind() == kind
+                    && (req.name.is_empty() || d.declaration.name() == req.name)
+            })
+            .map(|d| pb::StoredObject {
+                kind: kind.to_string(),
+                name: d.declaration.name().to_owned(),
+                revision: d.revision,
+                json: serde_json::to_string(&d.declaration).unwrap_or_default(),
+            })
+            .collect();
+        if objects.is_empty() && !req.name.is_empty() {
+            return Err(Status::not_found(format!("{kind} {} not found", req.name)));
+        }
+        Ok(Response::new(pb::GetResponse { objects }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let who = self.caller(&request).await?;
+        let req = request.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        let registry = self.registry.clone();
+        let change = blocking(move || {
+            let allowed = |d: &Declaration, objects: &Objects| -> Result<(), String> {
+                auth::authorize(
+                    &who,
+                    &Action::WriteDeclaration {
+                        kind: d.kind(),
+                        team: owning_team(d, objects),
+                    },
+                )
+                .map_err(|e| e.to_string())
+            };
+            registry.delete(kind, &req.name, &who.actor(), &allowed)
+        })
+        .await?
+        .map_err(registry_status)?;
+        Ok(Response::new(pb::DeleteResponse {
+            revision: change.revision,
+        }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        self.authorized(&request, Action::ReadDeclarations).await?;
+        let req = request.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit as usize
+        };
+        let store = self.store.clone();
+        let revs = blocking(move || store.history(kind, &req.name, limit))
+            .await?
+            .map_err(store_status)?;
+        Ok(Response::new(pb::HistoryResponse {
+            revisions: revs
+                .into_iter()
+                .map(|r| pb::Revision {
+                    revision: r.revision,
+                    author: r.author,
+                    time_ns: r.time.timestamp_nanos_opt().unwrap_or_default().max(0) as u64,
+                    action: r.action,
+                    diff: r.diff,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let who = self.authorized(&request, Action::ReadAlerts).await?;
+        let req = request.into_inner();
+        let status = match req.status.as_str() {
+            "" => None,
+            s => Some(AlertStatus::parse(s).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "unknown status {s:?}; expected open, acknowledged or resolved"
+                ))
+            })?),
+        };
+        let nonempty = |s: String| Some(s).filter(|s| !s.is_empty());
+        let mut filter = AlertFilter {
+            status,
+            owner: nonempty(req.owner),
+            rule: nonempty(req.rule),
+            host: nonempty(req.host),
+            workload: nonempty(req.workload),
+            limit: req.limit as usize,
+        };
+        // Owners see their team's alerts only.
+        if who.role == Role::Owner {
+            filter.owner = who.team.clone();
+        }
+        let store = self.store.clone();
+        let alerts = blocking(move || store.alerts(&filter))
+            .await?
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: alerts.iter().map(alert_to_proto).collect(),
+        }))
+    }
+
+    async fn get_alert(
+        &self,
+        request: Request<pb::GetAlertRequest>,
+    ) -> Result<Response<pb::Alert>, Status> {
+        let who = self.authorized(&request, Action::ReadAlerts).await?;
+        let id = request.into_inner().id;
+        let store = self.store.clone();
+        let alert = blocking(move || store.alert(id))
+            .await?
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("alert {id} not found")))?;
+        if who.role == Role::Owner && who.team.as_deref() != Some(alert.owner.as_str()) {
+            return Err(Status::not_found(format!("alert {id} not found")));
+        }
+        Ok(Response::new(alert_to_proto(&alert)))
+    }
+
+    async fn transition_alert(
+        &self,
+        request: Request<pb::TransitionAlertRequest>,
+    ) -> Result<Response<pb::Alert>, Status> {
+        let who = self.caller(&request).await?;
+        let req = request.into_inner();
+        let to = AlertStatus::parse(&req.status)
+            .filter(|s| *s != AlertStatus::Open)
+            .ok_or_else(|| Status::invalid_argument("status must be acknowledged or resolved"))?;
+        let store = self.store.clone();
+        let id = req.id;
+        let alert = blocking(move || store.alert(id))
+            .await?
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("alert {id} not found")))?;
+        auth::authorize(
+            &who,
+            &Action::TransitionAlert {
+                team: alert.owner.clone(),
+            },
+        )
+        .map_err(|d| Status::permission_denied(d.to_string()))?;
+        let (store, now) = (self.store.clone(), self.clock.now());
+        let note = Some(req.note).filter(|n| !n.is_empty());
+        let updated = blocking(move || store.transition(id, to, &who.actor(), note, now))
+            .await?
+            .map_err(store_status)?;
+        Ok(Response::new(alert_to_proto(&updated)))
+    }
+
+    async fn timeline(
+        &self,
+        request: Request<pb::TimelineRequest>,
+    ) -> Result<Response<pb::TimelineResponse>, Status> {
+        self.authorized(&request, Action::ReadTimeline).await?;
+        let req = request.into_inner();
+        let to_time =
+            |n: u64| chrono::DateTime::from_timestamp_nanos(i64::try_from(n).unwrap_or(i64::MAX));
+        for k in &req.kinds {
+            if !crate::event::EventKind::NAMES.contains(&k.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "unknown kind {k:?}; expected one of {}",
+                    crate::event::EventKind::NAMES.join(", ")
+                )));
+            }
+        }
+        let after = match req.page_token.as_str() {
+            "" => None,
+            t => Some(
+                t.parse::<Cursor>()
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            ),
+        };
+        let query = TimelineQuery {
+            host_id: req.host.clone(),
+            from: to_time(req.from_ns),
+            to: if req.to_ns == 0 {
+                to_time(u64::MAX >> 1)
+            } else {
+                to_time(req.to_ns)
+            },
+            pid: req.pid,
+            kinds: req.kinds,
+            after,
+            limit: if req.page_size == 0 {
+                500
+            } else {
+                req.page_size.min(10_000) as usize
+            },
+        };
+        let store = self.store.clone();
+        let host = req.host;
+        let page = blocking(move || {
+            if store.host(&host)?.is_none() {
+                return Err(StoreError::NotFound(format!(
+                    "host {host:?} (no sensor with that id ever connected);"
+                )));
+            }
+            store.timeline(&query)
+        })
+        .await?
+        .map_err(store_status)?;
+        Ok(Response::new(pb::TimelineResponse {
+            entries: page
+                .entries
+                .iter()
+                .map(|e| pb::TimelineEntry {
+                    time_ns: e.time.timestamp_nanos_opt().unwrap_or_default().max(0) as u64,
+                    kind: e.kind.clone(),
+                    pid: e.pid,
+                    summary: e.summary.clone(),
+                    json: serde_json::to_string(e).unwrap_or_default(),
+                })
+                .collect(),
+            next_page_token: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        self.authorized(&request, Action::CreateToken).await?;
+        let req = request.into_inner();
+        let role = Role::parse(&req.role).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "unknown role {:?}; expected one of {}",
+                req.role,
+                Role::ALL
+                    .iter()
+                    .map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+        let team = Some(req.team).filter(|t| !t.is_empty());
+        match (role, &team) {
+            (Role::Owner, None) => {
+                return Err(Status::invalid_argument("an owner token needs --team"));
+            }
+            (Role::Owner, Some(t)) if !self.registry.snapshot().teams.contains_key(t) => {
+                return Err(Status::failed_precondition(format!(
+                    "team {t:?} is not declared"
+                )));
+            }
+            (Role::Owner, Some(_)) => {}
+            (_, Some(_)) => {
+                return Err(Status::invalid_argument(
+                    "only owner tokens belong to a team",
+                ));
+            }
+            (_, None) => {}
+        }
+        let name = if req.name.is_empty() {
+            format!("{role}-token")
+        } else {
+            req.name
+        };
+        let secret = auth::new_secret();
+        let record = TokenRecord {
+            id: 0,
+            name,
+            role,
+            team,
+            created: self.clock.now(),
+        };
+        let (store, hash) = (self.store.clone(), auth::hash_secret(&secret));
+        let id = blocking(move || store.put_token(&record, &hash))
+            .await?
+            .map_err(store_status)?;
+        Ok(Response::new(pb::CreateTokenResponse { token: secret, id }))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let who = self.caller(&request).await?;
+        Ok(Response::new(pb::WhoAmIResponse {
+            name: who.name,
+            role: who.role.to_string(),
+            team: who.team.unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,431 @@
+//! Ingest: decode → dedup → correlate → detect → store, then acknowledge. The transport (plain
+//! gRPC today, mTLS later) wraps [`Ingestor::ingest`]; nothing is acknowledged before it returns.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fs::{File, OpenOptions},
+    io::Write as _,
+    path::Path,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
+
+use chrono::{DateTime, Utc};
+use keywatch_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    alerts::{Alert, fold_batch},
+    clock::Clock,
+    convert::{self, ConvertError},
+    detect::{self, Context},
+    event::{Event, Host},
+    registry::RegistryHandle,
+    store::{Store, StoreError, WriteBatch, WriteOutcome},
+};
+
+/// Why a batch was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Invalid(#[from] ConvertError),
+    #[error("cannot store the batch")]
+    Store(#[from] StoreError),
+    #[error("the ingest worker stopped")]
+    Worker,
+}
+
+impl From<IngestError> for Status {
+    /// The one mapping from ingest failures to gRPC codes: a sensor retries `unavailable`, drops
+    /// `invalid_argument`.
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Invalid(e) => Status::invalid_argument(e.to_string()),
+            IngestError::Store(StoreError::Closed) | IngestError::Worker => {
+                Status::unavailable("collector shutting down")
+            }
+            IngestError::Store(e) => {
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), "storing a batch failed");
+                Status::unavailable("storage failed; retry")
+            }
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IngestReport {
+    /// Highest seq of the batch (everything up to it is stored), `None` for an empty batch.
+    pub up_to: Option<u64>,
+    /// Events skipped as already stored.
+    pub duplicates: usize,
+    pub outcome: WriteOutcome,
+}
+
+/// Appends every new alert to `alerts.jsonl`.
+pub struct AlertLog(Mutex<File>);
+
+impl AlertLog {
+    /// Opens (creating) the log for appending.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        Ok(Self(Mutex::new(
+            OpenOptions::new().create(true).append(true).open(path)?,
+        )))
+    }
+
+    fn append(&self, alerts: &[Alert]) {
+        let mut file = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for a in alerts {
+            let line = serde_json::to_string(a).unwrap_or_default();
+            if let Err(e) = writeln!(file, "{line}") {
+                tracing::warn!(error = %e, alert = a.id, "cannot append to alerts.jsonl");
+            }
+        }
+    }
+}
+
+/// The ingest pipeline shared by all sensor streams.
+pub struct Ingestor {
+    store: Arc<dyn Store>,
+    registry: Arc<RegistryHandle>,
+    clock: Arc<dyn Clock>,
+    activity: Mutex<HashMap<String, DateTime<Utc>>>,
+    host_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    alert_log: Option<AlertLog>,
+}
+
+impl Ingestor {
+    /// A pipeline over `store`; `alert_log` receives every new alert.
+    pub fn new(
+        store: Arc<dyn Store>,
+        registry: Arc<RegistryHandle>,
+        clock: Arc<dyn Clock>,
+        alert_log: Option<AlertLog>,
+    ) -> Result<Self, StoreError> {
+        let activity = store.activity()?;
+        Ok(Self {
+            store,
+            registry,
+            clock,
+            activity: Mutex::new(activity),
+            host_locks: Mutex::new(HashMap::new()),
+            alert_log,
+        })
+    }
+
+    /// Records a sensor's Hello and returns its host.
+    pub fn hello(&self, hello: &pb::Hello) -> Result<Host, IngestError> {
+        let host = convert::host_from_hello(hello)?;
+        self.store.upsert_host(&host, self.clock.now())?;
+        tracing::info!(host = %host.id, version = %hello.sensor_version, kernel = %hello.kernel, "sensor connected");
+        Ok(host)
+    }
+
+    /// Decodes, deduplicates, correlates, detects and stores one batch; returns once it is
+    /// committed. Batches of one host are processed one at a time. Blocking.
+    pub fn ingest(&self, host: &Host, batch: pb::EventBatch) -> Result<IngestReport, IngestError> {
+        let events = convert::events_from_batch(&host.id, batch)?;
+        let Some(last) = events.last().map(|e| e.seq) else {
+            return Ok(IngestReport::default());
+        };
+        let first = events[0].seq;
+        let lock = self
+            .host_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(host.id.clone())
+            .or_default()
+            .clone();
+        let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let known = self.store.known_seqs(&host.id, first..=last)?;
+        let total = events.len();
+        let fresh: Vec<Event> = events
+            .into_iter()
+            .filter(|e| !known.contains(&e.seq))
+            .collect();
+        let duplicates = total - fresh.len();
+        let batch = self.evaluate(host, fresh);
+        let activity = batch.activity.clone();
+        let outcome = self.store.write_batch(batch)?;
+        {
+            let mut map = self.activity.lock().unwrap_or_else(|e| e.into_inner());
+            for (w, t) in activity {
+                let slot = map.entry(w).or_insert(t);
+                *slot = (*slot).max(t);
+            }
+        }
+        if let Some(log) = &self.alert_log {
+            log.append(&outcome.new_alerts);
+        }
+        for a in &outcome.new_alerts {
+            tracing::warn!(alert = a.id, rule = %a.rule, severity = %a.severity, workload = %a.workload, host = %a.host.id, "{}", a.summary);
+        }
+        Ok(IngestReport {
+            up_to: Some(last),
+            duplicates,
+            outcome,
+        })
+    }
+
+    /// Correlates and detects: the write a batch of new events turns into. Pure apart from
+    /// reading the activity map.
+    pub fn evaluate(&self, host: &Host, events: Vec<Event>) -> WriteBatch {
+        let registry = self.registry.snapshot();
+        let known_activity = self
+            .activity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut activity: HashMap<String, DateTime<Utc>> = HashMap::new();
+        let mut alerts = Vec::new();
+        let mut stored = Vec::with_capacity(events.len());
+        let mut seen = HashSet::new();
+        for event in events {
+            if !seen.insert(event.seq) {
+                continue;
+            }
+            let workload = registry.correlate(host, &event.process);
+            let name = workload.map(|w| w.workload.name.clone());
+            let last_active = name.as_ref().and_then(|n| {
+                activity
+                    .get(n)
+                    .or_else(|| known_activity.get(n))
+                    .or_else(|| registry.declared_at.get(n))
+                    .copied()
+            });
+            let ctx = Context {
+                host,
+                workload,
+                last_active,
+            };
+            for finding in detect::detect(&registry, ctx, &event) {
+                alerts.push(Alert::build(&registry, host, &event, &finding));
+            }
+            if let Some(n) = &name
+                && detect::is_use(&event.kind)
+            {
+                let slot = activity.entry(n.clone()).or_insert(event.time);
+                *slot = (*slot).max(event.time);
+            }
+            stored.push((event, name));
+        }
+        WriteBatch {
+            events: stored,
+            activity: activity.into_iter().collect(),
+            alerts: fold_batch(alerts),
+            grouping_window: registry.settings.grouping_window(),
+        }
+    }
+}
+
+/// How the transport vouches for a sensor. Plaintext loopback trusts the Hello; the mTLS
+/// transport returns the host id bound to the client certificate, and a Hello claiming another
+/// id is refused.
+pub trait PeerIdentity: Send + Sync + 'static {
+    /// The host id the transport authenticated, or `None` when it authenticates nothing.
+    fn authenticated_host(&self, extensions: &tonic::Extensions) -> Result<Option<String>, Status>;
+}
+
+/// Trusts the host id in the Hello (plaintext on loopback).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TrustHello;
+
+impl PeerIdentity for TrustHello {
+    fn authenticated_host(&self, _: &tonic::Extensions) -> Result<Option<String>, Status> {
+        Ok(None)
+    }
+}
+
+/// Largest message a sensor may send.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The `SensorService` implementation over an [`Ingestor`].
+pub struct SensorIngest {
+    ingestor: Arc<Ingestor>,
+    peer: Arc<dyn PeerIdentity>,
+}
+
+impl SensorIngest {
+    /// The service; wrap it in [`pb::sensor_service_server::SensorServiceServer`] (see
+    /// [`sensor_server`]).
+    pub fn new(ingestor: Arc<Ingestor>, peer: Arc<dyn PeerIdentity>) -> Self {
+        Self { ingestor, peer }
+    }
+}
+
+/// The tonic server for sensors, with message size limits set.
+pub fn sensor_server(
+    ingestor: Arc<Ingestor>,
+    peer: Arc<dyn PeerIdentity>,
+) -> pb::sensor_service_server::SensorServiceServer<SensorIngest> {
+    pb::sensor_service_server::SensorServiceServer::new(SensorIngest::new(ingestor, peer))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+type CollectorStream = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
+
+fn policy(ingestor: &Ingestor) -> pb::CollectorMessage {
+    let reg = ingestor.registry.snapshot();
+    let mut watches: Vec<pb::WatchSpec> = reg
+        .watches
+        .values()
+        .map(|w| pb::WatchSpec {
+            name: w.watch.name.clone(),
+            category: match w.watch.category {
+                crate::declarations::model::WatchCategory::Credential => {
+                    pb::WatchCategory::Credential
+                }
+                crate::declarations::model::WatchCategory::Secret => pb::WatchCategory::Secret,
+                crate::declarations::model::WatchCategory::AuthEndpoint => {
+                    pb::WatchCategory::AuthEndpoint
+                }
+            } as i32,
+            paths: w.watch.paths.clone(),
+            endpoints: w.watch.endpoints.clone(),
+        })
+        .collect();
+    watches.sort_by(|a, b| a.name.cmp(&b.name));
+    let version = reg.objects.len() as u64;
+    pb::CollectorMessage {
+        msg: Some(pb::collector_message::Msg::Policy(pb::Policy {
+            version,
+            watches,
+        })),
+    }
+}
+
+async fn run_stream(
+    ingestor: Arc<Ingestor>,
+    authenticated: Option<String>,
+    mut inbound: Streaming<pb::SensorMessage>,
+    tx: mpsc::Sender<Result<pb::CollectorMessage, Status>>,
+) {
+    use pb::sensor_message::Msg;
+    let host = match inbound.message().await {
+        Ok(Some(pb::SensorMessage {
+            msg: Some(Msg::Hello(hello)),
+        })) => {
+            if let Some(id) = &authenticated
+                && *id != hello.host_id
+            {
+                let _ = tx
+                    .send(Err(Status::permission_denied(
+                        "the Hello names another host than the certificate",
+                    )))
+                    .await;
+                return;
+            }
+            let ing = ingestor.clone();
+            match tokio::task::spawn_blocking(move || ing.hello(&hello)).await {
+                Ok(Ok(host)) => host,
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = tx.send(Err(Status::internal("internal error"))).await;
+                    return;
+                }
+            }
+        }
+        Ok(Some(_)) => {
+            let _ = tx
+                .send(Err(Status::failed_precondition(
+                    "the first message must be Hello",
+                )))
+                .await;
+            return;
+        }
+        Ok(None) => return,
+        Err(status) => {
+            tracing::debug!(%status, "sensor stream ended before Hello");
+            return;
+        }
+    };
+    if tx.send(Ok(policy(&ingestor))).await.is_err() {
+        return;
+    }
+    let host = Arc::new(host);
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(host = %host.id, %status, "sensor stream broke");
+                break;
+            }
+        };
+        match msg.msg {
+            Some(Msg::Batch(batch)) => {
+                let (ing, h) = (ingestor.clone(), host.clone());
+                let result = tokio::task::spawn_blocking(move || ing.ingest(&h, batch))
+                    .await
+                    .unwrap_or(Err(IngestError::Worker));
+                match result {
+                    Ok(report) => {
+                        if let Some(up_to) = report.up_to {
+                            let ack = pb::CollectorMessage {
+                                msg: Some(pb::collector_message::Msg::Ack(pb::Ack { up_to })),
+                            };
+                            if tx.send(Ok(ack)).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(host = %host.id, error = %e, "batch refused");
+                        let _ = tx.send(Err(e.into())).await;
+                        break;
+                    }
+                }
+            }
+            Some(Msg::Heartbeat(hb)) => {
+                let lost: u64 = hb.kernel_lost.iter().map(|l| l.lost).sum();
+                if lost > 0 || hb.spool_evicted > 0 {
+                    tracing::warn!(host = %host.id, kernel_lost = lost, spool_evicted = hb.spool_evicted, "sensor reports lost events");
+                }
+            }
+            Some(Msg::Hello(_)) => {
+                let _ = tx
+                    .send(Err(Status::failed_precondition(
+                        "Hello may only be sent once per stream",
+                    )))
+                    .await;
+                break;
+            }
+            None => {}
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::sensor_service_server::SensorService for SensorIngest {
+    async fn enroll(
+        &self,
+        _: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        Err(Status::unimplemented(
+            "enrollment is not available in this collector yet",
+        ))
+    }
+
+    type StreamStream = CollectorStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<pb::SensorMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let authenticated = self.peer.authenticated_host(request.extensions())?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(run_stream(
+            self.ingestor.clone(),
+            authenticated,
+            inbound,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

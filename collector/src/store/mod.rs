@@ -1,0 +1,151 @@
+//! Storage behind one trait, so a PostgreSQL back-end can follow without touching detection,
+//! ingest or API code. The embedded default is [`sqlite::SqliteStore`].
+//!
+//! Methods are blocking; async callers use `tokio::task::spawn_blocking`. A method that returns
+//! `Ok` has committed: ingest acknowledges a batch only after [`Store::write_batch`] returns.
+
+pub mod sqlite;
+
+use std::{collections::HashMap, collections::HashSet, ops::RangeInclusive};
+
+use chrono::{DateTime, Utc};
+
+use crate::{
+    alerts::{Alert, AlertStatus},
+    auth::TokenRecord,
+    correlate::RevisionRef,
+    declarations::{Declaration, Kind},
+    event::{Event, Host},
+    timeline::{TimelinePage, TimelineQuery},
+};
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot encode or decode a stored record")]
+    Codec(#[from] serde_json::Error),
+    #[error("the database schema is version {found}; this keywatch knows up to {known}")]
+    TooNew { found: i64, known: i64 },
+    #[error("the store's writer has stopped")]
+    Closed,
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("cannot create the data directory")]
+    Io(#[from] std::io::Error),
+}
+
+/// A declaration in force and its current revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDeclaration {
+    pub declaration: Declaration,
+    pub revision: i64,
+}
+
+/// One change to commit; `new: None` deletes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeclarationChange {
+    pub kind: Kind,
+    pub name: String,
+    pub new: Option<Declaration>,
+    pub diff: String,
+}
+
+/// One ingest batch to commit in one transaction.
+#[derive(Debug, Clone, Default)]
+pub struct WriteBatch {
+    /// New events (duplicates by `(host_id, seq)` are ignored by the store).
+    pub events: Vec<(Event, Option<String>)>,
+    /// Latest activity per workload.
+    pub activity: Vec<(String, DateTime<Utc>)>,
+    /// New alerts, already folded within the batch; each folds into a stored alert with the same
+    /// group key that is not resolved and was last seen within `grouping_window` of it.
+    pub alerts: Vec<Alert>,
+    pub grouping_window: chrono::Duration,
+}
+
+/// What a batch did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WriteOutcome {
+    pub events_stored: usize,
+    /// Alerts created by this batch, with their ids.
+    pub new_alerts: Vec<Alert>,
+    /// Ids of stored alerts that repeats folded into.
+    pub folded_into: Vec<i64>,
+}
+
+/// Which alerts to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertFilter {
+    pub status: Option<AlertStatus>,
+    pub owner: Option<String>,
+    pub rule: Option<String>,
+    pub host: Option<String>,
+    pub workload: Option<String>,
+    /// At most this many, newest first (0: 1000).
+    pub limit: usize,
+}
+
+/// The storage interface.
+pub trait Store: Send + Sync + 'static {
+    /// Declarations in force.
+    fn declarations(&self) -> Result<Vec<StoredDeclaration>, StoreError>;
+    /// Commits all changes, each as a new revision by `author`, in one transaction.
+    fn commit_declarations(
+        &self,
+        changes: Vec<DeclarationChange>,
+        author: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<RevisionRef>, StoreError>;
+    /// Revisions of one declaration, newest first.
+    fn history(&self, kind: Kind, name: &str, limit: usize)
+    -> Result<Vec<RevisionRef>, StoreError>;
+    /// The latest `per_workload` revisions of every workload, newest first.
+    fn workload_revisions(
+        &self,
+        per_workload: usize,
+    ) -> Result<HashMap<String, Vec<RevisionRef>>, StoreError>;
+
+    /// Records a host's Hello.
+    fn upsert_host(&self, host: &Host, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// A host by id.
+    fn host(&self, id: &str) -> Result<Option<Host>, StoreError>;
+    /// Which of `seqs` are already stored for `host_id`.
+    fn known_seqs(
+        &self,
+        host_id: &str,
+        seqs: RangeInclusive<u64>,
+    ) -> Result<HashSet<u64>, StoreError>;
+    /// Commits events, activity and alerts together.
+    fn write_batch(&self, batch: WriteBatch) -> Result<WriteOutcome, StoreError>;
+    /// Last activity of every workload.
+    fn activity(&self) -> Result<HashMap<String, DateTime<Utc>>, StoreError>;
+
+    /// Alerts, newest first.
+    fn alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError>;
+    /// One alert with its transitions.
+    fn alert(&self, id: i64) -> Result<Option<Alert>, StoreError>;
+    /// Moves an alert along its lifecycle, recording who and why.
+    fn transition(
+        &self,
+        id: i64,
+        to: AlertStatus,
+        actor: &str,
+        note: Option<String>,
+        at: DateTime<Utc>,
+    ) -> Result<Alert, StoreError>;
+
+    /// One page of a host's timeline.
+    fn timeline(&self, query: &TimelineQuery) -> Result<TimelinePage, StoreError>;
+
+    /// Stores a token by the hash of its secret; returns its id.
+    fn put_token(&self, record: &TokenRecord, hash: &str) -> Result<i64, StoreError>;
+    /// The token whose secret hashes to `hash`.
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// Deletes events before `before` (retention); returns how many.
+    fn prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+}

@@ -1,0 +1,749 @@
+//! The embedded store: SQLite in WAL mode, versioned migrations, one writer thread that groups
+//! whatever writes are waiting into a single transaction, and a small pool of read connections.
+
+use std::{
+    collections::{HashMap, HashSet},
+    ops::RangeInclusive,
+    path::{Path, PathBuf},
+    sync::{Mutex, mpsc},
+    thread,
+};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension as _, params};
+
+use super::{
+    AlertFilter, DeclarationChange, Store, StoreError, StoredDeclaration, WriteBatch, WriteOutcome,
+};
+use crate::{
+    alerts::{Alert, AlertStatus, Transition},
+    auth::{Role, TokenRecord},
+    correlate::RevisionRef,
+    declarations::Kind,
+    event::{Event, Host},
+    timeline::{Cursor, TimelineEntry, TimelinePage, TimelineQuery},
+};
+
+/// Schema migrations; `PRAGMA user_version` holds how many are applied. Append only.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "
+    CREATE TABLE declarations (
+        kind TEXT NOT NULL, name TEXT NOT NULL, revision INTEGER NOT NULL, spec TEXT NOT NULL,
+        PRIMARY KEY (kind, name));
+    CREATE TABLE revisions (
+        id INTEGER PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, action TEXT NOT NULL,
+        author TEXT NOT NULL, time_ns INTEGER NOT NULL, spec TEXT, diff TEXT NOT NULL);
+    CREATE INDEX revisions_by_object ON revisions (kind, name, id);
+    CREATE TABLE hosts (
+        id TEXT PRIMARY KEY, labels TEXT NOT NULL, sensor_version TEXT NOT NULL, kernel TEXT NOT NULL,
+        first_seen_ns INTEGER NOT NULL, last_seen_ns INTEGER NOT NULL);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY, host_id TEXT NOT NULL, seq INTEGER NOT NULL, time_ns INTEGER NOT NULL,
+        pid INTEGER NOT NULL, kind TEXT NOT NULL, workload TEXT, body TEXT NOT NULL,
+        UNIQUE (host_id, seq));
+    CREATE INDEX events_by_host_time ON events (host_id, time_ns, id);
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY, group_key TEXT NOT NULL, rule TEXT NOT NULL, severity TEXT NOT NULL,
+        status TEXT NOT NULL, workload TEXT NOT NULL, owner TEXT NOT NULL, host_id TEXT NOT NULL,
+        pid INTEGER NOT NULL, first_seen_ns INTEGER NOT NULL, last_seen_ns INTEGER NOT NULL,
+        count INTEGER NOT NULL, body TEXT NOT NULL);
+    CREATE INDEX alerts_by_group ON alerts (group_key, last_seen_ns);
+    CREATE INDEX alerts_by_host_time ON alerts (host_id, first_seen_ns, id);
+    CREATE TABLE alert_transitions (
+        id INTEGER PRIMARY KEY, alert_id INTEGER NOT NULL REFERENCES alerts (id), time_ns INTEGER NOT NULL,
+        actor TEXT NOT NULL, from_status TEXT NOT NULL, to_status TEXT NOT NULL, note TEXT);
+    CREATE INDEX transitions_by_alert ON alert_transitions (alert_id, id);
+    CREATE TABLE activity (workload TEXT PRIMARY KEY, last_seen_ns INTEGER NOT NULL);
+    CREATE TABLE tokens (
+        id INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL, role TEXT NOT NULL,
+        team TEXT, created_ns INTEGER NOT NULL, revoked_ns INTEGER);
+    ",
+];
+
+/// Writes waiting longer than this many jobs per transaction start a new one.
+const MAX_JOBS_PER_TRANSACTION: usize = 64;
+
+type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> Finish + Send>;
+
+/// SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    path: PathBuf,
+    jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+    readers: Mutex<Vec<Connection>>,
+}
+
+fn ns(t: DateTime<Utc>) -> i64 {
+    t.timestamp_nanos_opt().unwrap_or(i64::MAX)
+}
+
+fn from_ns(n: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_nanos(n)
+}
+
+fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+/// Brings the schema up to date, one transaction per migration.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "applied schema migration");
+    }
+    Ok(())
+}
+
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_JOBS_PER_TRANSACTION {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let begin = conn.execute_batch("BEGIN IMMEDIATE");
+        let finishes: Vec<Finish> = batch.into_iter().map(|job| job(&conn)).collect();
+        let result = begin
+            .and_then(|()| conn.execute_batch("COMMIT"))
+            .map_err(|e| e.to_string());
+        if result.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for finish in finishes {
+            finish(result.clone());
+        }
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating when needed) `DIR/keywatch.db` and migrates it.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("keywatch.db");
+        let mut conn = open_connection(&path)?;
+        migrate(&mut conn)?;
+        let (tx, rx) = mpsc::sync_channel::<Job>(1_024);
+        let writer = thread::Builder::new()
+            .name("keywatch-store-writer".into())
+            .spawn(move || writer_loop(conn, rx))?;
+        Ok(Self {
+            path,
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Runs `f` on the writer inside the next transaction; returns once that transaction has
+    /// committed (or failed).
+    fn write<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let (done_tx, done_rx) = mpsc::sync_channel::<Result<R, StoreError>>(1);
+        let job: Job = Box::new(move |conn: &Connection| {
+            let result = match conn.execute_batch("SAVEPOINT job") {
+                Err(e) => Err(StoreError::from(e)),
+                Ok(()) => match f(conn) {
+                    Ok(v) => conn
+                        .execute_batch("RELEASE job")
+                        .map(|()| v)
+                        .map_err(StoreError::from),
+                    Err(e) => {
+                        let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                        Err(e)
+                    }
+                },
+            };
+            Box::new(move |commit: Result<(), String>| {
+                let outcome = match (result, commit) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Err(e)) => Err(StoreError::Conflict(format!("commit failed: {e}"))),
+                };
+                let _ = done_tx.send(outcome);
+            })
+        });
+        let sender = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        sender.send(job).map_err(|_| StoreError::Closed)?;
+        done_rx.recv().map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a pooled read connection.
+    fn read<R>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let pooled = self.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => open_connection(&self.path)?,
+        };
+        let result = f(&conn);
+        let mut pool = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        result
+    }
+
+    /// Stops the writer after the queued writes; later writes fail with [`StoreError::Closed`].
+    pub fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(handle) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn revision_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RevisionRef> {
+    Ok(RevisionRef {
+        revision: r.get(0)?,
+        author: r.get(1)?,
+        time: from_ns(r.get(2)?),
+        action: r.get(3)?,
+        diff: r.get(4)?,
+    })
+}
+
+fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64, i64, i64, i64)> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+const ALERT_COLUMNS: &str = "body, status, first_seen_ns, last_seen_ns, count, id";
+
+fn decode_alert(
+    conn: &Connection,
+    row: (String, String, i64, i64, i64, i64),
+    with_transitions: bool,
+) -> Result<Alert, StoreError> {
+    let (body, status, first, last, count, id) = row;
+    let mut alert: Alert = serde_json::from_str(&body)?;
+    alert.id = id;
+    alert.status = AlertStatus::parse(&status).unwrap_or(AlertStatus::Open);
+    alert.first_seen = from_ns(first);
+    alert.last_seen = from_ns(last);
+    alert.count = count as u64;
+    if with_transitions {
+        let mut stmt = conn.prepare_cached(
+            "SELECT time_ns, actor, from_status, to_status, note FROM alert_transitions WHERE alert_id = ?1 ORDER BY id",
+        )?;
+        alert.transitions = stmt
+            .query_map([id], |r| {
+                Ok(Transition {
+                    time: from_ns(r.get(0)?),
+                    actor: r.get(1)?,
+                    from: AlertStatus::parse(&r.get::<_, String>(2)?).unwrap_or(AlertStatus::Open),
+                    to: AlertStatus::parse(&r.get::<_, String>(3)?).unwrap_or(AlertStatus::Open),
+                    note: r.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(alert)
+}
+
+fn get_alert(conn: &Connection, id: i64) -> Result<Option<Alert>, StoreError> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"),
+            [id],
+            alert_row,
+        )
+        .optional()?;
+    row.map(|row| decode_alert(conn, row, true)).transpose()
+}
+
+impl Store for SqliteStore {
+    fn declarations(&self) -> Result<Vec<StoredDeclaration>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT spec, revision FROM declarations ORDER BY kind, name")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (spec, revision) = row?;
+                out.push(StoredDeclaration {
+                    declaration: serde_json::from_str(&spec)?,
+                    revision,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    fn commit_declarations(
+        &self,
+        changes: Vec<DeclarationChange>,
+        author: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Vec<RevisionRef>, StoreError> {
+        let author = author.to_owned();
+        self.write(move |conn| {
+            let mut out = Vec::new();
+            for c in changes {
+                let spec = c.new.as_ref().map(serde_json::to_string).transpose()?;
+                let action = match (&c.new, conn.query_row(
+                    "SELECT 1 FROM declarations WHERE kind = ?1 AND name = ?2",
+                    params![c.kind.as_str(), c.name],
+                    |_| Ok(()),
+                ).optional()?) {
+                    (None, None) => return Err(StoreError::NotFound(format!("{} {}", c.kind, c.name))),
+                    (None, Some(())) => "delete",
+                    (Some(_), None) => "create",
+                    (Some(_), Some(())) => "update",
+                };
+                conn.execute(
+                    "INSERT INTO revisions (kind, name, action, author, time_ns, spec, diff) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![c.kind.as_str(), c.name, action, author, ns(at), spec, c.diff],
+                )?;
+                let revision = conn.last_insert_rowid();
+                match spec {
+                    Some(spec) => conn.execute(
+                        "INSERT INTO declarations (kind, name, revision, spec) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (kind, name) DO UPDATE SET revision = excluded.revision, spec = excluded.spec",
+                        params![c.kind.as_str(), c.name, revision, spec],
+                    )?,
+                    None => conn.execute(
+                        "DELETE FROM declarations WHERE kind = ?1 AND name = ?2",
+                        params![c.kind.as_str(), c.name],
+                    )?,
+                };
+                out.push(RevisionRef { revision, author: author.clone(), time: at, action: action.into(), diff: c.diff });
+            }
+            Ok(out)
+        })
+    }
+
+    fn history(
+        &self,
+        kind: Kind,
+        name: &str,
+        limit: usize,
+    ) -> Result<Vec<RevisionRef>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, author, time_ns, action, diff FROM revisions WHERE kind = ?1 AND name = ?2 ORDER BY id DESC LIMIT ?3",
+            )?;
+            Ok(stmt.query_map(params![kind.as_str(), name, limit as i64], revision_row)?.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn workload_revisions(
+        &self,
+        per_workload: usize,
+    ) -> Result<HashMap<String, Vec<RevisionRef>>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, author, time_ns, action, diff, name FROM revisions WHERE kind = 'Workload' ORDER BY name, id DESC",
+            )?;
+            let mut out: HashMap<String, Vec<RevisionRef>> = HashMap::new();
+            let mut first: HashMap<String, RevisionRef> = HashMap::new();
+            let rows = stmt.query_map([], |r| Ok((revision_row(r)?, r.get::<_, String>(5)?)))?;
+            for row in rows {
+                let (rev, name) = row?;
+                let list = out.entry(name.clone()).or_default();
+                if list.len() < per_workload {
+                    list.push(rev);
+                } else {
+                    // Keep the oldest too: the registry takes it as the declaration time.
+                    first.insert(name, rev);
+                }
+            }
+            for (name, rev) in first {
+                if let Some(list) = out.get_mut(&name) {
+                    list.push(rev);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn upsert_host(&self, host: &Host, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let host = host.clone();
+        let labels = serde_json::to_string(&host.labels)?;
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO hosts (id, labels, sensor_version, kernel, first_seen_ns, last_seen_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT (id) DO UPDATE SET labels = excluded.labels, sensor_version = excluded.sensor_version,
+                   kernel = excluded.kernel, last_seen_ns = excluded.last_seen_ns",
+                params![host.id, labels, host.sensor_version, host.kernel, ns(at)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn host(&self, id: &str) -> Result<Option<Host>, StoreError> {
+        self.read(|conn| {
+            let row = conn
+                .query_row(
+                    "SELECT labels, sensor_version, kernel FROM hosts WHERE id = ?1",
+                    [id],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            row.map(|(labels, sensor_version, kernel)| {
+                Ok(Host {
+                    id: id.to_owned(),
+                    labels: serde_json::from_str(&labels)?,
+                    sensor_version,
+                    kernel,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn known_seqs(
+        &self,
+        host_id: &str,
+        seqs: RangeInclusive<u64>,
+    ) -> Result<HashSet<u64>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq FROM events WHERE host_id = ?1 AND seq BETWEEN ?2 AND ?3",
+            )?;
+            let rows = stmt.query_map(
+                params![host_id, *seqs.start() as i64, *seqs.end() as i64],
+                |r| r.get::<_, i64>(0),
+            )?;
+            Ok(rows
+                .map(|r| r.map(|s| s as u64))
+                .collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn write_batch(&self, batch: WriteBatch) -> Result<WriteOutcome, StoreError> {
+        // Encode outside the writer so the single writer only does database work.
+        let events: Vec<(Event, Option<String>, String)> = batch
+            .events
+            .into_iter()
+            .map(|(e, w)| serde_json::to_string(&e).map(|body| (e, w, body)))
+            .collect::<Result<_, _>>()?;
+        let alerts: Vec<(Alert, String)> = batch
+            .alerts
+            .into_iter()
+            .map(|a| serde_json::to_string(&a).map(|b| (a, b)))
+            .collect::<Result<_, _>>()?;
+        let window = ns(DateTime::UNIX_EPOCH + batch.grouping_window);
+        let activity = batch.activity;
+        self.write(move |conn| {
+            let mut outcome = WriteOutcome::default();
+            {
+                let mut insert = conn.prepare_cached(
+                    "INSERT OR IGNORE INTO events (host_id, seq, time_ns, pid, kind, workload, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                for (e, workload, body) in &events {
+                    outcome.events_stored += insert.execute(params![
+                        e.host_id,
+                        e.seq as i64,
+                        ns(e.time),
+                        e.process.pid,
+                        e.kind.name(),
+                        workload,
+                        body
+                    ])?;
+                }
+            }
+            {
+                let mut upsert = conn.prepare_cached(
+                    "INSERT INTO activity (workload, last_seen_ns) VALUES (?1, ?2)
+                     ON CONFLICT (workload) DO UPDATE SET last_seen_ns = max(last_seen_ns, excluded.last_seen_ns)",
+                )?;
+                for (workload, at) in &activity {
+                    upsert.execute(params![workload, ns(*at)])?;
+                }
+            }
+            let mut find = conn.prepare_cached(
+                "SELECT id FROM alerts WHERE group_key = ?1 AND status != 'resolved' AND last_seen_ns >= ?2
+                 ORDER BY last_seen_ns DESC LIMIT 1",
+            )?;
+            let mut fold = conn.prepare_cached(
+                "UPDATE alerts SET count = count + ?2, first_seen_ns = min(first_seen_ns, ?3), last_seen_ns = max(last_seen_ns, ?4)
+                 WHERE id = ?1",
+            )?;
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO alerts (group_key, rule, severity, status, workload, owner, host_id, pid, first_seen_ns, last_seen_ns, count, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?;
+            for (mut alert, body) in alerts {
+                let key = alert.group_key();
+                let existing: Option<i64> =
+                    find.query_row(params![key, ns(alert.first_seen).saturating_sub(window)], |r| r.get(0)).optional()?;
+                match existing {
+                    Some(id) => {
+                        fold.execute(params![id, alert.count as i64, ns(alert.first_seen), ns(alert.last_seen)])?;
+                        outcome.folded_into.push(id);
+                    }
+                    None => {
+                        insert.execute(params![
+                            key,
+                            alert.rule.as_str(),
+                            alert.severity.as_str(),
+                            alert.status.as_str(),
+                            alert.workload,
+                            alert.owner,
+                            alert.host.id,
+                            alert.process.pid,
+                            ns(alert.first_seen),
+                            ns(alert.last_seen),
+                            alert.count as i64,
+                            body
+                        ])?;
+                        alert.id = conn.last_insert_rowid();
+                        outcome.new_alerts.push(alert);
+                    }
+                }
+            }
+            Ok(outcome)
+        })
+    }
+
+    fn activity(&self) -> Result<HashMap<String, DateTime<Utc>>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("SELECT workload, last_seen_ns FROM activity")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, from_ns(r.get(1)?))))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn alerts(&self, filter: &AlertFilter) -> Result<Vec<Alert>, StoreError> {
+        self.read(|conn| {
+            let mut sql = format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE 1 = 1");
+            let mut args: Vec<String> = Vec::new();
+            for (column, value) in [
+                ("status", filter.status.map(|s| s.as_str().to_owned())),
+                ("owner", filter.owner.clone()),
+                ("rule", filter.rule.clone()),
+                ("host_id", filter.host.clone()),
+                ("workload", filter.workload.clone()),
+            ] {
+                if let Some(v) = value {
+                    args.push(v);
+                    sql.push_str(&format!(" AND {column} = ?{}", args.len()));
+                }
+            }
+            let limit = if filter.limit == 0 {
+                1_000
+            } else {
+                filter.limit
+            };
+            sql.push_str(&format!(
+                " ORDER BY last_seen_ns DESC, id DESC LIMIT {limit}"
+            ));
+            let mut stmt = conn.prepare(&sql)?;
+            let rows: Vec<_> = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), alert_row)?
+                .collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|row| decode_alert(conn, row, false))
+                .collect()
+        })
+    }
+
+    fn alert(&self, id: i64) -> Result<Option<Alert>, StoreError> {
+        self.read(|conn| get_alert(conn, id))
+    }
+
+    fn transition(
+        &self,
+        id: i64,
+        to: AlertStatus,
+        actor: &str,
+        note: Option<String>,
+        at: DateTime<Utc>,
+    ) -> Result<Alert, StoreError> {
+        let actor = actor.to_owned();
+        self.write(move |conn| {
+            let status: Option<String> =
+                conn.query_row("SELECT status FROM alerts WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+            let from = status
+                .as_deref()
+                .and_then(AlertStatus::parse)
+                .ok_or_else(|| StoreError::NotFound(format!("alert {id}")))?;
+            if !from.can_become(to) {
+                return Err(StoreError::Conflict(format!("alert {id} is {from}; it cannot become {to}")));
+            }
+            conn.execute("UPDATE alerts SET status = ?2 WHERE id = ?1", params![id, to.as_str()])?;
+            conn.execute(
+                "INSERT INTO alert_transitions (alert_id, time_ns, actor, from_status, to_status, note) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![id, ns(at), actor, from.as_str(), to.as_str(), note],
+            )?;
+            get_alert(conn, id)?.ok_or_else(|| StoreError::NotFound(format!("alert {id}")))
+        })
+    }
+
+    fn timeline(&self, q: &TimelineQuery) -> Result<TimelinePage, StoreError> {
+        self.read(|conn| {
+            let want = |k: &str| q.kinds.is_empty() || q.kinds.iter().any(|x| x == k);
+            let event_kinds: Vec<&String> = q.kinds.iter().filter(|k| k.as_str() != "alert").collect();
+            let include_events = q.kinds.is_empty() || !event_kinds.is_empty();
+            let after = q.after.unwrap_or(Cursor { time_ns: i64::MIN, source: 0, id: i64::MIN });
+            let limit = q.limit.clamp(1, 10_000);
+            let pid_clause = if q.pid.is_some() { " AND pid = ?7" } else { "" };
+            let kind_clause = if event_kinds.is_empty() {
+                String::new()
+            } else {
+                let quoted: Vec<String> = event_kinds.iter().map(|k| format!("'{}'", k.replace('\'', ""))).collect();
+                format!(" AND kind IN ({})", quoted.join(","))
+            };
+            let mut parts = Vec::new();
+            if include_events {
+                parts.push(format!(
+                    "SELECT time_ns, 0 AS src, id, kind, workload, body FROM events
+                     WHERE host_id = ?1 AND time_ns >= ?2 AND time_ns < ?3{pid_clause}{kind_clause}
+                       AND (time_ns, 0, id) > (?4, ?5, ?6)"
+                ));
+            }
+            if want("alert") {
+                parts.push(format!(
+                    "SELECT first_seen_ns AS time_ns, 1 AS src, id, 'alert' AS kind, workload, body FROM alerts
+                     WHERE host_id = ?1 AND first_seen_ns >= ?2 AND first_seen_ns < ?3{pid_clause}
+                       AND (first_seen_ns, 1, id) > (?4, ?5, ?6)"
+                ));
+            }
+            if parts.is_empty() {
+                return Ok(TimelinePage::default());
+            }
+            let sql = format!("{} ORDER BY time_ns, src, id LIMIT {}", parts.join(" UNION ALL "), limit + 1);
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let mut args: Vec<rusqlite::types::Value> = vec![
+                q.host_id.clone().into(),
+                ns(q.from).into(),
+                ns(q.to).into(),
+                after.time_ns.into(),
+                i64::from(after.source).into(),
+                after.id.into(),
+            ];
+            if let Some(pid) = q.pid {
+                args.push(i64::from(pid).into());
+            }
+            let rows: Vec<(i64, i64, i64, String, Option<String>, String)> = stmt
+                .query_map(rusqlite::params_from_iter(args), |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            let more = rows.len() > limit;
+            let mut entries = Vec::with_capacity(rows.len().min(limit));
+            for (time_ns, src, id, kind, workload, body) in rows.into_iter().take(limit) {
+                entries.push(if src == 0 {
+                    let e: Event = serde_json::from_str(&body)?;
+                    TimelineEntry {
+                        time: from_ns(time_ns),
+                        source: "event".into(),
+                        id,
+                        kind,
+                        pid: e.process.pid,
+                        seq: Some(e.seq),
+                        workload,
+                        summary: e.kind.summary(),
+                        process: e.process,
+                    }
+                } else {
+                    let a: Alert = serde_json::from_str(&body)?;
+                    TimelineEntry {
+                        time: from_ns(time_ns),
+                        source: "alert".into(),
+                        id,
+                        kind,
+                        pid: a.process.pid,
+                        seq: Some(a.first_event_seq),
+                        workload,
+                        summary: format!("#{id} {} [{}] {}", a.rule, a.severity, a.summary),
+                        process: a.process,
+                    }
+                });
+            }
+            let next = if more {
+                entries.last().map(|e| {
+                    Cursor { time_ns: ns(e.time), source: u8::from(e.source == "alert"), id: e.id }.to_string()
+                })
+            } else {
+                None
+            };
+            Ok(TimelinePage { entries, next })
+        })
+    }
+
+    fn put_token(&self, record: &TokenRecord, hash: &str) -> Result<i64, StoreError> {
+        let (record, hash) = (record.clone(), hash.to_owned());
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO tokens (hash, name, role, team, created_ns) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![hash, record.name, record.role.as_str(), record.team, ns(record.created)],
+            )?;
+            Ok(conn.last_insert_rowid())
+        })
+    }
+
+    fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.read(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT id, name, role, team, created_ns FROM tokens WHERE hash = ?1 AND revoked_ns IS NULL",
+                    [hash],
+                    |r| {
+                        let role: String = r.get(2)?;
+                        Ok(TokenRecord {
+                            id: r.get(0)?,
+                            name: r.get(1)?,
+                            role: Role::parse(&role).unwrap_or(Role::Sensor),
+                            team: r.get(3)?,
+                            created: from_ns(r.get(4)?),
+                        })
+                    },
+                )
+                .optional()?)
+        })
+    }
+
+    fn prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.write(move |conn| {
+            Ok(conn.execute("DELETE FROM events WHERE time_ns < ?1", [ns(before)])? as u64)
+        })
+    }
+}
