@@ -883,8 +883,12 @@ impl Spool {
                 events: live,
                 cause: GapCause::Evicted,
             };
-            let merge = self.in_flight.last() != state.gaps.last();
-            state.push_gap(gap, merge || self.in_flight.is_empty());
+            // A gap already handed out is not widened: the transport would never see the rest.
+            let merge = !state
+                .gaps
+                .last()
+                .is_some_and(|g| self.in_flight.contains(g));
+            state.push_gap(gap, merge);
             state.evicted_total += live;
             tracing::warn!(
                 first_seq = gap.first_seq,
