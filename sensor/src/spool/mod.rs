@@ -111,6 +111,8 @@ const READ_CHUNK: usize = 256 * 1024;
 const STATE_FILE: &str = "state";
 const STATE_TMP: &str = "state.tmp";
 const LOCK_FILE: &str = "LOCK";
+/// How long [`Spool::open`] waits for the directory lock before reporting it in use.
+const LOCK_WAIT: Duration = Duration::from_millis(500);
 const SEGMENT_SUFFIX: &str = ".seg";
 
 /// When appended records reach the disk.
@@ -598,10 +600,20 @@ impl Spool {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| io_err("open", &lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(SpoolError::Locked { path: dir }),
-            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path, e)),
+        // A lock still held for a moment is retried: a child forked by this process keeps the
+        // previous owner's descriptor (and its lock) until it execs.
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(SpoolError::Locked { path: dir });
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &lock_path, e)),
+            }
         }
 
         let tmp = dir.join(STATE_TMP);
@@ -650,6 +662,11 @@ impl Spool {
                 .map_or(0, |s| s.first_seq - 1);
         }
 
+        // `ack` deletes segments before it writes the state file, so a crash in between leaves
+        // the watermark behind the oldest segment: only acked events were before it.
+        if let Some(oldest) = segments.front() {
+            state.acked = state.acked.max(oldest.base_seq.saturating_sub(1));
+        }
         let mut next_seq = state.next_seq.max(state.floor() + 1).max(1);
         for seg in &segments {
             next_seq = next_seq.max(seg.next_seq());
