@@ -59,11 +59,13 @@ fn sleep_binary() -> PathBuf {
     fs::canonicalize(found).expect("canonical sleep")
 }
 
-/// Waits until the child has exec'd (its /proc exe is no longer the test binary).
+/// Waits until the child has finished exec'ing: /proc shows the new exe early in exec, the
+/// new command line only once the binary is loaded (where `sched_process_exec` fires).
 fn wait_exec(pid: u32, exe: &Path) {
     let proc = ProcFs::default();
     for _ in 0..200 {
-        if proc.read_exe(pid).is_ok_and(|e| e == exe) {
+        let loaded = fs::read(proc.path(pid, "cmdline")).is_ok_and(|c| !c.is_empty());
+        if loaded && proc.read_exe(pid).is_ok_and(|e| e == exe) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -117,7 +119,12 @@ fn fork_exec_exit_then_retention_and_gc() {
     let mut child = Spawned::new("sleep", &["30"]);
     let pid = child.pid();
     let sleep = sleep_binary();
-    let t0 = now_ns();
+    // The kernel stamps the fork event within microseconds of the task's start time; /proc
+    // shows that start truncated to a clock tick.
+    let t0 = ProcFs::default()
+        .start_time_ns(pid)
+        .expect("child start time")
+        + 1_000_000;
 
     // Fork: the child is a copy of the parent until it execs.
     table.on_fork(me, pid, t0);

@@ -454,6 +454,9 @@ pub(crate) mod tests {
         let old = FileId::of(&aws.join("credentials")).expect("stat");
         let old_token = FileId::of(&sa.join("token")).expect("stat");
 
+        // Keep the old inode allocated so the file system cannot hand its number to a file
+        // created below (a reused number is one key with a new watch, not a removal).
+        fs::hard_link(aws.join("credentials"), t.join("old-credentials")).expect("link");
         // AWS CLI style: write a temporary file, rename it over the credential.
         fs::write(aws.join("credentials.tmp"), "v2").expect("write");
         fs::rename(aws.join("credentials.tmp"), aws.join("credentials")).expect("rename");
