@@ -243,7 +243,7 @@ pub struct Settings {
 impl Settings {
     /// Severity of `rule`, or `None` when the rule is disabled.
     pub fn severity(&self, rule: Rule) -> Option<Severity> {
-        let s = self.detections.rules.get(&rule);
+        let s = self.detections.rules.get(rule.as_str());
         if s.and_then(|s| s.enabled) == Some(false) {
             return None;
         }

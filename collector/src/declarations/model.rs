@@ -368,9 +368,9 @@ fn default_covers() -> Vec<Rule> {
 pub struct Detections {
     /// Always `default`.
     pub name: String,
-    /// Per-rule settings, keyed by rule name.
+    /// Per-rule settings, keyed by rule name (`out-of-window`, …).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub rules: BTreeMap<Rule, RuleSetting>,
+    pub rules: BTreeMap<String, RuleSetting>,
     /// Repeats of the same (rule, workload, host, resource) closer than this fold into one alert
     /// (default 1h).
     #[serde(default, skip_serializing_if = "Option::is_none")]

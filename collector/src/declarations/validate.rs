@@ -9,7 +9,7 @@ use super::{
     model::{ApprovedChange, Declaration, Kind, Team, Watch, WatchCategory, Workload},
     parse::{Parsed, Problem, Source},
 };
-use crate::{detect::window::CompiledWindow, event::SecretMethod};
+use crate::{detect::window::CompiledWindow, event::SecretMethod, rule::Rule};
 
 /// The declarations in force, by kind and name.
 pub type Objects = BTreeMap<(Kind, String), Declaration>;
@@ -116,6 +116,18 @@ fn check(decl: &Declaration, all: &Objects) -> Found {
         Declaration::Workload(w) => check_workload(w, all, &mut found),
         Declaration::ApprovedChange(c) => check_change(c, all, &mut found),
         Declaration::Detections(d) => {
+            for name in d.rules.keys() {
+                if Rule::parse(name).is_none() {
+                    let known: Vec<&str> = Rule::ALL.iter().map(|r| r.as_str()).collect();
+                    found.push((
+                        format!("rules.{name}"),
+                        format!(
+                            "unknown rule `{name}`; expected one of {}",
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
             if d.name != "default" {
                 found.push((
                     "name".into(),
@@ -363,7 +375,7 @@ fn check_workload(w: &Workload, all: &Objects, found: &mut Found) {
                 Some(Declaration::Watch(watch)) if watch.category != category => found.push((
                     format!("{field}[{i}]"),
                     format!(
-                        "watch {name:?} is a {} watch; expected a {} watch here",
+                        "watch {name:?} has category {}; expected a {} watch here",
                         watch.category.as_str(),
                         category.as_str()
                     ),
