@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -154,8 +154,52 @@ pub struct ExitEvent {
 pub enum FileMatch {
     /// The file's (dev, ino) is watched.
     File = 1,
-    /// The file's parent directory is watched.
+    /// The file's parent directory is watched for any name (a glob); the sensor filters.
     Dir = 2,
+    /// The file's (parent directory, name) is watched: catches a credential replaced by
+    /// atomic rename, whose inode is new, before the watch list is re-resolved.
+    Name = 3,
+}
+
+/// Flag in a [`WATCHED_DIRS`](FileKey) value: report opens of any name in the directory.
+/// Without it only names in the names map are reported.
+pub const DIR_ANY_NAME: u32 = 1 << 31;
+
+/// Key of the watched-names map: a name in a watched directory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NameKey {
+    /// Kernel-internal `dev_t` of the directory.
+    pub dev: u32,
+    pub _pad0: u32,
+    pub dir_ino: u64,
+    /// [`name_hash`] of the name.
+    pub hash: u64,
+}
+
+/// FNV-1a (64-bit) of `name` up to its first NUL; the same in kernel and user space.
+#[inline(always)]
+pub fn name_hash(name: &[u8; NAME_LEN]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < NAME_LEN {
+        let b = name[i];
+        if b == 0 {
+            break;
+        }
+        hash ^= b as u64;
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+/// [`name_hash`] of a name given as bytes (truncated like the kernel copy).
+pub fn name_hash_of(name: &[u8]) -> u64 {
+    let mut buf = [0u8; NAME_LEN];
+    let n = name.len().min(NAME_LEN - 1);
+    buf[..n].copy_from_slice(&name[..n]);
+    name_hash(&buf)
 }
 
 /// A watched file was opened. Folded: `total` counts every open of this (process, file) since
@@ -474,6 +518,7 @@ const _: () = assert!(size_of::<CredChangeEvent>() == 72 + 16);
 const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
+const _: () = assert!(size_of::<NameKey>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 34 * 4);
 const _: () = assert!(size_of::<SensorConfig>() == 16 + 34 * 4);
 
@@ -492,6 +537,7 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::EndpointValue {}
     unsafe impl aya::Pod for super::FoldKey {}
+    unsafe impl aya::Pod for super::NameKey {}
     unsafe impl aya::Pod for super::FoldState {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SensorConfig {}

@@ -4,7 +4,11 @@ use std::collections::BTreeSet;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::loader::{self, LoadOptions, ProgramStatus};
+use crate::{
+    loader::{self, LoadOptions, ProgramStatus},
+    run::AgentOptions,
+    watch::WatchSet,
+};
 
 /// Keywatch host sensor: sees, in the kernel, which process reads a credential, touches
 /// another process's secrets or calls an authentication endpoint.
@@ -43,9 +47,37 @@ pub struct RunArgs {
     /// Kernel ring buffer size in MiB (a power of two).
     #[arg(long, default_value_t = 8)]
     pub ring_mib: u32,
+    /// Watch config (YAML): extra watches, `builtin: false`, `disable: [names]`. Without it
+    /// the built-in catalog is watched.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Also report process lifecycle (exec, fork, exit), not only accesses.
+    #[arg(long)]
+    pub lifecycle: bool,
 }
 
 impl RunArgs {
+    /// Everything `run` needs, with the watch config read and validated.
+    pub fn agent_options(&self) -> anyhow::Result<AgentOptions> {
+        let watches = match &self.config {
+            Some(path) => crate::watch::load_config(path)?
+                .watch_set()
+                .map_err(|problems| {
+                    let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                    anyhow::anyhow!(
+                        "invalid watch config {}: {}",
+                        path.display(),
+                        list.join("; ")
+                    )
+                })?,
+            None => WatchSet::builtin(),
+        };
+        let mut opts = AgentOptions::new(watches);
+        opts.load = self.load_options();
+        opts.lifecycle = self.lifecycle;
+        Ok(opts)
+    }
+
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
             allow_missing: self.allow_missing.iter().cloned().collect::<BTreeSet<_>>(),
@@ -58,7 +90,7 @@ impl RunArgs {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => crate::run::run_stdout(&args.load_options()).await,
+        Command::Run(args) => crate::run::run_stdout(&args.agent_options()?).await,
         Command::Probe { json } => {
             let report = loader::probe()?;
             if json {

@@ -242,6 +242,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
                 matched: match e.matched {
                     m if m == FileMatch::File as u32 => "file",
                     m if m == FileMatch::Dir as u32 => "dir",
+                    m if m == FileMatch::Name as u32 => "name",
                     other => return Err(unknown("file match", other)),
                 },
                 name: text(&e.name, e.name_len),

@@ -7,9 +7,9 @@ use aya::{
     Ebpf,
     maps::{HashMap, LpmTrie, MapData, lpm_trie::Key},
 };
-use sensor_ebpf::{EndpointKey, EndpointValue, FileKey, FoldKey, FoldState};
+use sensor_ebpf::{EndpointKey, EndpointValue, FileKey, FoldKey, FoldState, NameKey};
 
-use crate::loader::LoadError;
+use crate::{loader::LoadError, watch::kernel_dev};
 
 fn take<T>(
     ebpf: &mut Ebpf,
@@ -18,13 +18,6 @@ fn take<T>(
 ) -> Result<T, LoadError> {
     let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
     convert(map).map_err(|source| LoadError::Map { name, source })
-}
-
-/// Kernel-internal `dev_t` (`(major << 20) | minor`) from a userspace `st_dev`.
-pub fn kernel_dev(st_dev: u64) -> u32 {
-    let major = ((st_dev >> 8) & 0xfff) | ((st_dev >> 32) & !0xfff);
-    let minor = (st_dev & 0xff) | ((st_dev >> 12) & !0xff);
-    ((major << 20) | (minor & 0xf_ffff)) as u32
 }
 
 /// The (dev, ino) key of a file as the kernel sees it, after following symlinks.
@@ -74,6 +67,7 @@ pub struct WatchMaps {
     files: HashMap<MapData, FileKey, u32>,
     dirs: HashMap<MapData, FileKey, u32>,
     sockets: HashMap<MapData, FileKey, u32>,
+    names: HashMap<MapData, NameKey, u32>,
     endpoints: LpmTrie<MapData, EndpointKey, EndpointValue>,
 }
 
@@ -90,6 +84,7 @@ impl WatchMaps {
             files: take(ebpf, "WATCHED_FILES", HashMap::try_from)?,
             dirs: take(ebpf, "WATCHED_DIRS", HashMap::try_from)?,
             sockets: take(ebpf, "WATCHED_SOCKETS", HashMap::try_from)?,
+            names: take(ebpf, "WATCHED_NAMES", HashMap::try_from)?,
             endpoints: take(ebpf, "ENDPOINTS", LpmTrie::try_from)?,
         })
     }
@@ -122,6 +117,22 @@ impl WatchMaps {
     pub fn remove_dir(&mut self, key: &FileKey) -> Result<(), MapUpdateError> {
         self.dirs.remove(key).map_err(|source| MapUpdateError {
             map: "WATCHED_DIRS",
+            source,
+        })
+    }
+
+    pub fn insert_name(&mut self, key: NameKey, watch_id: u32) -> Result<(), MapUpdateError> {
+        self.names
+            .insert(key, watch_id, 0)
+            .map_err(|source| MapUpdateError {
+                map: "WATCHED_NAMES",
+                source,
+            })
+    }
+
+    pub fn remove_name(&mut self, key: &NameKey) -> Result<(), MapUpdateError> {
+        self.names.remove(key).map_err(|source| MapUpdateError {
+            map: "WATCHED_NAMES",
             source,
         })
     }
@@ -180,19 +191,5 @@ impl FoldMap {
     /// Every fold entry currently in the kernel.
     pub fn entries(&self) -> Vec<(FoldKey, FoldState)> {
         self.map.iter().filter_map(Result::ok).collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_dev_encoding() {
-        // st_dev 0x803 (8:3, /dev/sda3) is (8 << 20) | 3 in the kernel.
-        assert_eq!(kernel_dev(0x803), (8 << 20) | 3);
-        // Large minors use the high bits of st_dev: 259:65536.
-        let st_dev = (259u64 << 8) | ((65536u64 & !0xff) << 12);
-        assert_eq!(kernel_dev(st_dev), (259 << 20) | 65536);
     }
 }

@@ -5,10 +5,12 @@
 
 pub mod btf;
 pub mod cli;
+pub mod enrich;
 pub mod event;
 pub mod fold;
 pub mod kernel_maps;
 pub mod loader;
+pub mod observation;
 pub mod output;
 pub mod process;
 pub mod reader;
@@ -16,6 +18,7 @@ pub mod run;
 pub mod spool;
 pub mod system;
 pub mod watch;
+pub mod watch_sync;
 
 /// The eBPF object built by `build.rs` from the `sensor-ebpf` crate (empty when the build ran
 /// with `AYA_BUILD_SKIP=1`).

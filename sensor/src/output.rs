@@ -2,10 +2,10 @@
 
 use std::io::Write;
 
-use crate::event::Event;
+use serde::Serialize;
 
-/// Writes `event` as one JSON line.
-pub fn write_json_line(out: &mut impl Write, event: &Event) -> std::io::Result<()> {
-    serde_json::to_writer(&mut *out, event)?;
+/// Writes `item` as one JSON line.
+pub fn write_json_line(out: &mut impl Write, item: &impl Serialize) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, item)?;
     out.write_all(b"\n")
 }

@@ -9,14 +9,15 @@ use aya_ebpf::{
     helpers::bpf_probe_read_kernel_str_bytes, macros::tracepoint, programs::TracePointContext,
 };
 use sensor_ebpf::{
-    EventKind, FileKey, FileMatch, FileOpenEvent, FoldKey, NO_WATCH, SecretEvent, SecretMethod,
+    DIR_ANY_NAME, EventKind, FileKey, FileMatch, FileOpenEvent, FoldKey, NO_WATCH, NameKey,
+    SecretEvent, SecretMethod, name_hash,
 };
 
 use super::{
     fold, kread,
     maps::{
-        CONNECT_FDS, EVENTS, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES, WATCHED_SOCKETS,
-        count_lost, offsets,
+        CONNECT_FDS, EVENTS, NAME_SCRATCH, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES,
+        WATCHED_NAMES, WATCHED_SOCKETS, count_lost, offsets,
     },
     task::{current_task, header},
 };
@@ -106,7 +107,11 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
         _pad0: 0,
         ino: parent_ino,
     };
-    if let Some(&watch_id) = unsafe { WATCHED_DIRS.get(&dir) } {
+    let Some(&dir_value) = (unsafe { WATCHED_DIRS.get(&dir) }) else {
+        return Ok(());
+    };
+    if dir_value & DIR_ANY_NAME != 0 {
+        let watch_id = dir_value & !DIR_ANY_NAME;
         return emit_file(
             file,
             dentry,
@@ -114,6 +119,31 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
             parent_ino,
             watch_id,
             FileMatch::Dir,
+            tgid,
+        );
+    }
+    // Only opens in watched directories pay for copying and hashing the name.
+    let scratch = NAME_SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
+    let name_ptr = kread::ptr(dentry, o.dentry_name)?;
+    // SAFETY: per-CPU scratch buffer owned by this program run; checked kernel read.
+    let hash = unsafe {
+        bpf_probe_read_kernel_str_bytes(name_ptr, &mut *scratch)?;
+        name_hash(&*scratch)
+    };
+    let name_key = NameKey {
+        dev,
+        _pad0: 0,
+        dir_ino: parent_ino,
+        hash,
+    };
+    if let Some(&watch_id) = unsafe { WATCHED_NAMES.get(&name_key) } {
+        return emit_file(
+            file,
+            dentry,
+            key,
+            parent_ino,
+            watch_id,
+            FileMatch::Name,
             tgid,
         );
     }

@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sensor_ebpf::{
-    EndpointKey, EndpointValue, EventKind, FileKey, FoldKey, FoldState, KernelOffsets, SensorConfig,
+    EndpointKey, EndpointValue, EventKind, FileKey, FoldKey, FoldState, KernelOffsets, NAME_LEN,
+    NameKey, SensorConfig,
 };
 
 /// Ring buffer of event records; userspace sizes it at load time.
@@ -22,9 +23,18 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);
 #[map]
 pub static WATCHED_FILES: HashMap<FileKey, u32> = HashMap::with_max_entries(16384, 0);
 
-/// Watched directories by (dev, ino) → watch id: any file opened in them matches.
+/// Watched directories by (dev, ino) → watch id, with [`sensor_ebpf::DIR_ANY_NAME`] when any
+/// name matches; otherwise the name must be in [`WATCHED_NAMES`].
 #[map]
 pub static WATCHED_DIRS: HashMap<FileKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Watched names in watched directories → watch id.
+#[map]
+pub static WATCHED_NAMES: HashMap<NameKey, u32> = HashMap::with_max_entries(16384, 0);
+
+/// Per-CPU scratch space for a dentry name (too large for the BPF stack next to the rest).
+#[map]
+pub static NAME_SCRATCH: PerCpuArray<[u8; NAME_LEN]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Watched unix sockets (ssh-agent, docker.sock, vault agent) by the socket file's (dev, ino).
 #[map]

@@ -1,0 +1,375 @@
+//! Joins each decoded event with the process table and the watch view: the exact process
+//! (exe, hash, parent chain, container, unit, session) and the watched resource's name and
+//! path. Lifecycle events keep the table exact and are passed on only when asked for.
+
+use std::path::Path;
+
+use sensor_ebpf::{FileKey, NO_WATCH};
+
+/// `O_DIRECTORY`: opening a directory is listing it, not reading a credential.
+const O_DIRECTORY: u32 = 0o200000;
+
+use crate::{
+    event::{Detail, Event, ProcessRef},
+    observation::{Identity, Observation, What},
+    process::{ExeHasher, ProcessInfo, ProcessTable},
+    watch_sync::SharedView,
+};
+
+/// Parent-chain depth reported with each observation.
+const ANCESTRY_DEPTH: usize = 8;
+
+/// Ids the kernel last reported for a process: fresher than anything read from `/proc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Creds {
+    uid: u32,
+    euid: u32,
+    gid: u32,
+}
+
+pub struct Enricher {
+    table: ProcessTable,
+    creds: std::collections::HashMap<u32, Creds>,
+    hasher: ExeHasher,
+    view: SharedView,
+    /// Pass exec/fork/exit observations on too.
+    pub lifecycle: bool,
+}
+
+impl Enricher {
+    pub fn new(table: ProcessTable, hasher: ExeHasher, view: SharedView) -> Self {
+        Self {
+            table,
+            creds: Default::default(),
+            hasher,
+            view,
+            lifecycle: false,
+        }
+    }
+
+    /// Turns one event into zero, one or two observations (an exec that raised privileges
+    /// yields the exec and a privilege change).
+    pub fn enrich(&mut self, event: Event) -> Vec<Observation> {
+        let pid = event.process.pid;
+        let before = self.creds_before(pid);
+        let mut out = Vec::new();
+        if !matches!(
+            event.detail,
+            Detail::CredChange { .. } | Detail::Exec { .. }
+        ) {
+            self.sync_creds(&event.process);
+        }
+        match &event.detail {
+            Detail::Fork { child_pid } => {
+                self.table.on_fork(pid, *child_pid, event.time_ns);
+                self.push_lifecycle(
+                    &mut out,
+                    &event,
+                    What::Fork {
+                        child_pid: *child_pid,
+                    },
+                );
+            }
+            Detail::Exec {
+                filename,
+                egid,
+                cap_effective,
+                exe_mode,
+                ..
+            } => {
+                self.table.on_exec(pid, filename, event.time_ns);
+                self.sync_creds(&event.process);
+                self.push_lifecycle(
+                    &mut out,
+                    &event,
+                    What::Exec {
+                        filename: filename.clone(),
+                    },
+                );
+                let setid = exe_mode & 0o6000 != 0;
+                if let Some(old) = before
+                    .filter(|old| setid && (old.euid != event.process.euid || old.gid != *egid))
+                {
+                    out.push(self.observe(
+                        &event,
+                        What::PrivilegeChange {
+                            via: "exec-setuid",
+                            old_uid: old.uid,
+                            old_euid: old.euid,
+                            new_uid: event.process.uid,
+                            new_euid: event.process.euid,
+                            old_gid: old.gid,
+                            new_gid: *egid,
+                            old_cap_effective: 0,
+                            new_cap_effective: *cap_effective,
+                        },
+                    ));
+                }
+            }
+            Detail::Exit { exit_code } => {
+                self.push_lifecycle(
+                    &mut out,
+                    &event,
+                    What::Exit {
+                        exit_code: *exit_code,
+                    },
+                );
+                self.table.on_exit(pid, event.time_ns);
+                self.creds.remove(&pid);
+            }
+            Detail::CredChange {
+                syscall,
+                egid,
+                cap_effective,
+            } => {
+                let old = before.unwrap_or(Creds {
+                    uid: u32::MAX,
+                    euid: u32::MAX,
+                    gid: u32::MAX,
+                });
+                let changed = old.uid != event.process.uid
+                    || old.euid != event.process.euid
+                    || old.gid != *egid;
+                self.sync_creds(&event.process);
+                if changed {
+                    out.push(self.observe(
+                        &event,
+                        What::PrivilegeChange {
+                            via: syscall,
+                            old_uid: old.uid,
+                            old_euid: old.euid,
+                            new_uid: event.process.uid,
+                            new_euid: event.process.euid,
+                            old_gid: old.gid,
+                            new_gid: *egid,
+                            old_cap_effective: 0,
+                            new_cap_effective: *cap_effective,
+                        },
+                    ));
+                }
+            }
+            Detail::FileOpen {
+                watch_id,
+                matched,
+                name,
+                dev,
+                ino,
+                parent_ino,
+                flags,
+                write,
+            } => {
+                if flags & O_DIRECTORY != 0 {
+                    return out; // a watched directory listed, not a credential read
+                }
+                let view = self.view.read().expect("watch view");
+                let dir = FileKey {
+                    dev: *dev,
+                    _pad0: 0,
+                    ino: *parent_ino,
+                };
+                let in_dir = || view.kernel.dir_rules.get(&dir).map(|r| r.path.join(name));
+                let (watch_id, path) = match *matched {
+                    "dir" => match view.kernel.glob_watch(&dir, name) {
+                        Some(id) => (id, in_dir()),
+                        None => return out, // a name the watch's glob does not match
+                    },
+                    "name" => (*watch_id, in_dir()),
+                    _ => {
+                        let file = FileKey {
+                            dev: *dev,
+                            _pad0: 0,
+                            ino: *ino,
+                        };
+                        (
+                            *watch_id,
+                            view.kernel.paths.get(&file).cloned().or_else(in_dir),
+                        )
+                    }
+                };
+                let path = path.map_or_else(|| name.clone(), |p| p.display().to_string());
+                let watch = watch_name(&view.set, watch_id);
+                let category = view.set.category(watch_id);
+                drop(view);
+                out.push(self.observe(
+                    &event,
+                    What::FileOpen {
+                        watch,
+                        category,
+                        path,
+                        dev: *dev,
+                        ino: *ino,
+                        flags: *flags,
+                        write: *write,
+                    },
+                ));
+            }
+            Detail::Secret {
+                method,
+                target_pid,
+                detail,
+                ..
+            } => {
+                let target =
+                    (*target_pid != 0).then(|| Box::new(self.identity_of(*target_pid, None)));
+                // Another thread of the same process is not another process.
+                if target
+                    .as_ref()
+                    .is_some_and(|t| t.pid == pid && t.start_time_ns != 0)
+                {
+                    return out;
+                }
+                let (watch, path) = if *method == "unix_socket" {
+                    let view = self.view.read().expect("watch view");
+                    let found = view.kernel.sockets.iter().find(|(k, _)| k.ino == *detail);
+                    (
+                        found.map(|(_, id)| watch_name(&view.set, *id)),
+                        found
+                            .and_then(|(k, _)| view.kernel.paths.get(k))
+                            .map(|p| p.display().to_string()),
+                    )
+                } else {
+                    (None, None)
+                };
+                out.push(self.observe(
+                    &event,
+                    What::SecretAccess {
+                        method,
+                        target_pid: *target_pid,
+                        target,
+                        watch,
+                        path,
+                        detail: *detail,
+                    },
+                ));
+            }
+            Detail::Connect {
+                watch_id,
+                protocol,
+                address,
+                port,
+            } => {
+                let view = self.view.read().expect("watch view");
+                let watch = watch_name(&view.set, *watch_id);
+                let category = view.set.category(*watch_id);
+                drop(view);
+                out.push(self.observe(
+                    &event,
+                    What::Connect {
+                        watch,
+                        category,
+                        address: *address,
+                        port: *port,
+                        protocol,
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    fn push_lifecycle(&mut self, out: &mut Vec<Observation>, event: &Event, what: What) {
+        if self.lifecycle {
+            let observation = self.observe(event, what);
+            out.push(observation);
+        }
+    }
+
+    /// Remembers the ids the kernel just reported for `p`.
+    fn sync_creds(&mut self, p: &ProcessRef) {
+        self.creds.insert(
+            p.pid,
+            Creds {
+                uid: p.uid,
+                euid: p.euid,
+                gid: p.gid,
+            },
+        );
+    }
+
+    /// The ids `pid` had before this event: the kernel's last report, else the table's.
+    fn creds_before(&mut self, pid: u32) -> Option<Creds> {
+        if let Some(c) = self.creds.get(&pid) {
+            return Some(*c);
+        }
+        self.table.get_or_load(pid).map(|i| Creds {
+            uid: i.uid,
+            euid: i.euid,
+            gid: i.gid,
+        })
+    }
+
+    fn observe(&mut self, event: &Event, what: What) -> Observation {
+        Observation {
+            time_ns: event.time_ns,
+            count: event.count,
+            process: self.identity_of(event.process.pid, Some(&event.process)),
+            what,
+        }
+    }
+
+    /// The identity of `pid`: the kernel's view at the event (`kernel`) wins for ids; the
+    /// table fills in exe, hash, command line, cgroup, session and ancestry.
+    fn identity_of(&mut self, pid: u32, kernel: Option<&ProcessRef>) -> Identity {
+        let info = self.table.get_or_load(pid).cloned();
+        let ancestors = self.table.ancestors(pid, ANCESTRY_DEPTH);
+        let mut id = Identity {
+            pid,
+            ancestors,
+            ..Identity::default()
+        };
+        if let Some(info) = &info {
+            id.ppid = info.ppid;
+            id.uid = info.uid;
+            id.euid = info.euid;
+            id.gid = info.gid;
+            id.login_uid = info.login_uid;
+            id.comm = info.comm.clone();
+            id.exe = info.exe.display().to_string();
+            id.cmdline = info.cmdline.clone();
+            id.cgroup_path = info.cgroup_path.clone();
+            id.container_id = info.container_id.clone();
+            id.pod_uid = info.pod_uid.clone();
+            id.systemd_unit = info.systemd_unit.clone();
+            id.start_time_ns = info.start_time_ns;
+            id.tty = info.tty.clone();
+            id.exe_sha256 = info.exe_sha256.clone().or_else(|| self.hash(info));
+        }
+        if let Some(k) = kernel {
+            id.tid = k.tid;
+            id.ppid = k.ppid;
+            id.uid = k.uid;
+            id.euid = k.euid;
+            id.gid = k.gid;
+            id.login_uid = k.login_uid;
+            id.cgroup_id = k.cgroup_id;
+            if id.comm.is_empty() {
+                id.comm = k.comm.clone();
+            }
+        } else {
+            id.tid = pid;
+        }
+        id
+    }
+
+    fn hash(&mut self, info: &ProcessInfo) -> Option<String> {
+        if info.exe.as_os_str().is_empty() {
+            return None;
+        }
+        let hash = self
+            .hasher
+            .hash_process(self.table.proc_fs(), info.pid, Path::new(&info.exe));
+        if let Some(h) = &hash {
+            self.table
+                .set_exe_sha256(info.pid, info.start_time_ns, &info.exe, h.clone());
+        }
+        hash
+    }
+}
+
+fn watch_name(set: &crate::watch::WatchSet, id: u32) -> String {
+    if id == NO_WATCH {
+        return "unknown".to_string();
+    }
+    set.name(id)
+        .map_or_else(|| format!("watch-{id}"), str::to_string)
+}

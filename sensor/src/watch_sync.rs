@@ -1,0 +1,358 @@
+//! Keeps the kernel's watch maps in line with the watch set and the file system: resolves paths
+//! to inodes and host names to addresses, then follows changes (inotify for files created
+//! later or replaced by atomic rename, periodic DNS refresh) and applies only the differences,
+//! live, without reloading a program.
+//!
+//! What goes into the kernel for a path watch:
+//! - the real inode of every file found (hard links and symlinked paths resolve to it);
+//! - the directory each file's name lives in, with its literal names (so a file replaced by
+//!   atomic rename, whose inode is new, still matches before the next re-resolution);
+//! - for a glob name (`id_*`), the directory with "any name": the sensor keeps only names the
+//!   glob matches.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use globset::{Glob, GlobMatcher};
+use sensor_ebpf::{DIR_ANY_NAME, FileKey, NameKey, PROTO_TCP, PROTO_UDP, name_hash_of};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    kernel_maps::{EndpointEntry, MapUpdateError, WatchMaps},
+    watch::{
+        DEFAULT_DEBOUNCE, EndpointRefresher, EndpointRule, FileId, FileWatcher, Protocol,
+        ResolvedEndpoints, ResolvedFiles, WatchSet, resolve_files, resolve_unix_sockets,
+    },
+};
+
+/// A watched directory: where it is and which names in it belong to which watch.
+#[derive(Debug, Clone)]
+pub struct DirRule {
+    pub path: PathBuf,
+    /// Glob names (reported by the kernel for any name, filtered here).
+    pub globs: Vec<(GlobMatcher, u32)>,
+}
+
+/// Everything the kernel maps should hold, and what the enricher needs to name a match.
+#[derive(Debug, Clone, Default)]
+pub struct KernelWatches {
+    pub files: BTreeMap<FileKey, u32>,
+    pub dirs: BTreeMap<FileKey, u32>,
+    pub names: BTreeMap<NameKey, u32>,
+    pub sockets: BTreeMap<FileKey, u32>,
+    /// Path of each watched file or socket, by key.
+    pub paths: HashMap<FileKey, PathBuf>,
+    pub dir_rules: HashMap<FileKey, DirRule>,
+    /// Directories inotify should follow, and the names whose change matters there.
+    pub follow: BTreeMap<PathBuf, BTreeSet<String>>,
+}
+
+fn key(id: &FileId) -> FileKey {
+    FileKey {
+        dev: id.kernel_dev,
+        _pad0: 0,
+        ino: id.ino,
+    }
+}
+
+fn is_glob(name: &str) -> bool {
+    name.contains(['*', '?', '[', '{'])
+}
+
+impl KernelWatches {
+    /// Resolves every watch of `set` against the file system now (blocking I/O).
+    pub fn resolve(set: &WatchSet) -> Self {
+        let mut out = Self::default();
+        let homes = set.homes();
+        for watch in set.iter() {
+            // One watch at a time, so every directory and name is tied to its own watch.
+            let Ok(single) = WatchSet::from_specs([watch.spec.clone()]) else {
+                continue;
+            };
+            let single = single.with_homes(homes.clone());
+            out.add_files(&resolve_files(&single), watch.id);
+            out.add_sockets(&resolve_unix_sockets(&single), watch.id);
+        }
+        out
+    }
+
+    fn add_files(&mut self, r: &ResolvedFiles, watch_id: u32) {
+        for (id, w) in &r.files {
+            self.files.entry(key(id)).or_insert(watch_id);
+            self.paths.entry(key(id)).or_insert_with(|| w.path.clone());
+        }
+        let dir_ids: BTreeSet<FileKey> = r.dirs.keys().map(key).collect();
+        for (path, names) in &r.watch_dirs {
+            merge_follow(&mut self.follow, path, names);
+            let Ok(id) = FileId::of(path) else { continue };
+            let dir = key(&id);
+            if !dir_ids.contains(&dir) {
+                continue; // an ancestor followed for creations, not a directory of names
+            }
+            let rule = self.dir_rules.entry(dir).or_insert_with(|| DirRule {
+                path: path.clone(),
+                globs: Vec::new(),
+            });
+            let mut any_name = false;
+            for name in names {
+                if is_glob(name) {
+                    if let Ok(glob) = Glob::new(name) {
+                        rule.globs.push((glob.compile_matcher(), watch_id));
+                        any_name = true;
+                    }
+                } else {
+                    let name_key = NameKey {
+                        dev: dir.dev,
+                        _pad0: 0,
+                        dir_ino: dir.ino,
+                        hash: name_hash_of(name.as_bytes()),
+                    };
+                    self.names.entry(name_key).or_insert(watch_id);
+                }
+            }
+            let value = self.dirs.entry(dir).or_insert(watch_id);
+            if any_name {
+                *value |= DIR_ANY_NAME;
+            }
+        }
+    }
+
+    fn add_sockets(&mut self, r: &ResolvedFiles, watch_id: u32) {
+        for (id, w) in &r.files {
+            self.sockets.entry(key(id)).or_insert(watch_id);
+            self.paths.entry(key(id)).or_insert_with(|| w.path.clone());
+        }
+        for (path, names) in &r.watch_dirs {
+            merge_follow(&mut self.follow, path, names);
+        }
+    }
+
+    /// The watch a directory match belongs to, if `name` is one of its globs.
+    pub fn glob_watch(&self, dir: &FileKey, name: &str) -> Option<u32> {
+        let rule = self.dir_rules.get(dir)?;
+        rule.globs
+            .iter()
+            .find(|(g, _)| g.is_match(name))
+            .map(|(_, id)| *id)
+    }
+}
+
+fn merge_follow(
+    follow: &mut BTreeMap<PathBuf, BTreeSet<String>>,
+    path: &std::path::Path,
+    names: &BTreeSet<String>,
+) {
+    follow
+        .entry(path.to_path_buf())
+        .or_default()
+        .extend(names.iter().cloned());
+}
+
+type Insert<K> = fn(&mut WatchMaps, K, u32) -> Result<(), MapUpdateError>;
+type Remove<K> = fn(&mut WatchMaps, &K) -> Result<(), MapUpdateError>;
+
+/// Applies the changes from `old` to `new` to one map.
+fn sync_map<K: Ord + Copy>(
+    maps: &mut WatchMaps,
+    old: &BTreeMap<K, u32>,
+    new: &BTreeMap<K, u32>,
+    insert: Insert<K>,
+    remove: Remove<K>,
+) {
+    for k in old.keys().filter(|k| !new.contains_key(k)) {
+        if let Err(error) = remove(maps, k) {
+            tracing::warn!(%error, "could not remove a watch entry");
+        }
+    }
+    for (k, v) in new.iter().filter(|(k, v)| old.get(k) != Some(v)) {
+        if let Err(error) = insert(maps, *k, *v) {
+            tracing::warn!(%error, "could not add a watch entry");
+        }
+    }
+}
+
+fn apply(maps: &mut WatchMaps, old: &KernelWatches, new: &KernelWatches) {
+    sync_map(
+        maps,
+        &old.files,
+        &new.files,
+        WatchMaps::insert_file,
+        WatchMaps::remove_file,
+    );
+    sync_map(
+        maps,
+        &old.dirs,
+        &new.dirs,
+        WatchMaps::insert_dir,
+        WatchMaps::remove_dir,
+    );
+    sync_map(
+        maps,
+        &old.names,
+        &new.names,
+        WatchMaps::insert_name,
+        WatchMaps::remove_name,
+    );
+    sync_map(
+        maps,
+        &old.sockets,
+        &new.sockets,
+        WatchMaps::insert_socket,
+        WatchMaps::remove_socket,
+    );
+}
+
+fn entry(rule: &EndpointRule) -> EndpointEntry {
+    EndpointEntry {
+        addr: rule.addr,
+        prefix_len: rule.prefix_len,
+        port: rule.port,
+        protocols: match rule.protocol {
+            Protocol::Any => PROTO_TCP | PROTO_UDP,
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        },
+        watch_id: rule.watch_id,
+    }
+}
+
+fn apply_endpoints(maps: &mut WatchMaps, old: &[EndpointRule], new: &ResolvedEndpoints) {
+    let old: BTreeSet<_> = old.iter().copied().collect();
+    let new_set: BTreeSet<_> = new.rules.iter().copied().collect();
+    for gone in old.difference(&new_set) {
+        if let Err(error) = maps.remove_endpoint(&entry(gone)) {
+            tracing::warn!(%error, "could not remove an endpoint");
+        }
+    }
+    for added in new_set.difference(&old) {
+        if let Err(error) = maps.insert_endpoint(&entry(added)) {
+            tracing::warn!(%error, addr = %added.addr, "could not watch an endpoint");
+        }
+    }
+    for host in &new.unresolved {
+        tracing::warn!(host = %host.host, error = %host.error, "watched host name did not resolve; retrying later");
+    }
+}
+
+/// What the enricher reads: the set and what it resolved to.
+#[derive(Debug, Clone)]
+pub struct WatchView {
+    pub set: WatchSet,
+    pub kernel: KernelWatches,
+}
+
+/// Shared, read by the enricher, written by [`WatchSync`].
+pub type SharedView = Arc<RwLock<WatchView>>;
+
+/// The task that owns the watch maps.
+pub struct WatchSync {
+    maps: WatchMaps,
+    view: SharedView,
+    rules: Vec<EndpointRule>,
+    refresh: Duration,
+}
+
+async fn resolve_blocking(set: &WatchSet) -> KernelWatches {
+    let set = set.clone();
+    tokio::task::spawn_blocking(move || KernelWatches::resolve(&set))
+        .await
+        .unwrap_or_default()
+}
+
+impl WatchSync {
+    /// Resolves `set` now and fills the maps; returns the task and the view to share. Host
+    /// names are resolved later, by [`WatchSync::run`], so a slow resolver delays nothing.
+    pub async fn start(
+        mut maps: WatchMaps,
+        set: WatchSet,
+        refresh: Duration,
+    ) -> (Self, SharedView) {
+        let kernel = resolve_blocking(&set).await;
+        apply(&mut maps, &KernelWatches::default(), &kernel);
+        // Literal addresses need no resolver: in force from the start.
+        let mut literal =
+            crate::watch::resolve_endpoints_with(&set, &NoNames, Duration::ZERO).await;
+        literal.unresolved.clear();
+        apply_endpoints(&mut maps, &[], &literal);
+        tracing::info!(
+            files = kernel.files.len(),
+            dirs = kernel.dirs.len(),
+            names = kernel.names.len(),
+            sockets = kernel.sockets.len(),
+            endpoint_rules = literal.rules.len(),
+            "watches in force"
+        );
+        let view = Arc::new(RwLock::new(WatchView { set, kernel }));
+        let sync = Self {
+            maps,
+            view: Arc::clone(&view),
+            rules: literal.rules,
+            refresh,
+        };
+        (sync, view)
+    }
+
+    /// Follows file system and DNS changes until cancelled.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let (mut watcher, mut changed): (Option<FileWatcher>, mpsc::Receiver<()>) =
+            match FileWatcher::new(DEFAULT_DEBOUNCE) {
+                Ok((w, rx)) => (Some(w), rx),
+                Err(error) => {
+                    tracing::error!(%error, "inotify unavailable: files created or replaced later are not watched until restart");
+                    (None, mpsc::channel(1).1)
+                }
+            };
+        self.follow(watcher.as_mut());
+        let set = self.view.read().expect("watch view").set.clone();
+        let endpoints = crate::watch::resolve_endpoints(&set).await;
+        apply_endpoints(&mut self.maps, &self.rules, &endpoints);
+        self.rules = endpoints.rules;
+        let mut refresher = EndpointRefresher::new(set, self.refresh);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                Some(()) = changed.recv() => self.reresolve(watcher.as_mut()).await,
+                endpoints = refresher.changed() => {
+                    apply_endpoints(&mut self.maps, &self.rules, &endpoints);
+                    self.rules = endpoints.rules;
+                }
+            }
+        }
+    }
+
+    fn follow(&self, watcher: Option<&mut FileWatcher>) {
+        let Some(watcher) = watcher else { return };
+        let view = self.view.read().expect("watch view");
+        watcher.update_dirs(view.kernel.follow.iter().map(|(d, n)| (d.as_path(), n)));
+    }
+
+    async fn reresolve(&mut self, watcher: Option<&mut FileWatcher>) {
+        let set = self.view.read().expect("watch view").set.clone();
+        let kernel = resolve_blocking(&set).await;
+        {
+            let mut view = self.view.write().expect("watch view");
+            apply(&mut self.maps, &view.kernel, &kernel);
+            view.kernel = kernel;
+        }
+        self.follow(watcher);
+    }
+}
+
+/// A resolver that knows no names: only literal addresses resolve.
+struct NoNames;
+
+impl crate::watch::HostResolver for NoNames {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send + 'a>,
+    > {
+        Box::pin(async move { Err(std::io::Error::other(format!("{host}: resolved later"))) })
+    }
+}
