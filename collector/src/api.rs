@@ -164,11 +164,11 @@ impl pb::api_service_server::ApiService for Api {
         let result = blocking(move || {
             let allowed = |d: &Declaration, after: &Objects| -> Result<(), String> {
                 // Both the team that owns it now and the team that would own it must be the caller's.
-                let old = before
-                    .objects
-                    .get(&(d.kind(), d.name().to_owned()))
-                    .and_then(|o| owning_team(o, &before.objects));
-                for team in [old, owning_team(d, after)] {
+                let mut teams = vec![owning_team(d, after)];
+                if let Some(old) = before.objects.get(&(d.kind(), d.name().to_owned())) {
+                    teams.push(owning_team(old, &before.objects));
+                }
+                for team in teams {
                     auth::authorize(
                         &who,
                         &Action::WriteDeclaration {

@@ -190,3 +190,53 @@ pub fn rules(reg: &Registry, host: &Host, event: &Event) -> Vec<Rule> {
         .map(|(r, _)| r)
         .collect()
 }
+
+/// A collector in `dir` with a manual clock and the detection registry applied.
+pub fn collector(
+    dir: &std::path::Path,
+    now: &str,
+) -> (collector::serve::Collector, collector::clock::ManualClock) {
+    let clock = collector::clock::ManualClock::new(t(now));
+    let c = collector::serve::Collector::open(dir, std::sync::Arc::new(clock.clone()))
+        .expect("open collector");
+    if c.registry.snapshot().objects.is_empty() {
+        c.registry
+            .apply(
+                &[("detect.yaml".into(), DETECT_YAML.into())],
+                "test",
+                false,
+                &|_, _| Ok(()),
+            )
+            .expect("apply fixture");
+    }
+    (c, clock)
+}
+
+pub fn hello(host_id: &str) -> keywatch_proto::v1::Hello {
+    keywatch_proto::v1::Hello {
+        host_id: host_id.into(),
+        sensor_version: "test".into(),
+        kernel: "6.18".into(),
+        labels: [("env".to_owned(), "prod".to_owned())]
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// A wire batch of `events`, renumbered from `first_seq`.
+pub fn batch(host_id: &str, first_seq: u64, events: &[Event]) -> keywatch_proto::v1::EventBatch {
+    keywatch_proto::v1::EventBatch {
+        host_id: host_id.into(),
+        first_seq,
+        events: events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let mut e = e.clone();
+                e.seq = first_seq + i as u64;
+                collector::convert::event_to_proto(&e)
+            })
+            .collect(),
+    }
+}
