@@ -156,6 +156,19 @@ impl Agent {
         self.observations.recv().await
     }
 
+    /// The next observation for which `pred` holds, skipping the others.
+    pub async fn next_matching(
+        &mut self,
+        mut pred: impl FnMut(&Observation) -> bool,
+    ) -> Option<Observation> {
+        while let Some(o) = self.next().await {
+            if pred(&o) {
+                return Some(o);
+            }
+        }
+        None
+    }
+
     /// The watch set and what it resolved to, as of now.
     pub fn view(&self) -> &SharedView {
         &self.view

@@ -56,3 +56,11 @@ pub async fn wait_for(
     .ok()
     .flatten()
 }
+
+/// Waits up to `within` for `fut`, `None` on timeout or when it yields nothing.
+pub async fn wait_until<T>(
+    within: Duration,
+    fut: impl std::future::Future<Output = Option<T>>,
+) -> Option<T> {
+    tokio::time::timeout(within, fut).await.ok().flatten()
+}

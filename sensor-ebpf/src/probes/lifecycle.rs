@@ -18,10 +18,9 @@ pub fn sched_process_fork(ctx: RawTracePointContext) -> i32 {
     }
 }
 
+/// The sensor's own forks are reported too: its children are processes like any other, and
+/// the process table needs their parent.
 fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
-    if is_self(current_tgid()) {
-        return Ok(());
-    }
     let o = offsets();
     let child: *const u8 = ctx.arg(1);
     let child_pid: u32 = kread::at(child, o.task_pid)?;

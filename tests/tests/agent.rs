@@ -1,0 +1,221 @@
+//! The whole sensor (kernel programs, watch resolution, process table) on the real kernel:
+//! observations carry the watch name, the path and the exact process, including for files
+//! replaced or created after start and for processes that are gone by the time they are read.
+
+use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Command, time::Duration};
+
+use keywatch_tests::{in_ci, wait_until};
+use sensor::{
+    observation::{Observation, What},
+    run::{Agent, AgentOptions},
+    watch::{Category, WatchSet, WatchSpec},
+};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn actor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_kw-actor"))
+}
+
+fn act(args: &[&str]) -> u32 {
+    let mut child = actor().args(args).spawn().expect("spawning kw-actor");
+    let pid = child.id();
+    assert!(child.wait().unwrap().success(), "kw-actor {args:?}");
+    pid
+}
+
+fn spec(name: &str, paths: &[String]) -> WatchSpec {
+    WatchSpec {
+        name: name.into(),
+        category: Category::Credential,
+        paths: paths.to_vec(),
+        endpoints: Vec::new(),
+        unix_sockets: Vec::new(),
+    }
+}
+
+async fn agent(specs: Vec<WatchSpec>) -> Option<Agent> {
+    let set = WatchSet::from_specs(specs).expect("valid test watches");
+    match Agent::start(&AgentOptions::new(set)).await {
+        Ok(agent) => Some(agent),
+        Err(error) if !in_ci() => {
+            eprintln!("SKIPPED: the sensor cannot run here: {error}");
+            None
+        }
+        Err(error) => panic!("BPF must load under CI: {error}"),
+    }
+}
+
+async fn file_open_by(agent: &mut Agent, pid: u32) -> Option<Observation> {
+    wait_until(
+        WAIT,
+        agent.next_matching(|o| o.process.pid == pid && matches!(o.what, What::FileOpen { .. })),
+    )
+    .await
+}
+
+fn tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn path_of(o: &Observation) -> (&str, &str) {
+    match &o.what {
+        What::FileOpen { watch, path, .. } => (watch, path),
+        other => panic!("not a file open: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_credential_replaced_by_atomic_rename_is_still_watched() {
+    let dir = tempdir();
+    let cred = dir.path().join("credentials");
+    std::fs::write(&cred, "old").unwrap();
+    let Some(mut agent) = agent(vec![spec("cloud-key", &[cred.display().to_string()])]).await
+    else {
+        return;
+    };
+    // The way the AWS CLI and kubelet write: a new file, renamed over the old one.
+    let tmp = dir.path().join(".credentials.tmp");
+    std::fs::write(&tmp, "new").unwrap();
+    std::fs::rename(&tmp, &cred).unwrap();
+    // Read at once: before any re-resolution could have seen the new inode.
+    let pid = act(&["read", cred.to_str().unwrap()]);
+    let o = file_open_by(&mut agent, pid)
+        .await
+        .expect("read of the replaced file observed");
+    assert_eq!(path_of(&o), ("cloud-key", cred.to_str().unwrap()));
+}
+
+#[tokio::test]
+async fn a_file_matching_a_glob_created_after_start_is_watched_and_others_are_not() {
+    let dir = tempdir();
+    let pattern = dir.path().join("id_*").display().to_string();
+    let Some(mut agent) = agent(vec![spec("ssh-keys", &[pattern])]).await else {
+        return;
+    };
+    let key = dir.path().join("id_new");
+    std::fs::write(&key, "key").unwrap();
+    let other = dir.path().join("known_hosts");
+    std::fs::write(&other, "host").unwrap();
+
+    let pid = act(&["read", key.to_str().unwrap()]);
+    let o = file_open_by(&mut agent, pid)
+        .await
+        .expect("read of the new key observed");
+    assert_eq!(path_of(&o), ("ssh-keys", key.to_str().unwrap()));
+
+    let pid = act(&["read", other.to_str().unwrap()]);
+    let noise = wait_until(
+        Duration::from_millis(700),
+        agent.next_matching(|o| o.process.pid == pid && matches!(o.what, What::FileOpen { .. })),
+    )
+    .await;
+    assert!(
+        noise.is_none(),
+        "a name outside the glob was reported: {noise:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_credential_in_a_directory_created_after_start_is_watched() {
+    let home = tempdir();
+    let cred = home.path().join(".aws").join("credentials");
+    let Some(mut agent) = agent(vec![spec("aws", &[cred.display().to_string()])]).await else {
+        return;
+    };
+    std::fs::create_dir(home.path().join(".aws")).unwrap();
+    std::fs::write(&cred, "[default]").unwrap();
+    // inotify sees the directory, then the file; the watch follows within moments.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let found = loop {
+        let pid = act(&["read", cred.to_str().unwrap()]);
+        if let Some(o) = wait_until(
+            Duration::from_millis(300),
+            agent
+                .next_matching(|o| o.process.pid == pid && matches!(o.what, What::FileOpen { .. })),
+        )
+        .await
+        {
+            break Some(o);
+        }
+        if tokio::time::Instant::now() > deadline {
+            break None;
+        }
+    };
+    let o = found.expect("the credential created later is watched");
+    assert_eq!(path_of(&o), ("aws", cred.to_str().unwrap()));
+}
+
+#[tokio::test]
+async fn a_process_that_reads_and_exits_at_once_is_attributed_exactly() {
+    let dir = tempdir();
+    let cred = dir.path().join("token");
+    std::fs::write(&cred, "t").unwrap();
+    let Some(mut agent) = agent(vec![spec("token", &[cred.display().to_string()])]).await else {
+        return;
+    };
+    // kw-actor execs, reads and exits within a millisecond: long gone when the event is read.
+    let pid = act(&["read", cred.to_str().unwrap()]);
+    let o = file_open_by(&mut agent, pid).await.expect("read observed");
+    let actor = Path::new(env!("CARGO_BIN_EXE_kw-actor"));
+    assert_eq!(
+        Path::new(&o.process.exe),
+        actor,
+        "exe of the short-lived process"
+    );
+    assert_eq!(o.process.ppid, std::process::id());
+    let parent = o.process.ancestors.first().expect("ancestry");
+    assert_eq!(
+        parent.pid,
+        std::process::id(),
+        "nearest ancestor is the test"
+    );
+    assert_eq!(parent.exe, std::env::current_exe().unwrap());
+    assert!(
+        o.process.exe_sha256.as_ref().is_some_and(|h| h.len() == 64),
+        "exe hashed"
+    );
+}
+
+#[tokio::test]
+async fn privilege_changes_report_ids_before_and_after() {
+    let Some(mut agent) = agent(vec![]).await else {
+        return;
+    };
+    let dir = tempdir();
+    let suid = dir.path().join("kw-suid-true");
+    std::fs::copy("/bin/true", &suid).unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    let pid = act(&["as-user", "65534", suid.to_str().unwrap()]);
+        // setgid, setuid, then the exec of the setuid copy: three changes, in that order.
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let o = wait_until(
+            WAIT,
+            agent.next_matching(|o| {
+                o.process.pid == pid && matches!(o.what, What::PrivilegeChange { .. })
+            }),
+        )
+        .await
+        .unwrap_or_else(|| panic!("privilege changes missing; seen {seen:?}"));
+        let What::PrivilegeChange {
+            via,
+            old_uid,
+            old_euid,
+            new_uid,
+            new_euid,
+            ..
+        } = o.what
+        else {
+            unreachable!()
+        };
+        seen.push((via, old_uid, old_euid, new_uid, new_euid));
+    }
+    assert!(seen.contains(&("setuid", 0, 0, 65534, 65534)), "{seen:?}");
+    assert!(
+        seen.contains(&("exec-setuid", 65534, 65534, 65534, 0)),
+        "{seen:?}"
+    );
+}
