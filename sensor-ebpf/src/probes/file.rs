@@ -87,7 +87,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let parent_inode = kread::ptr(parent, o.dentry_d_inode)?;
     let parent_ino: u64 = kread::at(parent_inode, o.inode_i_ino)?;
 
-    if let Some(&watch_id) = unsafe { WATCHED_FILES.get(&key) } {
+    if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
         return emit_file(
             file,
             dentry,
@@ -107,7 +107,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
         _pad0: 0,
         ino: parent_ino,
     };
-    let Some(&dir_value) = (unsafe { WATCHED_DIRS.get(&dir) }) else {
+    let Some(&dir_value) = (unsafe { WATCHED_DIRS.get(dir) }) else {
         return Ok(());
     };
     if dir_value & DIR_ANY_NAME != 0 {
@@ -136,7 +136,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
         dir_ino: parent_ino,
         hash,
     };
-    if let Some(&watch_id) = unsafe { WATCHED_NAMES.get(&name_key) } {
+    if let Some(&watch_id) = unsafe { WATCHED_NAMES.get(name_key) } {
         return emit_file(
             file,
             dentry,
@@ -294,10 +294,10 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
     }
     // The fd is an argument, gone at exit: `sys_enter_connect` saved it for unix sockets.
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    let Some(&fd) = (unsafe { CONNECT_FDS.get(&pid_tgid) }) else {
+    let Some(&fd) = (unsafe { CONNECT_FDS.get(pid_tgid) }) else {
         return Ok(());
     };
-    let _ = CONNECT_FDS.remove(&pid_tgid);
+    let _ = CONNECT_FDS.remove(pid_tgid);
     let tgid = (pid_tgid >> 32) as u32;
     if super::task::is_self(tgid) {
         return Ok(());
@@ -316,7 +316,7 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let ino: u64 = kread::at(inode, o.inode_i_ino)?;
     let sb = kread::ptr(inode, o.inode_i_sb)?;
     let dev: u32 = kread::at(sb, o.sb_s_dev)?;
-    let Some(&watch_id) = (unsafe { WATCHED_SOCKETS.get(&FileKey { dev, _pad0: 0, ino }) }) else {
+    let Some(&watch_id) = (unsafe { WATCHED_SOCKETS.get(FileKey { dev, _pad0: 0, ino }) }) else {
         return Ok(());
     };
     let target = match kread::ptr(sk, o.sock_peer_pid) {
@@ -346,6 +346,6 @@ fn try_connect_enter(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    CONNECT_FDS.insert(&pid_tgid, &(fd as u32), 0)?;
+    CONNECT_FDS.insert(pid_tgid, fd as u32, 0)?;
     Ok(())
 }

@@ -23,7 +23,7 @@ pub fn occurrence(key: &FoldKey) -> Option<u64> {
         total: 1,
         last_emit_ns: now,
     };
-    if FOLD.insert(key, &fresh, BPF_NOEXIST as u64).is_ok() {
+    if FOLD.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
         return Some(1);
     }
     // Another CPU created the entry meanwhile.

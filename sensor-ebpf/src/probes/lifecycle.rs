@@ -7,7 +7,7 @@ use sensor_ebpf::{EventKind, ExitEvent, ForkEvent};
 use super::{
     kread,
     maps::{EVENTS, SUBMIT_FLAGS, count_lost, offsets},
-    task::{current_task, current_tgid, header, is_self},
+    task::{current_task, header, is_self},
 };
 
 /// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`.
