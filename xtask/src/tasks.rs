@@ -25,6 +25,19 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The kernel programs, linted for the target they run on.
+    sh(Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "-p",
+            "sensor-ebpf",
+            "--bins",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]))?;
     let summary = cargo_test(
         cargo()
             .args(["test", "--workspace", "--no-fail-fast"])
