@@ -1,5 +1,6 @@
-//! Project tasks. `cargo xtask setup | test | run | build`.
+//! Project tasks. `cargo xtask setup | test | run | build | bench`.
 
+mod bench;
 mod setup;
 mod tasks;
 
@@ -28,6 +29,15 @@ enum Task {
     Run,
     /// Setup, then build every binary in release mode.
     Build,
+    /// Benchmarks: `sensor` (overhead of the running sensor on this host, needs root; add
+    /// `--quick` for a short run, `--json` for machines) or `spool` (`cargo bench`).
+    Bench {
+        /// `sensor` or `spool`.
+        what: String,
+        /// Passed to the benchmark, e.g. `--quick`, `--json`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +46,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test { cargo_args } => tasks::test(&cargo_args),
         Task::Run => tasks::run(),
         Task::Build => tasks::build(),
+        Task::Bench { what, args } => bench::bench(&what, &args),
     }
 }
