@@ -158,23 +158,21 @@ pub struct Alert {
 impl Alert {
     /// Repeats with the same key fold into one alert: (rule, workload, host, resource).
     pub fn group_key(&self) -> String {
-        format!(
-            "{}|{}|{}|{}",
-            self.rule,
-            self.workload,
-            self.host.id,
-            self.resource.group_part()
-        )
+        format!("{}|{}|{}|{}", self.rule, self.workload, self.host.id, self.resource.group_part())
+    }
+
+    /// Folds one more event into this alert.
+    pub fn add_event(&mut self, count: u32, time: DateTime<Utc>) {
+        self.count += u64::from(count.max(1));
+        self.first_seen = self.first_seen.min(time);
+        self.last_seen = self.last_seen.max(time);
     }
 
     /// Builds the alert for one finding on one event.
     pub fn build(reg: &Registry, host: &Host, event: &Event, finding: &Finding) -> Self {
         let workload = finding.workload.as_deref().and_then(|n| reg.workload(n));
         let (identity_type, owner) = match workload {
-            Some(w) => (
-                w.workload.identity_type.as_str().to_owned(),
-                w.workload.owner.clone(),
-            ),
+            Some(w) => (w.workload.identity_type.as_str().to_owned(), w.workload.owner.clone()),
             None => (UNDECLARED.to_owned(), UNDECLARED.to_owned()),
         };
         let routed_to = match workload.and_then(|w| reg.teams.get(&w.workload.owner)) {
@@ -184,19 +182,10 @@ impl Alert {
             },
             None => DEFAULT_ROUTE.to_owned(),
         };
-        let name = finding
-            .workload
-            .clone()
-            .unwrap_or_else(|| UNDECLARED.to_owned());
-        let in_force = finding
-            .workload
-            .as_deref()
-            .and_then(|w| reg.change_in_force(w, event.time));
+        let name = finding.workload.clone().unwrap_or_else(|| UNDECLARED.to_owned());
+        let in_force = finding.workload.as_deref().and_then(|w| reg.change_in_force(w, event.time));
         let expired = if in_force.is_none() {
-            finding
-                .workload
-                .as_deref()
-                .and_then(|w| reg.last_expired_change(w, event.time))
+            finding.workload.as_deref().and_then(|w| reg.last_expired_change(w, event.time))
         } else {
             None
         };
@@ -215,10 +204,7 @@ impl Alert {
             summary: finding.reason.clone(),
             identity_type,
             owner,
-            host: HostRef {
-                id: host.id.clone(),
-                labels: host.labels.clone(),
-            },
+            host: HostRef { id: host.id.clone(), labels: host.labels.clone() },
             process: event.process.clone(),
             resource: finding.resource.clone(),
             expected_windows: workload.map(|w| w.rendered_windows()).unwrap_or_default(),
@@ -247,13 +233,7 @@ impl Alert {
     pub fn render_details(&self) -> String {
         let mut s = String::new();
         let mut line = |k: &str, v: String| s.push_str(&format!("{k:<18}{v}\n"));
-        line(
-            "alert",
-            format!(
-                "#{} {} [{}] {}",
-                self.id, self.rule, self.severity, self.status
-            ),
-        );
+        line("alert", format!("#{} {} [{}] {}", self.id, self.rule, self.severity, self.status));
         line("summary", self.summary.clone());
         line(
             "workload",
@@ -262,12 +242,8 @@ impl Alert {
                 self.workload, self.identity_type, self.owner
             ),
         );
-        let labels: Vec<String> = self
-            .host
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let labels: Vec<String> =
+            self.host.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         line("host", format!("{} {}", self.host.id, labels.join(",")));
         let p = &self.process;
         line(
@@ -278,24 +254,15 @@ impl Alert {
                 if p.exe.is_empty() { &p.comm } else { &p.exe },
                 p.uid,
                 p.euid,
-                p.login_uid
-                    .map(|u| format!(" loginuid {u}"))
-                    .unwrap_or_default(),
-                if p.tty.is_empty() {
-                    String::new()
-                } else {
-                    format!(" tty {}", p.tty)
-                }
+                p.login_uid.map(|u| format!(" loginuid {u}")).unwrap_or_default(),
+                if p.tty.is_empty() { String::new() } else { format!(" tty {}", p.tty) }
             ),
         );
         if !p.cmdline.is_empty() {
             line("cmdline", p.cmdline.join(" "));
         }
         line("ancestry", p.ancestry_line());
-        line(
-            "resource",
-            format!("{} ({})", self.resource.render(), self.resource.kind),
-        );
+        line("resource", format!("{} ({})", self.resource.render(), self.resource.kind));
         line(
             "expected window",
             if self.expected_windows.is_empty() {
@@ -308,18 +275,9 @@ impl Alert {
             line("local time", t.clone());
         }
         let change = |c: &ChangeRef| {
-            format!(
-                "{} {} to {} ({})",
-                c.name,
-                c.from.to_rfc3339(),
-                c.until.to_rfc3339(),
-                c.reason
-            )
+            format!("{} {} to {} ({})", c.name, c.from.to_rfc3339(), c.until.to_rfc3339(), c.reason)
         };
-        line(
-            "approved change",
-            self.approved_change.as_ref().map_or("none".into(), change),
-        );
+        line("approved change", self.approved_change.as_ref().map_or("none".into(), change));
         if let Some(c) = &self.last_expired_change {
             line("last change ended", change(c));
         }
@@ -330,13 +288,7 @@ impl Alert {
         for r in &self.recent_revisions {
             line(
                 "revision",
-                format!(
-                    "{} {} by {} at {}",
-                    r.revision,
-                    r.action,
-                    r.author,
-                    r.time.to_rfc3339()
-                ),
+                format!("{} {} by {} at {}", r.revision, r.action, r.author, r.time.to_rfc3339()),
             );
         }
         for t in &self.transitions {
@@ -348,10 +300,7 @@ impl Alert {
                     t.from,
                     t.to,
                     t.actor,
-                    t.note
-                        .as_deref()
-                        .map(|n| format!(": {n}"))
-                        .unwrap_or_default()
+                    t.note.as_deref().map(|n| format!(": {n}")).unwrap_or_default()
                 ),
             );
         }

@@ -29,9 +29,7 @@ pub fn api_server(api: Api) -> pb::api_service_server::ApiServiceServer<Api> {
 }
 
 async fn blocking<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Status::internal("internal error"))
+    tokio::task::spawn_blocking(f).await.map_err(|_| Status::internal("internal error"))
 }
 
 /// The one mapping from store errors to gRPC codes.
@@ -61,11 +59,7 @@ fn parse_kind(s: &str) -> Result<Kind, Status> {
     Kind::parse_loose(s).ok_or_else(|| {
         Status::invalid_argument(format!(
             "unknown kind {s:?}; expected one of {}",
-            Kind::ALL
-                .iter()
-                .map(|k| k.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
         ))
     })
 }
@@ -111,11 +105,7 @@ impl Api {
         registry: Arc<RegistryHandle>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self {
-            store,
-            registry,
-            clock,
-        }
+        Self { store, registry, clock }
     }
 
     /// The caller's token, from `authorization: Bearer …`.
@@ -124,11 +114,10 @@ impl Api {
             .metadata()
             .get("authorization")
             .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>`"))?;
-        let secret = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("expected `authorization: Bearer <token>`"))?;
+        let secret =
+            header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or_else(|| {
+                Status::unauthenticated("expected `authorization: Bearer <token>`")
+            })?;
         let hash = auth::hash_secret(secret.trim());
         let store = self.store.clone();
         blocking(move || store.token(&hash))
@@ -169,14 +158,8 @@ impl pb::api_service_server::ApiService for Api {
                     teams.push(owning_team(old, &before.objects));
                 }
                 for team in teams {
-                    auth::authorize(
-                        &who,
-                        &Action::WriteDeclaration {
-                            kind: d.kind(),
-                            team,
-                        },
-                    )
-                    .map_err(|e| e.to_string())?;
+                    auth::authorize(&who, &Action::WriteDeclaration { kind: d.kind(), team })
+                        .map_err(|e| e.to_string())?;
                 }
                 Ok(())
             };
@@ -221,9 +204,7 @@ impl pb::api_service_server::ApiService for Api {
         let req = request.into_inner();
         let kind = parse_kind(&req.kind)?;
         let store = self.store.clone();
-        let stored = blocking(move || store.declarations())
-            .await?
-            .map_err(store_status)?;
+        let stored = blocking(move || store.declarations()).await?.map_err(store_status)?;
         let objects: Vec<pb::StoredObject> = stored
             .into_iter()
             .filter(|d| {
@@ -255,10 +236,7 @@ impl pb::api_service_server::ApiService for Api {
             let allowed = |d: &Declaration, objects: &Objects| -> Result<(), String> {
                 auth::authorize(
                     &who,
-                    &Action::WriteDeclaration {
-                        kind: d.kind(),
-                        team: owning_team(d, objects),
-                    },
+                    &Action::WriteDeclaration { kind: d.kind(), team: owning_team(d, objects) },
                 )
                 .map_err(|e| e.to_string())
             };
@@ -266,9 +244,7 @@ impl pb::api_service_server::ApiService for Api {
         })
         .await?
         .map_err(registry_status)?;
-        Ok(Response::new(pb::DeleteResponse {
-            revision: change.revision,
-        }))
+        Ok(Response::new(pb::DeleteResponse { revision: change.revision }))
     }
 
     async fn history(
@@ -278,15 +254,10 @@ impl pb::api_service_server::ApiService for Api {
         self.authorized(&request, Action::ReadDeclarations).await?;
         let req = request.into_inner();
         let kind = parse_kind(&req.kind)?;
-        let limit = if req.limit == 0 {
-            50
-        } else {
-            req.limit as usize
-        };
+        let limit = if req.limit == 0 { 50 } else { req.limit as usize };
         let store = self.store.clone();
-        let revs = blocking(move || store.history(kind, &req.name, limit))
-            .await?
-            .map_err(store_status)?;
+        let revs =
+            blocking(move || store.history(kind, &req.name, limit)).await?.map_err(store_status)?;
         Ok(Response::new(pb::HistoryResponse {
             revisions: revs
                 .into_iter()
@@ -329,9 +300,7 @@ impl pb::api_service_server::ApiService for Api {
             filter.owner = who.team.clone();
         }
         let store = self.store.clone();
-        let alerts = blocking(move || store.alerts(&filter))
-            .await?
-            .map_err(store_status)?;
+        let alerts = blocking(move || store.alerts(&filter)).await?.map_err(store_status)?;
         Ok(Response::new(pb::ListAlertsResponse {
             alerts: alerts.iter().map(alert_to_proto).collect(),
         }))
@@ -369,13 +338,8 @@ impl pb::api_service_server::ApiService for Api {
             .await?
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("alert {id} not found")))?;
-        auth::authorize(
-            &who,
-            &Action::TransitionAlert {
-                team: alert.owner.clone(),
-            },
-        )
-        .map_err(|d| Status::permission_denied(d.to_string()))?;
+        auth::authorize(&who, &Action::TransitionAlert { team: alert.owner.clone() })
+            .map_err(|d| Status::permission_denied(d.to_string()))?;
         let (store, now) = (self.store.clone(), self.clock.now());
         let note = Some(req.note).filter(|n| !n.is_empty());
         let updated = blocking(move || store.transition(id, to, &who.actor(), note, now))
@@ -402,27 +366,16 @@ impl pb::api_service_server::ApiService for Api {
         }
         let after = match req.page_token.as_str() {
             "" => None,
-            t => Some(
-                t.parse::<Cursor>()
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
-            ),
+            t => Some(t.parse::<Cursor>().map_err(|e| Status::invalid_argument(e.to_string()))?),
         };
         let query = TimelineQuery {
             host_id: req.host.clone(),
             from: to_time(req.from_ns),
-            to: if req.to_ns == 0 {
-                to_time(u64::MAX >> 1)
-            } else {
-                to_time(req.to_ns)
-            },
+            to: if req.to_ns == 0 { to_time(u64::MAX >> 1) } else { to_time(req.to_ns) },
             pid: req.pid,
             kinds: req.kinds,
             after,
-            limit: if req.page_size == 0 {
-                500
-            } else {
-                req.page_size.min(10_000) as usize
-            },
+            limit: if req.page_size == 0 { 500 } else { req.page_size.min(10_000) as usize },
         };
         let store = self.store.clone();
         let host = req.host;
@@ -462,11 +415,7 @@ impl pb::api_service_server::ApiService for Api {
             Status::invalid_argument(format!(
                 "unknown role {:?}; expected one of {}",
                 req.role,
-                Role::ALL
-                    .iter()
-                    .map(|r| r.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                Role::ALL.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(", ")
             ))
         })?;
         let team = Some(req.team).filter(|t| !t.is_empty());
@@ -475,35 +424,19 @@ impl pb::api_service_server::ApiService for Api {
                 return Err(Status::invalid_argument("an owner token needs --team"));
             }
             (Role::Owner, Some(t)) if !self.registry.snapshot().teams.contains_key(t) => {
-                return Err(Status::failed_precondition(format!(
-                    "team {t:?} is not declared"
-                )));
+                return Err(Status::failed_precondition(format!("team {t:?} is not declared")));
             }
             (Role::Owner, Some(_)) => {}
             (_, Some(_)) => {
-                return Err(Status::invalid_argument(
-                    "only owner tokens belong to a team",
-                ));
+                return Err(Status::invalid_argument("only owner tokens belong to a team"));
             }
             (_, None) => {}
         }
-        let name = if req.name.is_empty() {
-            format!("{role}-token")
-        } else {
-            req.name
-        };
+        let name = if req.name.is_empty() { format!("{role}-token") } else { req.name };
         let secret = auth::new_secret();
-        let record = TokenRecord {
-            id: 0,
-            name,
-            role,
-            team,
-            created: self.clock.now(),
-        };
+        let record = TokenRecord { id: 0, name, role, team, created: self.clock.now() };
         let (store, hash) = (self.store.clone(), auth::hash_secret(&secret));
-        let id = blocking(move || store.put_token(&record, &hash))
-            .await?
-            .map_err(store_status)?;
+        let id = blocking(move || store.put_token(&record, &hash)).await?.map_err(store_status)?;
         Ok(Response::new(pb::CreateTokenResponse { token: secret, id }))
     }
 

@@ -29,14 +29,8 @@ pub enum Role {
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 6] = [
-        Role::Admin,
-        Role::Iam,
-        Role::Secops,
-        Role::Owner,
-        Role::Responder,
-        Role::Sensor,
-    ];
+    pub const ALL: [Role; 6] =
+        [Role::Admin, Role::Iam, Role::Secops, Role::Owner, Role::Responder, Role::Sensor];
 
     /// The lowercase name.
     pub fn as_str(self) -> &'static str {
@@ -135,26 +129,11 @@ pub fn authorize(who: &TokenRecord, action: &Action) -> Result<(), Denied> {
         (R::Admin, _) => true,
         (R::Sensor, _) => false,
         (_, A::ReadDeclarations | A::ReadAlerts) => true,
-        (
-            R::Iam,
-            A::WriteDeclaration {
-                kind: Kind::Watch, ..
-            },
-        ) => true,
-        (
-            R::Secops,
-            A::WriteDeclaration {
-                kind: Kind::Team | Kind::Detections,
-                ..
-            },
-        ) => true,
-        (
-            R::Owner,
-            A::WriteDeclaration {
-                kind: Kind::Workload | Kind::ApprovedChange,
-                team,
-            },
-        ) => own_team(team),
+        (R::Iam, A::WriteDeclaration { kind: Kind::Watch, .. }) => true,
+        (R::Secops, A::WriteDeclaration { kind: Kind::Team | Kind::Detections, .. }) => true,
+        (R::Owner, A::WriteDeclaration { kind: Kind::Workload | Kind::ApprovedChange, team }) => {
+            own_team(team)
+        }
         (R::Secops | R::Responder, A::TransitionAlert { .. } | A::ReadTimeline) => true,
         (R::Owner, A::TransitionAlert { team }) => own_team(&Some(team.clone())),
         _ => false,
@@ -166,9 +145,7 @@ pub fn authorize(who: &TokenRecord, action: &Action) -> Result<(), Denied> {
             A::WriteDeclaration { kind, team } => {
                 format!(
                     "change {kind} declarations{}",
-                    team.as_ref()
-                        .map(|t| format!(" of team {t}"))
-                        .unwrap_or_default()
+                    team.as_ref().map(|t| format!(" of team {t}")).unwrap_or_default()
                 )
             }
             A::ReadDeclarations => "read declarations".into(),
@@ -177,10 +154,7 @@ pub fn authorize(who: &TokenRecord, action: &Action) -> Result<(), Denied> {
             A::ReadTimeline => "read host timelines".into(),
             A::CreateToken => "create tokens".into(),
         };
-        Err(Denied {
-            role: who.role,
-            action,
-        })
+        Err(Denied { role: who.role, action })
     }
 }
 
@@ -200,10 +174,8 @@ mod tests {
 
     #[test]
     fn matrix() {
-        let wl = |team: &str| Action::WriteDeclaration {
-            kind: Kind::Workload,
-            team: Some(team.into()),
-        };
+        let wl =
+            |team: &str| Action::WriteDeclaration { kind: Kind::Workload, team: Some(team.into()) };
         assert!(authorize(&token(Role::Admin, None), &Action::CreateToken).is_ok());
         assert!(authorize(&token(Role::Owner, Some("pay")), &wl("pay")).is_ok());
         let denied = authorize(&token(Role::Owner, Some("pay")), &wl("web")).unwrap_err();
@@ -214,10 +186,7 @@ mod tests {
         assert!(
             authorize(
                 &token(Role::Iam, None),
-                &Action::WriteDeclaration {
-                    kind: Kind::Watch,
-                    team: None
-                }
+                &Action::WriteDeclaration { kind: Kind::Watch, team: None }
             )
             .is_ok()
         );

@@ -30,11 +30,7 @@ pub fn host_from_hello(h: &pb::Hello) -> Result<Host, ConvertError> {
     }
     Ok(Host {
         id: h.host_id.clone(),
-        labels: h
-            .labels
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
+        labels: h.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         sensor_version: h.sensor_version.clone(),
         kernel: h.kernel.clone(),
     })
@@ -69,10 +65,7 @@ pub fn events_from_batch(host_id: &str, batch: pb::EventBatch) -> Result<Vec<Eve
 /// One event.
 pub fn event_from_proto(host_id: &str, e: pb::Event) -> Result<Event, ConvertError> {
     let seq = e.seq;
-    let bad = |reason: &str| ConvertError::Event {
-        seq,
-        reason: reason.to_owned(),
-    };
+    let bad = |reason: &str| ConvertError::Event { seq, reason: reason.to_owned() };
     let time_ns = i64::try_from(e.time_ns).map_err(|_| bad("time_ns out of range"))?;
     if time_ns == 0 {
         return Err(bad("time_ns is 0"));
@@ -129,11 +122,7 @@ impl TryFrom<pb::ProcessIdentity> for Process {
             ancestors: p
                 .ancestors
                 .into_iter()
-                .map(|a| Ancestor {
-                    pid: a.pid,
-                    exe: a.exe,
-                    comm: a.comm,
-                })
+                .map(|a| Ancestor { pid: a.pid, exe: a.exe, comm: a.comm })
                 .collect(),
         })
     }
@@ -165,11 +154,7 @@ impl TryFrom<pb::event::Kind> for EventKind {
                 if f.path.is_empty() {
                     return Err("file access without a path".into());
                 }
-                EventKind::FileAccess {
-                    watch: f.watch,
-                    path: f.path,
-                    write: f.write,
-                }
+                EventKind::FileAccess { watch: f.watch, path: f.path, write: f.write }
             }
             K::SecretAccess(s) => {
                 let method = pb::SecretMethod::try_from(s.method)
@@ -200,16 +185,9 @@ impl TryFrom<pb::event::Kind> for EventKind {
                     protocol: protocol.into(),
                 }
             }
-            K::Exec(x) => EventKind::Exec {
-                filename: x.filename,
-                argv: x.argv,
-            },
-            K::Exit(x) => EventKind::Exit {
-                exit_code: x.exit_code,
-            },
-            K::Fork(x) => EventKind::Fork {
-                child_pid: x.child_pid,
-            },
+            K::Exec(x) => EventKind::Exec { filename: x.filename, argv: x.argv },
+            K::Exit(x) => EventKind::Exit { exit_code: x.exit_code },
+            K::Fork(x) => EventKind::Fork { child_pid: x.child_pid },
             K::PrivilegeChange(p) => EventKind::PrivilegeChange {
                 via: p.via,
                 old_uid: p.old_uid,
@@ -234,31 +212,23 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
             write: *write,
             ..Default::default()
         }),
-        EventKind::SecretAccess {
-            method,
-            target_pid,
-            watch,
-            path,
-        } => K::SecretAccess(pb::SecretAccess {
-            method: match method {
-                SecretMethod::ProcEnviron => pb::SecretMethod::ProcEnviron,
-                SecretMethod::ProcMem => pb::SecretMethod::ProcMem,
-                SecretMethod::Ptrace => pb::SecretMethod::Ptrace,
-                SecretMethod::ProcessVmReadv => pb::SecretMethod::ProcessVmReadv,
-                SecretMethod::Keyctl => pb::SecretMethod::Keyctl,
-                SecretMethod::UnixSocket => pb::SecretMethod::UnixSocket,
-            } as i32,
-            target_pid: *target_pid,
-            watch: watch.clone(),
-            path: path.clone(),
-            ..Default::default()
-        }),
-        EventKind::Connect {
-            watch,
-            address,
-            port,
-            protocol,
-        } => K::Connect(pb::Connect {
+        EventKind::SecretAccess { method, target_pid, watch, path } => {
+            K::SecretAccess(pb::SecretAccess {
+                method: match method {
+                    SecretMethod::ProcEnviron => pb::SecretMethod::ProcEnviron,
+                    SecretMethod::ProcMem => pb::SecretMethod::ProcMem,
+                    SecretMethod::Ptrace => pb::SecretMethod::Ptrace,
+                    SecretMethod::ProcessVmReadv => pb::SecretMethod::ProcessVmReadv,
+                    SecretMethod::Keyctl => pb::SecretMethod::Keyctl,
+                    SecretMethod::UnixSocket => pb::SecretMethod::UnixSocket,
+                } as i32,
+                target_pid: *target_pid,
+                watch: watch.clone(),
+                path: path.clone(),
+                ..Default::default()
+            })
+        }
+        EventKind::Connect { watch, address, port, protocol } => K::Connect(pb::Connect {
             watch: watch.clone(),
             address: address.clone(),
             port: u32::from(*port),
@@ -268,17 +238,11 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
                 _ => pb::Protocol::Unspecified,
             } as i32,
         }),
-        EventKind::Exec { filename, argv } => K::Exec(pb::Exec {
-            filename: filename.clone(),
-            argv: argv.clone(),
-            old_pid: 0,
-        }),
-        EventKind::Exit { exit_code } => K::Exit(pb::Exit {
-            exit_code: *exit_code,
-        }),
-        EventKind::Fork { child_pid } => K::Fork(pb::Fork {
-            child_pid: *child_pid,
-        }),
+        EventKind::Exec { filename, argv } => {
+            K::Exec(pb::Exec { filename: filename.clone(), argv: argv.clone(), old_pid: 0 })
+        }
+        EventKind::Exit { exit_code } => K::Exit(pb::Exit { exit_code: *exit_code }),
+        EventKind::Fork { child_pid } => K::Fork(pb::Fork { child_pid: *child_pid }),
         EventKind::PrivilegeChange {
             via,
             old_uid,

@@ -72,19 +72,12 @@ fn parse_endpoint(ep: &str) -> Option<Endpoint> {
 fn in_net(addr: IpAddr, net: IpAddr, prefix: u8) -> bool {
     match (addr, net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(prefix.min(32)))
-            };
+            let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = if prefix == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(prefix.min(128)))
-            };
+            let mask =
+                if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix.min(128))) };
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -94,16 +87,8 @@ fn in_net(addr: IpAddr, net: IpAddr, prefix: u8) -> bool {
 impl CompiledWatch {
     fn new(watch: Watch) -> Self {
         let paths = watch.paths.iter().filter_map(|p| glob(p).ok()).collect();
-        let endpoints = watch
-            .endpoints
-            .iter()
-            .filter_map(|e| parse_endpoint(e))
-            .collect();
-        Self {
-            watch,
-            paths,
-            endpoints,
-        }
+        let endpoints = watch.endpoints.iter().filter_map(|e| parse_endpoint(e)).collect();
+        Self { watch, paths, endpoints }
     }
 
     /// Whether `path` is one this watch guards.
@@ -151,10 +136,7 @@ impl CompiledWorkload {
         let s = &workload.selector;
         let compile = |o: &Option<String>| o.as_deref().and_then(|p| glob(p).ok());
         let globs = [&s.exe, &s.container_image, &s.k8s_pod];
-        let glob_count = globs
-            .iter()
-            .filter(|g| g.as_deref().is_some_and(is_glob))
-            .count();
+        let glob_count = globs.iter().filter(|g| g.as_deref().is_some_and(is_glob)).count();
         let literal_chars = globs
             .iter()
             .filter_map(|g| g.as_deref())
@@ -186,11 +168,7 @@ impl CompiledWorkload {
             image: compile(&s.container_image),
             pod: compile(&s.k8s_pod),
             windows,
-            specificity: Specificity {
-                selectors,
-                exact: selectors - glob_count,
-                literal_chars,
-            },
+            specificity: Specificity { selectors, exact: selectors - glob_count, literal_chars },
             workload,
         }
     }
@@ -201,25 +179,19 @@ impl CompiledWorkload {
         let glob_ok = |g: &Option<GlobMatcher>, v: &str| {
             g.as_ref().is_none_or(|g| !v.is_empty() && g.is_match(v))
         };
-        s.host_labels
-            .iter()
-            .all(|(k, v)| host.labels.get(k) == Some(v))
+        s.host_labels.iter().all(|(k, v)| host.labels.get(k) == Some(v))
             && s.uid.is_none_or(|u| p.uid == u)
             && s.user.as_ref().is_none_or(|u| {
                 p.user.as_deref() == Some(u.as_str()) || u.parse::<u32>().ok() == Some(p.uid)
             })
             && glob_ok(&self.exe, &p.exe)
-            && s.exe_sha256
-                .as_ref()
-                .is_none_or(|h| h.eq_ignore_ascii_case(&p.exe_sha256))
+            && s.exe_sha256.as_ref().is_none_or(|h| h.eq_ignore_ascii_case(&p.exe_sha256))
             && s.systemd_unit.as_ref().is_none_or(|u| *u == p.systemd_unit)
             && s.container_id.as_ref().is_none_or(|id| {
                 !p.container_id.is_empty() && p.container_id.starts_with(id.as_str())
             })
             && glob_ok(&self.image, &p.container_image)
-            && s.k8s_namespace
-                .as_ref()
-                .is_none_or(|n| *n == p.k8s_namespace)
+            && s.k8s_namespace.as_ref().is_none_or(|n| *n == p.k8s_namespace)
             && glob_ok(&self.pod, &p.k8s_pod)
     }
 
@@ -247,24 +219,17 @@ impl Settings {
         if s.and_then(|s| s.enabled) == Some(false) {
             return None;
         }
-        Some(
-            s.and_then(|s| s.severity)
-                .unwrap_or_else(|| rule.default_severity()),
-        )
+        Some(s.and_then(|s| s.severity).unwrap_or_else(|| rule.default_severity()))
     }
 
     /// Repeats closer than this fold into one alert.
     pub fn grouping_window(&self) -> chrono::Duration {
-        self.detections
-            .grouping_window
-            .map_or(chrono::Duration::hours(1), |d| d.0)
+        self.detections.grouping_window.map_or(chrono::Duration::hours(1), |d| d.0)
     }
 
     /// Dormancy period for workloads that set none.
     pub fn default_dormancy(&self) -> chrono::Duration {
-        self.detections
-            .default_dormancy
-            .map_or(chrono::Duration::days(30), |d| d.0)
+        self.detections.default_dormancy.map_or(chrono::Duration::days(30), |d| d.0)
     }
 }
 
@@ -299,10 +264,7 @@ impl Registry {
         let mut workloads = Vec::new();
         let mut teams = HashMap::new();
         let mut changes: HashMap<String, Vec<ApprovedChange>> = HashMap::new();
-        let mut detections = Detections {
-            name: "default".into(),
-            ..Detections::default()
-        };
+        let mut detections = Detections { name: "default".into(), ..Detections::default() };
         for decl in objects.values() {
             match decl {
                 Declaration::Watch(w) => {
@@ -312,10 +274,9 @@ impl Registry {
                     teams.insert(t.name.clone(), t.clone());
                 }
                 Declaration::Workload(w) => workloads.push(CompiledWorkload::new(w.clone())),
-                Declaration::ApprovedChange(c) => changes
-                    .entry(c.workload.clone())
-                    .or_default()
-                    .push(c.clone()),
+                Declaration::ApprovedChange(c) => {
+                    changes.entry(c.workload.clone()).or_default().push(c.clone())
+                }
                 Declaration::Detections(d) => detections = d.clone(),
             }
         }
@@ -350,10 +311,7 @@ impl Registry {
 
     /// Every workload that matches, most specific first (for explanations).
     pub fn all_matches(&self, host: &Host, process: &Process) -> Vec<&CompiledWorkload> {
-        self.workloads
-            .iter()
-            .filter(|w| w.matches(host, process))
-            .collect()
+        self.workloads.iter().filter(|w| w.matches(host, process)).collect()
     }
 
     /// A workload by name.
@@ -365,11 +323,8 @@ impl Registry {
     /// otherwise the first watch (by name) whose paths cover the file.
     pub fn watch_for_path(&self, named: &str, path: &str) -> Option<&CompiledWatch> {
         self.watches.get(named).or_else(|| {
-            let mut hits: Vec<&CompiledWatch> = self
-                .watches
-                .values()
-                .filter(|w| w.covers_path(path))
-                .collect();
+            let mut hits: Vec<&CompiledWatch> =
+                self.watches.values().filter(|w| w.covers_path(path)).collect();
             hits.sort_by(|a, b| a.watch.name.cmp(&b.watch.name));
             hits.into_iter().next()
         })
@@ -383,11 +338,8 @@ impl Registry {
         port: u16,
     ) -> Option<&CompiledWatch> {
         self.watches.get(named).or_else(|| {
-            let mut hits: Vec<&CompiledWatch> = self
-                .watches
-                .values()
-                .filter(|w| w.covers_endpoint(address, port))
-                .collect();
+            let mut hits: Vec<&CompiledWatch> =
+                self.watches.values().filter(|w| w.covers_endpoint(address, port)).collect();
             hits.sort_by(|a, b| a.watch.name.cmp(&b.watch.name));
             hits.into_iter().next()
         })
@@ -408,19 +360,12 @@ impl Registry {
 
     /// Any approved change of `workload` in force at `t`, whatever it covers.
     pub fn change_in_force(&self, workload: &str, t: DateTime<Utc>) -> Option<&ApprovedChange> {
-        self.changes
-            .get(workload)?
-            .iter()
-            .find(|c| c.from <= t && t < c.until)
+        self.changes.get(workload)?.iter().find(|c| c.from <= t && t < c.until)
     }
 
     /// The change of `workload` that ended most recently before `t`.
     pub fn last_expired_change(&self, workload: &str, t: DateTime<Utc>) -> Option<&ApprovedChange> {
-        self.changes
-            .get(workload)?
-            .iter()
-            .filter(|c| c.until <= t)
-            .max_by_key(|c| c.until)
+        self.changes.get(workload)?.iter().filter(|c| c.until <= t).max_by_key(|c| c.until)
     }
 
     /// Non-human workloads that declare `watch` (the credential's owners), by name.

@@ -97,10 +97,7 @@ mod tests {
             assert_eq!(d.to_string(), shown);
         }
         for bad in ["", "15", "m", "1x", "-5m", "0s"] {
-            assert!(
-                bad.parse::<HumanDuration>().is_err(),
-                "{bad:?} should be refused"
-            );
+            assert!(bad.parse::<HumanDuration>().is_err(), "{bad:?} should be refused");
         }
     }
 }

@@ -72,15 +72,8 @@ pub struct Process {
 }
 
 /// Executables whose presence among the ancestors marks an interactive session.
-const INTERACTIVE_ANCESTORS: &[&str] = &[
-    "sshd",
-    "login",
-    "sshd-session",
-    "su",
-    "sudo",
-    "tmux: server",
-    "screen",
-];
+const INTERACTIVE_ANCESTORS: &[&str] =
+    &["sshd", "login", "sshd-session", "su", "sudo", "tmux: server", "screen"];
 
 impl Process {
     /// Why this process looks like part of an interactive (human) session, if it does:
@@ -118,11 +111,8 @@ impl Process {
             }
         };
         let mut parts = vec![format!("{}[{}]", name(&self.exe, &self.comm), self.pid)];
-        parts.extend(
-            self.ancestors
-                .iter()
-                .map(|a| format!("{}[{}]", name(&a.exe, &a.comm), a.pid)),
-        );
+        parts
+            .extend(self.ancestors.iter().map(|a| format!("{}[{}]", name(&a.exe, &a.comm), a.pid)));
         parts.join(" < ")
     }
 }
@@ -229,30 +219,17 @@ impl EventKind {
     pub fn summary(&self) -> String {
         match self {
             Self::FileAccess { watch, path, write } => {
-                format!(
-                    "{} {path} (watch {watch})",
-                    if *write { "write" } else { "read" }
-                )
+                format!("{} {path} (watch {watch})", if *write { "write" } else { "read" })
             }
-            Self::SecretAccess {
-                method,
-                target_pid,
-                path,
-                ..
-            } => format!("{} of pid {target_pid} {path}", method.as_str())
-                .trim_end()
-                .to_owned(),
-            Self::Connect {
-                watch,
-                address,
-                port,
-                protocol,
-            } => {
+            Self::SecretAccess { method, target_pid, path, .. } => {
+                format!("{} of pid {target_pid} {path}", method.as_str()).trim_end().to_owned()
+            }
+            Self::Connect { watch, address, port, protocol } => {
                 format!("{protocol} {} (watch {watch})", endpoint(address, *port))
             }
-            Self::Exec { filename, argv } => format!("exec {filename} {}", argv.join(" "))
-                .trim_end()
-                .to_owned(),
+            Self::Exec { filename, argv } => {
+                format!("exec {filename} {}", argv.join(" ")).trim_end().to_owned()
+            }
             Self::Exit { exit_code } => format!("exit {exit_code}"),
             Self::Fork { child_pid } => format!("fork child {child_pid}"),
             Self::PrivilegeChange {
@@ -274,11 +251,7 @@ impl EventKind {
 
 /// `address:port`, bracketing IPv6 literals.
 pub fn endpoint(address: &str, port: u16) -> String {
-    if address.contains(':') {
-        format!("[{address}]:{port}")
-    } else {
-        format!("{address}:{port}")
-    }
+    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
 }
 
 /// One event from one host.

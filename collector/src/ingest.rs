@@ -17,7 +17,7 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    alerts::{Alert, fold_batch},
+    alerts::Alert,
     clock::Clock,
     convert::{self, ConvertError},
     detect::{self, Context},
@@ -70,9 +70,7 @@ pub struct AlertLog(Mutex<File>);
 impl AlertLog {
     /// Opens (creating) the log for appending.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        Ok(Self(Mutex::new(
-            OpenOptions::new().create(true).append(true).open(path)?,
-        )))
+        Ok(Self(Mutex::new(OpenOptions::new().create(true).append(true).open(path)?)))
     }
 
     fn append(&self, alerts: &[Alert]) {
@@ -141,10 +139,7 @@ impl Ingestor {
         let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
         let known = self.store.known_seqs(&host.id, first..=last)?;
         let total = events.len();
-        let fresh: Vec<Event> = events
-            .into_iter()
-            .filter(|e| !known.contains(&e.seq))
-            .collect();
+        let fresh: Vec<Event> = events.into_iter().filter(|e| !known.contains(&e.seq)).collect();
         let duplicates = total - fresh.len();
         let batch = self.evaluate(host, fresh);
         let activity = batch.activity.clone();
@@ -162,31 +157,30 @@ impl Ingestor {
         for a in &outcome.new_alerts {
             tracing::warn!(alert = a.id, rule = %a.rule, severity = %a.severity, workload = %a.workload, host = %a.host.id, "{}", a.summary);
         }
-        Ok(IngestReport {
-            up_to: Some(last),
-            duplicates,
-            outcome,
-        })
+        Ok(IngestReport { up_to: Some(last), duplicates, outcome })
     }
 
     /// Correlates and detects: the write a batch of new events turns into. Pure apart from
     /// reading the activity map.
     pub fn evaluate(&self, host: &Host, events: Vec<Event>) -> WriteBatch {
         let registry = self.registry.snapshot();
-        let known_activity = self
-            .activity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let known_activity = self.activity.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut activity: HashMap<String, DateTime<Utc>> = HashMap::new();
-        let mut alerts = Vec::new();
+        // Alerts of this batch by group key; repeats fold here before reaching the store.
+        let mut alerts: Vec<Alert> = Vec::new();
+        let mut by_key: HashMap<String, usize> = HashMap::new();
+        // Correlation is a pure function of the process's selector fields within one snapshot.
+        let mut matched: HashMap<MatchKey, Option<usize>> = HashMap::new();
         let mut stored = Vec::with_capacity(events.len());
         let mut seen = HashSet::new();
         for event in events {
             if !seen.insert(event.seq) {
                 continue;
             }
-            let workload = registry.correlate(host, &event.process);
+            let index = *matched.entry(MatchKey::of(&event.process)).or_insert_with(|| {
+                registry.workloads.iter().position(|w| w.matches(host, &event.process))
+            });
+            let workload = index.map(|i| &registry.workloads[i]);
             let name = workload.map(|w| w.workload.name.clone());
             let last_active = name.as_ref().and_then(|n| {
                 activity
@@ -195,13 +189,16 @@ impl Ingestor {
                     .or_else(|| registry.declared_at.get(n))
                     .copied()
             });
-            let ctx = Context {
-                host,
-                workload,
-                last_active,
-            };
+            let ctx = Context { host, workload, last_active };
             for finding in detect::detect(&registry, ctx, &event) {
-                alerts.push(Alert::build(&registry, host, &event, &finding));
+                let key = finding.group_key(&host.id);
+                match by_key.get(&key) {
+                    Some(&i) => alerts[i].add_event(event.count, event.time),
+                    None => {
+                        by_key.insert(key, alerts.len());
+                        alerts.push(Alert::build(&registry, host, &event, &finding));
+                    }
+                }
             }
             if let Some(n) = &name
                 && detect::is_use(&event.kind)
@@ -214,8 +211,38 @@ impl Ingestor {
         WriteBatch {
             events: stored,
             activity: activity.into_iter().collect(),
-            alerts: fold_batch(alerts),
+            alerts,
             grouping_window: registry.settings.grouping_window(),
+        }
+    }
+}
+
+/// The process fields workload selectors look at (host labels are fixed per batch).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MatchKey {
+    uid: u32,
+    user: Option<String>,
+    exe: String,
+    exe_sha256: String,
+    systemd_unit: String,
+    container_id: String,
+    container_image: String,
+    k8s_namespace: String,
+    k8s_pod: String,
+}
+
+impl MatchKey {
+    fn of(p: &crate::event::Process) -> Self {
+        Self {
+            uid: p.uid,
+            user: p.user.clone(),
+            exe: p.exe.clone(),
+            exe_sha256: p.exe_sha256.clone(),
+            systemd_unit: p.systemd_unit.clone(),
+            container_id: p.container_id.clone(),
+            container_image: p.container_image.clone(),
+            k8s_namespace: p.k8s_namespace.clone(),
+            k8s_pod: p.k8s_pod.clone(),
         }
     }
 }
@@ -271,28 +298,31 @@ fn policy(ingestor: &Ingestor) -> pb::CollectorMessage {
     let mut watches: Vec<pb::WatchSpec> = reg
         .watches
         .values()
-        .map(|w| pb::WatchSpec {
-            name: w.watch.name.clone(),
-            category: match w.watch.category {
-                crate::declarations::model::WatchCategory::Credential => {
-                    pb::WatchCategory::Credential
-                }
-                crate::declarations::model::WatchCategory::Secret => pb::WatchCategory::Secret,
-                crate::declarations::model::WatchCategory::AuthEndpoint => {
-                    pb::WatchCategory::AuthEndpoint
-                }
-            } as i32,
-            paths: w.watch.paths.clone(),
-            endpoints: w.watch.endpoints.clone(),
+        .map(|w| {
+            use crate::declarations::model::WatchCategory as C;
+            // Secret watches name unix sockets (ssh-agent, docker.sock); the sensor watches
+            // their connects rather than opens.
+            let (paths, unix_sockets) = match w.watch.category {
+                C::Secret => (Vec::new(), w.watch.paths.clone()),
+                _ => (w.watch.paths.clone(), Vec::new()),
+            };
+            pb::WatchSpec {
+                name: w.watch.name.clone(),
+                category: match w.watch.category {
+                    C::Credential => pb::WatchCategory::Credential,
+                    C::Secret => pb::WatchCategory::Secret,
+                    C::AuthEndpoint => pb::WatchCategory::AuthEndpoint,
+                } as i32,
+                paths,
+                endpoints: w.watch.endpoints.clone(),
+                unix_sockets,
+            }
         })
         .collect();
     watches.sort_by(|a, b| a.name.cmp(&b.name));
     let version = reg.objects.len() as u64;
     pb::CollectorMessage {
-        msg: Some(pb::collector_message::Msg::Policy(pb::Policy {
-            version,
-            watches,
-        })),
+        msg: Some(pb::collector_message::Msg::Policy(pb::Policy { version, watches })),
     }
 }
 
@@ -304,9 +334,7 @@ async fn run_stream(
 ) {
     use pb::sensor_message::Msg;
     let host = match inbound.message().await {
-        Ok(Some(pb::SensorMessage {
-            msg: Some(Msg::Hello(hello)),
-        })) => {
+        Ok(Some(pb::SensorMessage { msg: Some(Msg::Hello(hello)) })) => {
             if let Some(id) = &authenticated
                 && *id != hello.host_id
             {
@@ -331,11 +359,8 @@ async fn run_stream(
             }
         }
         Ok(Some(_)) => {
-            let _ = tx
-                .send(Err(Status::failed_precondition(
-                    "the first message must be Hello",
-                )))
-                .await;
+            let _ =
+                tx.send(Err(Status::failed_precondition("the first message must be Hello"))).await;
             return;
         }
         Ok(None) => return,
@@ -406,9 +431,7 @@ impl pb::sensor_service_server::SensorService for SensorIngest {
         &self,
         _: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        Err(Status::unimplemented(
-            "enrollment is not available in this collector yet",
-        ))
+        Err(Status::unimplemented("enrollment is not available in this collector yet"))
     }
 
     type StreamStream = CollectorStream;
@@ -420,12 +443,7 @@ impl pb::sensor_service_server::SensorService for SensorIngest {
         let authenticated = self.peer.authenticated_host(request.extensions())?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_stream(
-            self.ingestor.clone(),
-            authenticated,
-            inbound,
-            tx,
-        ));
+        tokio::spawn(run_stream(self.ingestor.clone(), authenticated, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -64,10 +64,7 @@ impl RegistryHandle {
 
     /// The current compiled snapshot.
     pub fn snapshot(&self) -> Arc<Registry> {
-        self.current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Rebuilds the snapshot from the store.
@@ -76,12 +73,7 @@ impl RegistryHandle {
             .store
             .declarations()?
             .into_iter()
-            .map(|d| {
-                (
-                    (d.declaration.kind(), d.declaration.name().to_owned()),
-                    d.declaration,
-                )
-            })
+            .map(|d| ((d.declaration.kind(), d.declaration.name().to_owned()), d.declaration))
             .collect();
         let revisions = self.store.workload_revisions(REVISIONS_IN_ALERTS)?;
         let registry = Registry::build(objects, revisions);
@@ -122,10 +114,7 @@ impl RegistryHandle {
         }
         if parsed.is_empty() && problems.is_empty() {
             problems.push(Problem {
-                file: files
-                    .first()
-                    .map(|f| f.0.clone())
-                    .unwrap_or_else(|| "(none)".into()),
+                file: files.first().map(|f| f.0.clone()).unwrap_or_else(|| "(none)".into()),
                 document: 0,
                 object: String::new(),
                 field: "(document)".into(),
@@ -141,12 +130,7 @@ impl RegistryHandle {
             let (kind, name) = (p.declaration.kind(), p.declaration.name().to_owned());
             let old = existing.get(&(kind, name.clone()));
             if old == Some(&p.declaration) {
-                out.push(ObjectChange {
-                    kind,
-                    name,
-                    action: "unchanged".into(),
-                    revision: 0,
-                });
+                out.push(ObjectChange { kind, name, action: "unchanged".into(), revision: 0 });
                 continue;
             }
             let diff = line_diff(
@@ -154,25 +138,13 @@ impl RegistryHandle {
                 &p.declaration.to_yaml(),
             );
             let action = if old.is_some() { "updated" } else { "created" };
-            out.push(ObjectChange {
-                kind,
-                name: name.clone(),
-                action: action.into(),
-                revision: 0,
-            });
-            changes.push(DeclarationChange {
-                kind,
-                name,
-                new: Some(p.declaration),
-                diff,
-            });
+            out.push(ObjectChange { kind, name: name.clone(), action: action.into(), revision: 0 });
+            changes.push(DeclarationChange { kind, name, new: Some(p.declaration), diff });
         }
         if dry_run || changes.is_empty() {
             return Ok(out);
         }
-        let revisions = self
-            .store
-            .commit_declarations(changes, author, self.clock.now())?;
+        let revisions = self.store.commit_declarations(changes, author, self.clock.now())?;
         let mut revs = revisions.into_iter();
         for change in out.iter_mut().filter(|c| c.action != "unchanged") {
             change.revision = revs.next().map_or(0, |r| r.revision);
@@ -192,9 +164,7 @@ impl RegistryHandle {
         let _guard = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let snapshot = self.snapshot();
         let Some(old) = snapshot.objects.get(&(kind, name.to_owned())) else {
-            return Err(RegistryError::Store(StoreError::NotFound(format!(
-                "{kind} {name}"
-            ))));
+            return Err(RegistryError::Store(StoreError::NotFound(format!("{kind} {name}"))));
         };
         allowed(old, &snapshot.objects).map_err(RegistryError::Refused)?;
         let users = referrers(&snapshot.objects, kind, name);
@@ -205,15 +175,8 @@ impl RegistryHandle {
             )));
         }
         let diff = line_diff(&old.to_yaml(), "");
-        let change = DeclarationChange {
-            kind,
-            name: name.to_owned(),
-            new: None,
-            diff,
-        };
-        let revs = self
-            .store
-            .commit_declarations(vec![change], author, self.clock.now())?;
+        let change = DeclarationChange { kind, name: name.to_owned(), new: None, diff };
+        let revs = self.store.commit_declarations(vec![change], author, self.clock.now())?;
         self.reload()?;
         Ok(ObjectChange {
             kind,

@@ -96,9 +96,7 @@ impl Severity {
 
     /// Parses a lowercase name.
     pub fn parse(s: &str) -> Option<Severity> {
-        [Self::Low, Self::Medium, Self::High, Self::Critical]
-            .into_iter()
-            .find(|v| v.as_str() == s)
+        [Self::Low, Self::Medium, Self::High, Self::Critical].into_iter().find(|v| v.as_str() == s)
     }
 }
 

@@ -63,20 +63,11 @@ pub struct ServeConfig {
 impl ServeConfig {
     /// Defaults for a data directory: loopback endpoints, 30 days of events.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        let parse = |s: &str| {
-            s.parse()
-                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
-        };
+        let parse = |s: &str| s.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         Self {
             data_dir: data_dir.into(),
-            sensor: Listen {
-                addr: parse(DEFAULT_SENSOR_LISTEN),
-                tls: None,
-            },
-            api: Listen {
-                addr: parse(DEFAULT_API_LISTEN),
-                tls: None,
-            },
+            sensor: Listen { addr: parse(DEFAULT_SENSOR_LISTEN), tls: None },
+            api: Listen { addr: parse(DEFAULT_API_LISTEN), tls: None },
             retention: chrono::Duration::days(30),
             allow_plaintext_remote: false,
         }
@@ -122,21 +113,12 @@ impl Collector {
             Ingestor::new(store.clone(), registry.clone(), clock.clone(), Some(log))
                 .map_err(err)?,
         );
-        Ok(Self {
-            store,
-            registry,
-            ingestor,
-            clock,
-        })
+        Ok(Self { store, registry, ingestor, clock })
     }
 
     /// The API service over this collector.
     pub fn api(&self) -> Api {
-        Api::new(
-            self.store.clone(),
-            self.registry.clone(),
-            self.clock.clone(),
-        )
+        Api::new(self.store.clone(), self.registry.clone(), self.clock.clone())
     }
 
     /// Makes sure `DATA/admin.token` holds a valid admin token; creates one when it does not.
@@ -144,12 +126,7 @@ impl Collector {
     pub fn ensure_admin_token(&self, data_dir: &Path) -> Result<bool, ServeError> {
         let path = data_dir.join(ADMIN_TOKEN_FILE);
         if let Ok(existing) = std::fs::read_to_string(&path)
-            && self
-                .store
-                .token(&auth::hash_secret(existing.trim()))
-                .ok()
-                .flatten()
-                .is_some()
+            && self.store.token(&auth::hash_secret(existing.trim())).ok().flatten().is_some()
         {
             return Ok(false);
         }
@@ -174,11 +151,7 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
     f.write_all(content.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -234,12 +207,9 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     let api_listener = TcpListener::bind(config.api.addr)
         .await
         .map_err(|e| ServeError::Bind(config.api.addr, e))?;
-    let sensor_addr = sensor_listener
-        .local_addr()
-        .map_err(|e| ServeError::Bind(config.sensor.addr, e))?;
-    let api_addr = api_listener
-        .local_addr()
-        .map_err(|e| ServeError::Bind(config.api.addr, e))?;
+    let sensor_addr =
+        sensor_listener.local_addr().map_err(|e| ServeError::Bind(config.sensor.addr, e))?;
+    let api_addr = api_listener.local_addr().map_err(|e| ServeError::Bind(config.api.addr, e))?;
     for (file, addr) in [(API_ADDR_FILE, api_addr), (SENSOR_ADDR_FILE, sensor_addr)] {
         let path = data.join(file);
         std::fs::write(&path, format!("http://{addr}\n"))
@@ -262,10 +232,7 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
         data.join(ADMIN_TOKEN_FILE).display(),
         if created { ", created now" } else { "" }
     );
-    println!(
-        "  alerts       {} (one JSON line per new alert)",
-        data.join(ALERTS_FILE).display()
-    );
+    println!("  alerts       {} (one JSON line per new alert)", data.join(ALERTS_FILE).display());
 
     let tracker = TaskTracker::new();
     let peer: Arc<dyn PeerIdentity> = Arc::new(TrustHello);

@@ -36,10 +36,7 @@ mod tests {
     fn aligns_columns() {
         let t = super::render(
             &["A", "LONG"],
-            &[
-                vec!["xxxx".into(), "1".into()],
-                vec!["y".into(), "22".into()],
-            ],
+            &[vec!["xxxx".into(), "1".into()], vec!["y".into(), "22".into()]],
         );
         assert_eq!(t, "A     LONG\nxxxx  1\ny     22\n");
     }

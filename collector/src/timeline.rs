@@ -107,15 +107,5 @@ pub fn render_table(entries: &[TimelineEntry]) -> String {
             ]
         })
         .collect();
-    table::render(
-        &[
-            "TIME",
-            "PID",
-            "KIND",
-            "WORKLOAD",
-            "WHAT",
-            "PROCESS < ANCESTORS",
-        ],
-        &rows,
-    )
+    table::render(&["TIME", "PID", "KIND", "WORKLOAD", "WHAT", "PROCESS < ANCESTORS"], &rows)
 }

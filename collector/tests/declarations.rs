@@ -29,12 +29,7 @@ fn apply(
     name: &str,
     text: &str,
 ) -> Result<Vec<collector::registry::ObjectChange>, RegistryError> {
-    reg.apply(
-        &[(name.to_owned(), text.to_owned())],
-        "alice (admin)",
-        false,
-        &allow_all,
-    )
+    reg.apply(&[(name.to_owned(), text.to_owned())], "alice (admin)", false, &allow_all)
 }
 
 #[test]
@@ -44,19 +39,13 @@ fn every_bad_declaration_is_refused_with_its_message_and_nothing_is_applied() {
     apply(&reg, "example.yaml", EXAMPLE_YAML).expect("the example applies");
     let before = store.declarations().expect("declarations");
     let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bad-declarations");
-    let mut files: Vec<_> = std::fs::read_dir(&corpus)
-        .expect("corpus")
-        .map(|e| e.expect("entry").path())
-        .collect();
+    let mut files: Vec<_> =
+        std::fs::read_dir(&corpus).expect("corpus").map(|e| e.expect("entry").path()).collect();
     files.sort();
     assert!(files.len() >= 30, "the corpus has {} files", files.len());
     let mut failures = Vec::new();
     for path in files {
-        let file = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("name")
-            .to_owned();
+        let file = path.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
         let text = std::fs::read_to_string(&path).expect("read");
         let expect = text
             .lines()
@@ -66,10 +55,8 @@ fn every_bad_declaration_is_refused_with_its_message_and_nothing_is_applied() {
         match apply(&reg, &file, &text) {
             Ok(changes) => failures.push(format!("{file}: accepted ({changes:?})")),
             Err(RegistryError::Invalid(problems)) => {
-                let shown: Vec<String> = problems
-                    .iter()
-                    .map(|p| format!("{}: {}", p.field, p.message))
-                    .collect();
+                let shown: Vec<String> =
+                    problems.iter().map(|p| format!("{}: {}", p.field, p.message)).collect();
                 if !shown.iter().any(|s| s.contains(expect)) {
                     failures.push(format!("{file}: expected {expect:?}, got {shown:#?}"));
                 }
@@ -122,10 +109,7 @@ expect:
         ],
         "the tz is checked once `from` parses; the rest are all there"
     );
-    assert!(
-        reg.snapshot().objects.is_empty(),
-        "nothing applied, not even the good Team"
-    );
+    assert!(reg.snapshot().objects.is_empty(), "nothing applied, not even the good Team");
 }
 
 #[test]
@@ -133,38 +117,21 @@ fn changes_are_revisions_with_author_time_and_diff() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, reg) = handle(dir.path());
     let first = apply(&reg, "example.yaml", EXAMPLE_YAML).expect("apply");
-    assert!(
-        first
-            .iter()
-            .all(|c| c.action == "created" && c.revision > 0),
-        "{first:?}"
-    );
+    assert!(first.iter().all(|c| c.action == "created" && c.revision > 0), "{first:?}");
     let again = apply(&reg, "example.yaml", EXAMPLE_YAML).expect("re-apply");
-    assert!(
-        again
-            .iter()
-            .all(|c| c.action == "unchanged" && c.revision == 0),
-        "{again:?}"
-    );
+    assert!(again.iter().all(|c| c.action == "unchanged" && c.revision == 0), "{again:?}");
     let edited = EXAMPLE_YAML.replace("to: \"18:00\"", "to: \"19:00\"");
     let changes = apply(&reg, "example.yaml", &edited).expect("edit");
-    let updated: Vec<_> = changes
-        .iter()
-        .filter(|c| c.action == "updated")
-        .map(|c| c.name.as_str())
-        .collect();
+    let updated: Vec<_> =
+        changes.iter().filter(|c| c.action == "updated").map(|c| c.name.as_str()).collect();
     assert_eq!(updated, vec!["payments-api"]);
-    let history = store
-        .history(Kind::Workload, "payments-api", 10)
-        .expect("history");
+    let history = store.history(Kind::Workload, "payments-api", 10).expect("history");
     assert_eq!(history.len(), 2);
     assert_eq!(history[0].action, "update");
     assert_eq!(history[0].author, "alice (admin)");
     assert_eq!(history[0].time, t("2026-11-30T09:00:00Z"));
     assert!(
-        history[0]
-            .diff
-            .contains("-     to: 18:00\n+     to: 19:00\n"),
+        history[0].diff.contains("-     to: 18:00\n+     to: 19:00\n"),
         "diff: {}",
         history[0].diff
     );
@@ -182,32 +149,22 @@ fn delete_is_refused_while_referenced_and_recorded_when_done() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (store, reg) = handle(dir.path());
     apply(&reg, "example.yaml", EXAMPLE_YAML).expect("apply");
-    let err = reg
-        .delete(Kind::Team, "team-payments", "bob", &allow_all)
-        .expect_err("referenced");
+    let err = reg.delete(Kind::Team, "team-payments", "bob", &allow_all).expect_err("referenced");
     assert_eq!(
         err.to_string(),
         "Team team-payments is still referred to by Workload payments-api; change or delete those first"
     );
-    let err = reg
-        .delete(Kind::Workload, "payments-api", "bob", &allow_all)
-        .expect_err("referenced");
+    let err =
+        reg.delete(Kind::Workload, "payments-api", "bob", &allow_all).expect_err("referenced");
     assert!(err.to_string().contains("ApprovedChange CHG-1042"), "{err}");
-    reg.delete(Kind::ApprovedChange, "CHG-1042", "bob", &allow_all)
-        .expect("delete change");
-    let deleted = reg
-        .delete(Kind::Workload, "payments-api", "bob", &allow_all)
-        .expect("delete workload");
+    reg.delete(Kind::ApprovedChange, "CHG-1042", "bob", &allow_all).expect("delete change");
+    let deleted =
+        reg.delete(Kind::Workload, "payments-api", "bob", &allow_all).expect("delete workload");
     assert_eq!(deleted.action, "deleted");
     assert!(reg.snapshot().workload("payments-api").is_none());
-    let history = store
-        .history(Kind::Workload, "payments-api", 10)
-        .expect("history");
+    let history = store.history(Kind::Workload, "payments-api", 10).expect("history");
     assert_eq!(
-        history
-            .iter()
-            .map(|r| r.action.as_str())
-            .collect::<Vec<_>>(),
+        history.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(),
         vec!["delete", "create"]
     );
     assert_eq!(history[0].author, "bob");
@@ -224,19 +181,12 @@ fn the_authorization_callback_refuses_per_document() {
             Err(format!("role iam may not change {} declarations", d.kind()))
         }
     };
-    let Err(RegistryError::Invalid(problems)) = reg.apply(
-        &[("example.yaml".into(), EXAMPLE_YAML.into())],
-        "iam",
-        false,
-        &only_watches,
-    ) else {
+    let Err(RegistryError::Invalid(problems)) =
+        reg.apply(&[("example.yaml".into(), EXAMPLE_YAML.into())], "iam", false, &only_watches)
+    else {
         panic!("should be refused")
     };
     assert_eq!(problems.len(), 5, "{problems:#?}");
-    assert!(
-        problems
-            .iter()
-            .all(|p| p.message.starts_with("role iam may not change"))
-    );
+    assert!(problems.iter().all(|p| p.message.starts_with("role iam may not change")));
     assert!(reg.snapshot().objects.is_empty());
 }

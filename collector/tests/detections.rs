@@ -20,11 +20,7 @@ struct Case {
 }
 
 fn case(name: &'static str, event: collector::event::Event, want: &[Rule]) -> Case {
-    Case {
-        name,
-        event,
-        want: want.to_vec(),
-    }
+    Case { name, event, want: want.to_vec() }
 }
 
 fn run(cases: Vec<Case>) {
@@ -38,44 +34,23 @@ fn run(cases: Vec<Case>) {
             failures.push(format!("{}: want {want:?}, got {got:?}", c.name));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} case(s) failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
 fn window_edges_are_inclusive_then_exclusive() {
     // 2026-12-01 is a Tuesday; London is on GMT (UTC+0) in December.
     run(vec![
-        case(
-            "07:59:59 before the window",
-            aws(payments(), "2026-12-01T07:59:59Z"),
-            &[OutOfWindow],
-        ),
-        case(
-            "08:00:00 first second inside",
-            aws(payments(), "2026-12-01T08:00:00Z"),
-            &[],
-        ),
+        case("07:59:59 before the window", aws(payments(), "2026-12-01T07:59:59Z"), &[OutOfWindow]),
+        case("08:00:00 first second inside", aws(payments(), "2026-12-01T08:00:00Z"), &[]),
         case("12:00 inside", aws(payments(), "2026-12-01T12:00:00Z"), &[]),
-        case(
-            "17:59:59 last second inside",
-            aws(payments(), "2026-12-01T17:59:59Z"),
-            &[],
-        ),
+        case("17:59:59 last second inside", aws(payments(), "2026-12-01T17:59:59Z"), &[]),
         case(
             "18:00:00 first second outside",
             aws(payments(), "2026-12-01T18:00:00Z"),
             &[OutOfWindow],
         ),
-        case(
-            "Saturday noon",
-            aws(payments(), "2026-12-12T12:00:00Z"),
-            &[OutOfWindow],
-        ),
+        case("Saturday noon", aws(payments(), "2026-12-12T12:00:00Z"), &[OutOfWindow]),
         case(
             "auth endpoint out of window",
             connect(payments(), "2026-12-01T19:00:00Z", "169.254.169.254", 80),
@@ -100,41 +75,17 @@ fn windows_follow_dst_in_london() {
             aws(p(), "2026-03-29T06:59:59Z"),
             &[OutOfWindow],
         ),
-        case(
-            "switch day 07:00Z is 08:00 BST",
-            aws(p(), "2026-03-29T07:00:00Z"),
-            &[],
-        ),
-        case(
-            "switch day 16:59:59Z is 17:59:59 BST",
-            aws(p(), "2026-03-29T16:59:59Z"),
-            &[],
-        ),
-        case(
-            "switch day 17:00Z is 18:00 BST",
-            aws(p(), "2026-03-29T17:00:00Z"),
-            &[OutOfWindow],
-        ),
-        case(
-            "day before: 07:30Z is 07:30 GMT",
-            aws(p(), "2026-03-28T07:30:00Z"),
-            &[OutOfWindow],
-        ),
+        case("switch day 07:00Z is 08:00 BST", aws(p(), "2026-03-29T07:00:00Z"), &[]),
+        case("switch day 16:59:59Z is 17:59:59 BST", aws(p(), "2026-03-29T16:59:59Z"), &[]),
+        case("switch day 17:00Z is 18:00 BST", aws(p(), "2026-03-29T17:00:00Z"), &[OutOfWindow]),
+        case("day before: 07:30Z is 07:30 GMT", aws(p(), "2026-03-28T07:30:00Z"), &[OutOfWindow]),
         case(
             "autumn switch day 07:59:59Z is 07:59:59 GMT",
             aws(p(), "2026-10-25T07:59:59Z"),
             &[OutOfWindow],
         ),
-        case(
-            "autumn switch day 08:00Z is 08:00 GMT",
-            aws(p(), "2026-10-25T08:00:00Z"),
-            &[],
-        ),
-        case(
-            "day before autumn switch 07:00Z is 08:00 BST",
-            aws(p(), "2026-10-24T07:00:00Z"),
-            &[],
-        ),
+        case("autumn switch day 08:00Z is 08:00 GMT", aws(p(), "2026-10-25T08:00:00Z"), &[]),
+        case("day before autumn switch 07:00Z is 08:00 BST", aws(p(), "2026-10-24T07:00:00Z"), &[]),
         case(
             "Monday after spring switch 17:30Z is 18:30 BST",
             aws(w(), "2026-03-30T17:30:00Z"),
@@ -154,28 +105,12 @@ fn windows_cross_midnight_and_follow_dst_in_new_york() {
     // DST starts Sunday 2026-03-08 02:00 local; ends Sunday 2026-11-01 02:00 local.
     let p = || process("/opt/batch/run", 0);
     run(vec![
-        case(
-            "winter 21:59:59 EST",
-            aws(p(), "2026-12-02T02:59:59Z"),
-            &[OutOfWindow],
-        ),
+        case("winter 21:59:59 EST", aws(p(), "2026-12-02T02:59:59Z"), &[OutOfWindow]),
         case("winter 22:00 EST", aws(p(), "2026-12-02T03:00:00Z"), &[]),
-        case(
-            "winter 00:00 EST, after midnight",
-            aws(p(), "2026-12-02T05:00:00Z"),
-            &[],
-        ),
+        case("winter 00:00 EST, after midnight", aws(p(), "2026-12-02T05:00:00Z"), &[]),
         case("winter 01:59:59 EST", aws(p(), "2026-12-02T06:59:59Z"), &[]),
-        case(
-            "winter 02:00 EST",
-            aws(p(), "2026-12-02T07:00:00Z"),
-            &[OutOfWindow],
-        ),
-        case(
-            "spring switch 01:59:59 EST",
-            aws(p(), "2026-03-08T06:59:59Z"),
-            &[],
-        ),
+        case("winter 02:00 EST", aws(p(), "2026-12-02T07:00:00Z"), &[OutOfWindow]),
+        case("spring switch 01:59:59 EST", aws(p(), "2026-03-08T06:59:59Z"), &[]),
         case(
             "spring switch 03:00 EDT (02:00 skipped)",
             aws(p(), "2026-03-08T07:00:00Z"),
@@ -186,26 +121,10 @@ fn windows_cross_midnight_and_follow_dst_in_new_york() {
             aws(p(), "2026-03-09T01:59:59Z"),
             &[OutOfWindow],
         ),
-        case(
-            "spring switch evening 22:00 EDT",
-            aws(p(), "2026-03-09T02:00:00Z"),
-            &[],
-        ),
-        case(
-            "autumn switch first 01:30 EDT",
-            aws(p(), "2026-11-01T05:30:00Z"),
-            &[],
-        ),
-        case(
-            "autumn switch second 01:30 EST",
-            aws(p(), "2026-11-01T06:30:00Z"),
-            &[],
-        ),
-        case(
-            "autumn switch 02:00 EST",
-            aws(p(), "2026-11-01T07:00:00Z"),
-            &[OutOfWindow],
-        ),
+        case("spring switch evening 22:00 EDT", aws(p(), "2026-03-09T02:00:00Z"), &[]),
+        case("autumn switch first 01:30 EDT", aws(p(), "2026-11-01T05:30:00Z"), &[]),
+        case("autumn switch second 01:30 EST", aws(p(), "2026-11-01T06:30:00Z"), &[]),
+        case("autumn switch 02:00 EST", aws(p(), "2026-11-01T07:00:00Z"), &[OutOfWindow]),
     ]);
 }
 
@@ -214,33 +133,13 @@ fn a_window_crossing_midnight_ends_on_the_next_day_only() {
     // friday-night: fri 22:00-02:00 Europe/London; 2026-12-04 is a Friday.
     let p = || process("/opt/fri/run", 0);
     run(vec![
-        case(
-            "Friday 21:59:59",
-            aws(p(), "2026-12-04T21:59:59Z"),
-            &[OutOfWindow],
-        ),
+        case("Friday 21:59:59", aws(p(), "2026-12-04T21:59:59Z"), &[OutOfWindow]),
         case("Friday 22:00", aws(p(), "2026-12-04T22:00:00Z"), &[]),
         case("Saturday 01:59:59", aws(p(), "2026-12-05T01:59:59Z"), &[]),
-        case(
-            "Saturday 02:00",
-            aws(p(), "2026-12-05T02:00:00Z"),
-            &[OutOfWindow],
-        ),
-        case(
-            "Saturday 23:00",
-            aws(p(), "2026-12-05T23:00:00Z"),
-            &[OutOfWindow],
-        ),
-        case(
-            "Sunday 01:00",
-            aws(p(), "2026-12-06T01:00:00Z"),
-            &[OutOfWindow],
-        ),
-        case(
-            "Thursday 23:00",
-            aws(p(), "2026-12-03T23:00:00Z"),
-            &[OutOfWindow],
-        ),
+        case("Saturday 02:00", aws(p(), "2026-12-05T02:00:00Z"), &[OutOfWindow]),
+        case("Saturday 23:00", aws(p(), "2026-12-05T23:00:00Z"), &[OutOfWindow]),
+        case("Sunday 01:00", aws(p(), "2026-12-06T01:00:00Z"), &[OutOfWindow]),
+        case("Thursday 23:00", aws(p(), "2026-12-03T23:00:00Z"), &[OutOfWindow]),
     ]);
 }
 
@@ -249,14 +148,9 @@ fn every_rule_fires_on_its_case() {
     let mut tty = payments();
     tty.tty = "pts/3".into();
     let mut over_ssh = payments();
-    over_ssh.ancestors.insert(
-        0,
-        Ancestor {
-            pid: 900,
-            exe: "/usr/sbin/sshd".into(),
-            comm: "sshd".into(),
-        },
-    );
+    over_ssh
+        .ancestors
+        .insert(0, Ancestor { pid: 900, exe: "/usr/sbin/sshd".into(), comm: "sshd".into() });
     let mut human_cat = process("/usr/bin/cat", 0);
     human_cat.login_uid = Some(1000);
     run(vec![
@@ -267,62 +161,33 @@ fn every_rule_fires_on_its_case() {
         ),
         case(
             "unknown identity on an endpoint",
-            connect(
-                process("/usr/bin/curl", 0),
-                "2026-12-01T12:00:00Z",
-                "169.254.169.254",
-                80,
-            ),
+            connect(process("/usr/bin/curl", 0), "2026-12-01T12:00:00Z", "169.254.169.254", 80),
             &[UnknownIdentity],
         ),
         case(
             "out of pattern",
-            read(
-                payments(),
-                "2026-12-01T12:00:00Z",
-                "/home/payments/.ssh/id_ed25519",
-            ),
+            read(payments(), "2026-12-01T12:00:00Z", "/home/payments/.ssh/id_ed25519"),
             &[OutOfPattern],
         ),
-        case(
-            "out of window",
-            aws(payments(), "2026-12-01T20:00:00Z"),
-            &[OutOfWindow],
-        ),
+        case("out of window", aws(payments(), "2026-12-01T20:00:00Z"), &[OutOfWindow]),
         case(
             "secret misuse by a workload",
-            secret(
-                payments(),
-                "2026-12-01T12:00:00Z",
-                SecretMethod::ProcEnviron,
-            ),
+            secret(payments(), "2026-12-01T12:00:00Z", SecretMethod::ProcEnviron),
             &[SecretMisuse],
         ),
         case(
             "secret misuse by an undeclared process",
-            secret(
-                process("/tmp/x", 0),
-                "2026-12-01T12:00:00Z",
-                SecretMethod::ProcessVmReadv,
-            ),
+            secret(process("/tmp/x", 0), "2026-12-01T12:00:00Z", SecretMethod::ProcessVmReadv),
             &[SecretMisuse],
         ),
         case(
             "declared ptrace",
-            secret(
-                process("/usr/sbin/backup", 0),
-                "2026-12-01T12:00:00Z",
-                SecretMethod::Ptrace,
-            ),
+            secret(process("/usr/sbin/backup", 0), "2026-12-01T12:00:00Z", SecretMethod::Ptrace),
             &[],
         ),
         case(
             "undeclared method of a declaring workload",
-            secret(
-                process("/usr/sbin/backup", 0),
-                "2026-12-01T12:00:00Z",
-                SecretMethod::ProcMem,
-            ),
+            secret(process("/usr/sbin/backup", 0), "2026-12-01T12:00:00Z", SecretMethod::ProcMem),
             &[SecretMisuse],
         ),
         case(
@@ -345,16 +210,8 @@ fn every_rule_fires_on_its_case() {
             setuid(process("/usr/sbin/backup", 5), "2026-12-01T12:00:00Z", 0, 0),
             &[],
         ),
-        case(
-            "service account from a tty",
-            aws(tty, "2026-12-01T12:00:00Z"),
-            &[HumanUseOfNhi],
-        ),
-        case(
-            "service account under sshd",
-            aws(over_ssh, "2026-12-01T12:00:00Z"),
-            &[HumanUseOfNhi],
-        ),
+        case("service account from a tty", aws(tty, "2026-12-01T12:00:00Z"), &[HumanUseOfNhi]),
+        case("service account under sshd", aws(over_ssh, "2026-12-01T12:00:00Z"), &[HumanUseOfNhi]),
         case(
             "someone logged in reads a service account's credential",
             aws(human_cat, "2026-12-01T12:00:00Z"),
@@ -387,11 +244,7 @@ fn every_rule_fires_on_its_case() {
 #[test]
 fn dormant_identity_uses_the_workload_period() {
     let reg = registry(DETECT_YAML);
-    let ev = read(
-        process("/usr/sbin/backup", 0),
-        "2026-12-10T12:00:00Z",
-        "/root/.ssh/id_rsa",
-    );
+    let ev = read(process("/usr/sbin/backup", 0), "2026-12-10T12:00:00Z", "/root/.ssh/id_rsa");
     let eight_days = Some(t("2026-12-02T11:00:00Z"));
     let six_days = Some(t("2026-12-04T12:00:00Z"));
     assert_eq!(
@@ -405,29 +258,25 @@ fn dormant_identity_uses_the_workload_period() {
         fired(&reg, &prod(), &ev, Some(t("2026-11-09T12:00:00Z"))),
         vec![(DormantIdentity, Some("payments-api".into()))]
     );
-    assert_eq!(
-        fired(&reg, &prod(), &ev, Some(t("2026-11-12T12:00:00Z"))),
-        vec![]
-    );
+    assert_eq!(fired(&reg, &prod(), &ev, Some(t("2026-11-12T12:00:00Z"))), vec![]);
 }
 
 #[test]
 fn an_approved_change_covers_only_its_interval_mid_burst() {
     // Saturday 2026-12-05: a burst every 10 minutes from 09:40 to 10:50; CHG-1 runs 10:00-10:30.
     let reg = registry(DETECT_YAML);
-    let got: Vec<(String, Vec<Rule>)> = [
-        "09:40", "09:50", "09:59:59", "10:00", "10:10", "10:29:59", "10:30", "10:40",
-    ]
-    .iter()
-    .map(|hm| {
-        let at = if hm.len() == 5 {
-            format!("2026-12-05T{hm}:00Z")
-        } else {
-            format!("2026-12-05T{hm}Z")
-        };
-        (hm.to_string(), rules(&reg, &prod(), &aws(payments(), &at)))
-    })
-    .collect();
+    let got: Vec<(String, Vec<Rule>)> =
+        ["09:40", "09:50", "09:59:59", "10:00", "10:10", "10:29:59", "10:30", "10:40"]
+            .iter()
+            .map(|hm| {
+                let at = if hm.len() == 5 {
+                    format!("2026-12-05T{hm}:00Z")
+                } else {
+                    format!("2026-12-05T{hm}Z")
+                };
+                (hm.to_string(), rules(&reg, &prod(), &aws(payments(), &at)))
+            })
+            .collect();
     let want: Vec<(String, Vec<Rule>)> = [
         ("09:40", vec![OutOfWindow]),
         ("09:50", vec![OutOfWindow]),
@@ -445,28 +294,17 @@ fn an_approved_change_covers_only_its_interval_mid_burst() {
 
     // The change covers out-of-window only: an undeclared credential inside it still alerts,
     // and the alert names the change in force.
-    let ev = read(
-        payments(),
-        "2026-12-05T10:10:00Z",
-        "/home/payments/.ssh/id_rsa",
-    );
+    let ev = read(payments(), "2026-12-05T10:10:00Z", "/home/payments/.ssh/id_rsa");
     let wl = reg.correlate(&prod(), &ev.process);
     let findings = collector::detect::detect(
         &reg,
-        collector::detect::Context {
-            host: &prod(),
-            workload: wl,
-            last_active: None,
-        },
+        collector::detect::Context { host: &prod(), workload: wl, last_active: None },
         &ev,
     );
     assert_eq!(findings.len(), 1);
     let alert = Alert::build(&reg, &prod(), &ev, &findings[0]);
     assert_eq!(alert.rule, OutOfPattern);
-    assert_eq!(
-        alert.approved_change.as_ref().map(|c| c.name.as_str()),
-        Some("CHG-1")
-    );
+    assert_eq!(alert.approved_change.as_ref().map(|c| c.name.as_str()), Some("CHG-1"));
     assert_eq!(alert.last_expired_change, None);
 
     // After it ends, the alert names the change that expired most recently.
@@ -474,42 +312,20 @@ fn an_approved_change_covers_only_its_interval_mid_burst() {
     let wl = reg.correlate(&prod(), &ev.process);
     let findings = collector::detect::detect(
         &reg,
-        collector::detect::Context {
-            host: &prod(),
-            workload: wl,
-            last_active: None,
-        },
+        collector::detect::Context { host: &prod(), workload: wl, last_active: None },
         &ev,
     );
     let alert = Alert::build(&reg, &prod(), &ev, &findings[0]);
     assert_eq!(alert.approved_change, None);
-    assert_eq!(
-        alert.last_expired_change.as_ref().map(|c| c.name.as_str()),
-        Some("CHG-1")
-    );
-    assert_eq!(
-        alert.expected_windows,
-        vec!["mon-fri 08:00-18:00 Europe/London".to_owned()]
-    );
-    assert_eq!(
-        alert.local_time.as_deref(),
-        Some("Sat 2026-12-05 10:40:00 GMT (Europe/London)")
-    );
+    assert_eq!(alert.last_expired_change.as_ref().map(|c| c.name.as_str()), Some("CHG-1"));
+    assert_eq!(alert.expected_windows, vec!["mon-fri 08:00-18:00 Europe/London".to_owned()]);
+    assert_eq!(alert.local_time.as_deref(), Some("Sat 2026-12-05 10:40:00 GMT (Europe/London)"));
     assert_eq!(alert.owner, "team-payments");
     assert_eq!(alert.identity_type, "service-account");
-    assert_eq!(
-        alert.routed_to,
-        "team-payments (webhook https://hooks.example.com/payments)"
-    );
+    assert_eq!(alert.routed_to, "team-payments (webhook https://hooks.example.com/payments)");
     assert_eq!(alert.resource.watch.as_deref(), Some("aws-credentials"));
-    assert_eq!(
-        alert.resource.path.as_deref(),
-        Some("/srv/payments/.aws/credentials")
-    );
-    assert_eq!(
-        alert.host.labels.get("env").map(String::as_str),
-        Some("prod")
-    );
+    assert_eq!(alert.resource.path.as_deref(), Some("/srv/payments/.aws/credentials"));
+    assert_eq!(alert.host.labels.get("env").map(String::as_str), Some("prod"));
     assert_eq!(alert.process.ancestors[0].comm, "systemd");
 }
 
@@ -519,20 +335,12 @@ fn undeclared_alerts_say_so() {
     let ev = aws(process("/usr/bin/cat", 0), "2026-12-01T12:00:00Z");
     let findings = collector::detect::detect(
         &reg,
-        collector::detect::Context {
-            host: &prod(),
-            workload: None,
-            last_active: None,
-        },
+        collector::detect::Context { host: &prod(), workload: None, last_active: None },
         &ev,
     );
     let alert = Alert::build(&reg, &prod(), &ev, &findings[0]);
     assert_eq!(
-        (
-            alert.workload.as_str(),
-            alert.owner.as_str(),
-            alert.identity_type.as_str()
-        ),
+        (alert.workload.as_str(), alert.owner.as_str(), alert.identity_type.as_str()),
         ("undeclared", "undeclared", "undeclared")
     );
     assert_eq!(alert.severity, Severity::High);
@@ -594,58 +402,35 @@ match: {user: '7'}
     let reg = registry(yaml);
     let h = host("h", &[]);
     let pick = |exe: &str, uid: u32| {
-        reg.correlate(&h, &process(exe, uid))
-            .map(|w| w.workload.name.clone())
+        reg.correlate(&h, &process(exe, uid)).map(|w| w.workload.name.clone())
     };
     assert_eq!(pick("/usr/local/bin/tool", 0).as_deref(), Some("zz-exact"));
     assert_eq!(pick("/usr/local/bin/other", 0).as_deref(), Some("aa-glob"));
     assert_eq!(pick("/usr/share/x/y", 0).as_deref(), Some("bb-short-glob"));
     assert_eq!(pick("/opt/x", 7).as_deref(), Some("a-same"));
     // `*` does not cross `/`.
-    assert_eq!(
-        pick("/usr/local/bin/sub/tool", 0).as_deref(),
-        Some("bb-short-glob")
-    );
+    assert_eq!(pick("/usr/local/bin/sub/tool", 0).as_deref(), Some("bb-short-glob"));
 }
 
 #[test]
 fn detections_settings_change_severity_and_disable_rules() {
     let mut objects = objects(DETECT_YAML);
-    let mut d = Detections {
-        name: "default".into(),
-        ..Detections::default()
-    };
-    d.rules.insert(
-        "out-of-window".into(),
-        RuleSetting {
-            severity: None,
-            enabled: Some(false),
-        },
-    );
+    let mut d = Detections { name: "default".into(), ..Detections::default() };
+    d.rules.insert("out-of-window".into(), RuleSetting { severity: None, enabled: Some(false) });
     d.rules.insert(
         "unknown-identity".into(),
-        RuleSetting {
-            severity: Some(Severity::Critical),
-            enabled: None,
-        },
+        RuleSetting { severity: Some(Severity::Critical), enabled: None },
     );
     objects.insert(
         (collector::declarations::Kind::Detections, "default".into()),
         Declaration::Detections(d),
     );
     let reg = collector::correlate::Registry::build(objects, Default::default());
-    assert_eq!(
-        rules(&reg, &prod(), &aws(payments(), "2026-12-01T20:00:00Z")),
-        vec![]
-    );
+    assert_eq!(rules(&reg, &prod(), &aws(payments(), "2026-12-01T20:00:00Z")), vec![]);
     let ev = aws(process("/usr/bin/cat", 0), "2026-12-01T12:00:00Z");
     let f = collector::detect::detect(
         &reg,
-        collector::detect::Context {
-            host: &prod(),
-            workload: None,
-            last_active: None,
-        },
+        collector::detect::Context { host: &prod(), workload: None, last_active: None },
         &ev,
     );
     assert_eq!(

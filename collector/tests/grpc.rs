@@ -140,12 +140,7 @@ async fn start() -> Running {
     let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(t("2026-12-01T12:00:00Z")));
     let registry = Arc::new(RegistryHandle::load(store.clone(), clock.clone()).expect("registry"));
     registry
-        .apply(
-            &[("detect.yaml".into(), DETECT_YAML.into())],
-            "test",
-            false,
-            &|_, _| Ok(()),
-        )
+        .apply(&[("detect.yaml".into(), DETECT_YAML.into())], "test", false, &|_, _| Ok(()))
         .expect("apply");
     let ingestor = Arc::new(
         Ingestor::new(store.clone(), registry.clone(), clock.clone(), None).expect("ingestor"),
@@ -158,9 +153,7 @@ async fn start() -> Running {
         team: None,
         created: clock.now(),
     };
-    store
-        .put_token(&record, &collector::auth::hash_secret(&admin))
-        .expect("token");
+    store.put_token(&record, &collector::auth::hash_secret(&admin)).expect("token");
 
     let sensor = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -176,14 +169,7 @@ async fn start() -> Running {
             .add_service(api_server(Api::new(store.clone(), registry, clock)))
             .serve_with_incoming(TcpListenerStream::new(api)),
     );
-    Running {
-        gated,
-        store,
-        sensor_url,
-        api_url,
-        admin,
-        _dir: dir,
-    }
+    Running { gated, store, sensor_url, api_url, admin, _dir: dir }
 }
 
 fn msg(m: Up) -> pb::SensorMessage {
@@ -202,45 +188,28 @@ async fn next(inbound: &mut tonic::Streaming<pb::CollectorMessage>) -> Down {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_acked_only_after_it_is_stored_and_a_resend_is_deduplicated() {
     let r = start().await;
-    let mut client = SensorServiceClient::connect(r.sensor_url.clone())
-        .await
-        .expect("connect");
+    let mut client = SensorServiceClient::connect(r.sensor_url.clone()).await.expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut inbound = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await.expect("stream").into_inner();
     tx.send(msg(Up::Hello(hello("web-1")))).await.expect("send");
-    let Down::Policy(policy) = next(&mut inbound).await else {
-        panic!("policy first")
-    };
+    let Down::Policy(policy) = next(&mut inbound).await else { panic!("policy first") };
     let names: Vec<&str> = policy.watches.iter().map(|w| w.name.as_str()).collect();
-    assert_eq!(
-        names,
-        vec!["aws-credentials", "aws-sts", "ssh-agent", "ssh-keys"]
-    );
+    assert_eq!(names, vec!["aws-credentials", "aws-sts", "ssh-agent", "ssh-keys"]);
 
     // Hold storage: no ack may arrive.
     r.gated.set(false);
-    let events: Vec<_> = (0..50)
-        .map(|_| aws(process("/usr/bin/cat", 0), "2026-12-01T12:00:00Z"))
-        .collect();
+    let events: Vec<_> =
+        (0..50).map(|_| aws(process("/usr/bin/cat", 0), "2026-12-01T12:00:00Z")).collect();
     let b = batch("web-1", 1, &events);
     tx.send(msg(Up::Batch(b.clone()))).await.expect("send");
     let early = tokio::time::timeout(Duration::from_millis(300), inbound.message()).await;
-    assert!(
-        early.is_err(),
-        "an ack arrived before the batch was stored: {early:?}"
-    );
+    assert!(early.is_err(), "an ack arrived before the batch was stored: {early:?}");
     let stored_now = r.store.known_seqs("web-1", 1..=50).expect("seqs").len();
     assert_eq!(stored_now, 0);
 
     // Release storage: the ack comes, and everything it covers is in the store.
     r.gated.set(true);
-    let Down::Ack(ack) = next(&mut inbound).await else {
-        panic!("ack")
-    };
+    let Down::Ack(ack) = next(&mut inbound).await else { panic!("ack") };
     assert_eq!(ack.up_to, 50);
     assert_eq!(r.store.known_seqs("web-1", 1..=50).expect("seqs").len(), 50);
     let alerts = r.store.alerts(&AlertFilter::default()).expect("alerts");
@@ -248,9 +217,7 @@ async fn a_batch_is_acked_only_after_it_is_stored_and_a_resend_is_deduplicated()
 
     // Resend (as after a lost ack): acked again, stored once.
     tx.send(msg(Up::Batch(b))).await.expect("send");
-    let Down::Ack(ack) = next(&mut inbound).await else {
-        panic!("ack")
-    };
+    let Down::Ack(ack) = next(&mut inbound).await else { panic!("ack") };
     assert_eq!(ack.up_to, 50);
     let alerts = r.store.alerts(&AlertFilter::default()).expect("alerts");
     assert_eq!(
@@ -287,53 +254,32 @@ async fn a_batch_is_acked_only_after_it_is_stored_and_a_resend_is_deduplicated()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_must_start_with_hello() {
     let r = start().await;
-    let mut client = SensorServiceClient::connect(r.sensor_url.clone())
-        .await
-        .expect("connect");
+    let mut client = SensorServiceClient::connect(r.sensor_url.clone()).await.expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut inbound = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
-    tx.send(msg(Up::Batch(batch("web-1", 1, &[]))))
-        .await
-        .expect("send");
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    tx.send(msg(Up::Batch(batch("web-1", 1, &[])))).await.expect("send");
     let status = inbound.message().await.expect_err("refused");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
 }
 
 fn with_token<T>(token: &str, message: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(message);
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("header"),
-    );
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
     req
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_checks_tokens_and_roles() {
     let r = start().await;
-    let mut api = ApiServiceClient::connect(r.api_url.clone())
-        .await
-        .expect("connect");
+    let mut api = ApiServiceClient::connect(r.api_url.clone()).await.expect("connect");
 
-    let anonymous = api
-        .who_am_i(pb::WhoAmIRequest {})
-        .await
-        .expect_err("no token");
+    let anonymous = api.who_am_i(pb::WhoAmIRequest {}).await.expect_err("no token");
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
-    let wrong = api
-        .who_am_i(with_token("kw_nope", pb::WhoAmIRequest {}))
-        .await
-        .expect_err("bad token");
+    let wrong =
+        api.who_am_i(with_token("kw_nope", pb::WhoAmIRequest {})).await.expect_err("bad token");
     assert_eq!(wrong.code(), tonic::Code::Unauthenticated);
-    let me = api
-        .who_am_i(with_token(&r.admin, pb::WhoAmIRequest {}))
-        .await
-        .expect("admin")
-        .into_inner();
+    let me =
+        api.who_am_i(with_token(&r.admin, pb::WhoAmIRequest {})).await.expect("admin").into_inner();
     assert_eq!((me.name.as_str(), me.role.as_str()), ("admin", "admin"));
 
     // An owner token for team-payments.
@@ -353,10 +299,7 @@ async fn the_api_checks_tokens_and_roles() {
     let denied = api
         .create_token(with_token(
             &owner,
-            pb::CreateTokenRequest {
-                role: "admin".into(),
-                ..Default::default()
-            },
+            pb::CreateTokenRequest { role: "admin".into(), ..Default::default() },
         ))
         .await
         .expect_err("owner cannot mint tokens");
@@ -366,27 +309,15 @@ async fn the_api_checks_tokens_and_roles() {
     let yaml = "kind: Watch\nname: new-watch\ncategory: credential\npaths: [/etc/x]\n---\n\
                 kind: ApprovedChange\nname: CHG-9\nworkload: payments-api\nfrom: 2026-12-01T10:00:00Z\n\
                 until: 2026-12-01T11:00:00Z\nreason: test\n";
-    let files = vec![pb::SourceFile {
-        name: "mixed.yaml".into(),
-        content: yaml.into(),
-    }];
+    let files = vec![pb::SourceFile { name: "mixed.yaml".into(), content: yaml.into() }];
     let resp = api
-        .apply(with_token(
-            &owner,
-            pb::ApplyRequest {
-                files: files.clone(),
-                dry_run: false,
-            },
-        ))
+        .apply(with_token(&owner, pb::ApplyRequest { files: files.clone(), dry_run: false }))
         .await
         .expect("apply call")
         .into_inner();
     assert_eq!(resp.problems.len(), 1, "{:?}", resp.problems);
     assert_eq!(resp.problems[0].document, 1);
-    assert_eq!(
-        resp.problems[0].message,
-        "role owner may not change Watch declarations"
-    );
+    assert_eq!(resp.problems[0].message, "role owner may not change Watch declarations");
     let resp = api
         .apply(with_token(
             &owner,
@@ -406,11 +337,7 @@ async fn the_api_checks_tokens_and_roles() {
     let history = api
         .history(with_token(
             &owner,
-            pb::HistoryRequest {
-                kind: "approvedchange".into(),
-                name: "CHG-9".into(),
-                limit: 5,
-            },
+            pb::HistoryRequest { kind: "approvedchange".into(), name: "CHG-9".into(), limit: 5 },
         ))
         .await
         .expect("history")
@@ -423,46 +350,26 @@ async fn the_api_checks_tokens_and_roles() {
     api.apply(with_token(
         &r.admin,
         pb::ApplyRequest {
-            files: vec![pb::SourceFile {
-                name: "t.yaml".into(),
-                content: yaml_team.into(),
-            }],
+            files: vec![pb::SourceFile { name: "t.yaml".into(), content: yaml_team.into() }],
             dry_run: false,
         },
     ))
     .await
     .expect("team");
-    let mut sensor = SensorServiceClient::connect(r.sensor_url.clone())
-        .await
-        .expect("connect");
+    let mut sensor = SensorServiceClient::connect(r.sensor_url.clone()).await.expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut inbound = sensor
-        .stream(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
-    tx.send(msg(Up::Hello(hello("web-1"))))
-        .await
-        .expect("hello");
+    let mut inbound = sensor.stream(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    tx.send(msg(Up::Hello(hello("web-1")))).await.expect("hello");
     let _policy = next(&mut inbound).await;
-    tx.send(msg(Up::Batch(batch(
-        "web-1",
-        1,
-        &[aws(payments(), "2026-12-01T20:00:00Z")],
-    ))))
-    .await
-    .expect("batch");
-    let Down::Ack(_) = next(&mut inbound).await else {
-        panic!("ack")
-    };
+    tx.send(msg(Up::Batch(batch("web-1", 1, &[aws(payments(), "2026-12-01T20:00:00Z")]))))
+        .await
+        .expect("batch");
+    let Down::Ack(_) = next(&mut inbound).await else { panic!("ack") };
 
     let list = api
         .list_alerts(with_token(
             &owner,
-            pb::ListAlertsRequest {
-                status: "open".into(),
-                ..Default::default()
-            },
+            pb::ListAlertsRequest { status: "open".into(), ..Default::default() },
         ))
         .await
         .expect("list")
@@ -495,11 +402,7 @@ async fn the_api_checks_tokens_and_roles() {
     let denied = api
         .transition_alert(with_token(
             &web_owner,
-            pb::TransitionAlertRequest {
-                id,
-                status: "acknowledged".into(),
-                note: String::new(),
-            },
+            pb::TransitionAlertRequest { id, status: "acknowledged".into(), note: String::new() },
         ))
         .await
         .expect_err("other team");
@@ -507,11 +410,7 @@ async fn the_api_checks_tokens_and_roles() {
     let acked = api
         .transition_alert(with_token(
             &owner,
-            pb::TransitionAlertRequest {
-                id,
-                status: "acknowledged".into(),
-                note: "mine".into(),
-            },
+            pb::TransitionAlertRequest { id, status: "acknowledged".into(), note: "mine".into() },
         ))
         .await
         .expect("ack")
@@ -522,11 +421,7 @@ async fn the_api_checks_tokens_and_roles() {
     let again = api
         .transition_alert(with_token(
             &owner,
-            pb::TransitionAlertRequest {
-                id,
-                status: "acknowledged".into(),
-                note: String::new(),
-            },
+            pb::TransitionAlertRequest { id, status: "acknowledged".into(), note: String::new() },
         ))
         .await
         .expect_err("already acknowledged");
@@ -540,28 +435,19 @@ async fn the_api_checks_tokens_and_roles() {
     let tl = api
         .timeline(with_token(
             &r.admin,
-            pb::TimelineRequest {
-                host: "web-1".into(),
-                ..Default::default()
-            },
+            pb::TimelineRequest { host: "web-1".into(), ..Default::default() },
         ))
         .await
         .expect("timeline")
         .into_inner();
     assert_eq!(
-        tl.entries
-            .iter()
-            .map(|e| e.kind.as_str())
-            .collect::<Vec<_>>(),
+        tl.entries.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
         vec!["file-access", "alert"]
     );
     let missing = api
         .timeline(with_token(
             &r.admin,
-            pb::TimelineRequest {
-                host: "nope".into(),
-                ..Default::default()
-            },
+            pb::TimelineRequest { host: "nope".into(), ..Default::default() },
         ))
         .await
         .expect_err("unknown host");
@@ -569,10 +455,7 @@ async fn the_api_checks_tokens_and_roles() {
     let owner_timeline = api
         .timeline(with_token(
             &owner,
-            pb::TimelineRequest {
-                host: "web-1".into(),
-                ..Default::default()
-            },
+            pb::TimelineRequest { host: "web-1".into(), ..Default::default() },
         ))
         .await
         .expect_err("owners do not read timelines");

@@ -32,20 +32,15 @@ fn a_thousand_identical_accesses_in_a_minute_are_one_alert() {
     // 1,000 reads within 59.94 s, in ten batches so folding happens in the store too.
     let events = burst(1_000, "2026-12-01T12:00:00Z", 60);
     for (i, chunk) in events.chunks(100).enumerate() {
-        let report = c
-            .ingestor
-            .ingest(&host, batch("web-1", 1 + 100 * i as u64, chunk))
-            .expect("ingest");
+        let report =
+            c.ingestor.ingest(&host, batch("web-1", 1 + 100 * i as u64, chunk)).expect("ingest");
         assert_eq!(report.up_to, Some(100 * (i as u64 + 1)));
         assert_eq!(report.outcome.events_stored, 100);
     }
     let alerts = c.store.alerts(&AlertFilter::default()).expect("alerts");
     assert_eq!(alerts.len(), 1, "{alerts:#?}");
     let a = &alerts[0];
-    assert_eq!(
-        (a.rule, a.count, a.status),
-        (Rule::UnknownIdentity, 1_000, AlertStatus::Open)
-    );
+    assert_eq!((a.rule, a.count, a.status), (Rule::UnknownIdentity, 1_000, AlertStatus::Open));
     assert_eq!(a.first_seen, t("2026-12-01T12:00:00Z"));
     assert_eq!(a.last_seen, t("2026-12-01T12:00:59.940Z"));
     let log = std::fs::read_to_string(dir.path().join("alerts.jsonl")).expect("alerts.jsonl");
@@ -55,40 +50,18 @@ fn a_thousand_identical_accesses_in_a_minute_are_one_alert() {
     // After the grouping window (1h by default) a repeat is a new alert; so is a repeat after
     // the first is resolved.
     let later = burst(1, "2026-12-01T13:30:00Z", 0);
-    c.ingestor
-        .ingest(&host, batch("web-1", 1_001, &later))
-        .expect("ingest");
-    assert_eq!(
-        c.store
-            .alerts(&AlertFilter::default())
-            .expect("alerts")
-            .len(),
-        2
-    );
+    c.ingestor.ingest(&host, batch("web-1", 1_001, &later)).expect("ingest");
+    assert_eq!(c.store.alerts(&AlertFilter::default()).expect("alerts").len(), 2);
     let newest = c.store.alerts(&AlertFilter::default()).expect("alerts")[0].id;
     c.store
-        .transition(
-            newest,
-            AlertStatus::Resolved,
-            "tester",
-            None,
-            t("2026-12-01T13:31:00Z"),
-        )
+        .transition(newest, AlertStatus::Resolved, "tester", None, t("2026-12-01T13:31:00Z"))
         .expect("resolve");
     let again = burst(1, "2026-12-01T13:35:00Z", 0);
-    c.ingestor
-        .ingest(&host, batch("web-1", 1_002, &again))
-        .expect("ingest");
+    c.ingestor.ingest(&host, batch("web-1", 1_002, &again)).expect("ingest");
     let all = c.store.alerts(&AlertFilter::default()).expect("alerts");
+    assert_eq!(all.iter().map(|a| a.count).collect::<Vec<_>>(), vec![1, 1, 1_000]);
     assert_eq!(
-        all.iter().map(|a| a.count).collect::<Vec<_>>(),
-        vec![1, 1, 1_000]
-    );
-    assert_eq!(
-        std::fs::read_to_string(dir.path().join("alerts.jsonl"))
-            .expect("log")
-            .lines()
-            .count(),
+        std::fs::read_to_string(dir.path().join("alerts.jsonl")).expect("log").lines().count(),
         3
     );
 }
@@ -104,14 +77,7 @@ fn sensor_folded_counts_add_up_and_duplicates_are_dropped() {
     let first = c.ingestor.ingest(&host, b.clone()).expect("ingest");
     assert_eq!((first.outcome.events_stored, first.duplicates), (3, 0));
     let resent = c.ingestor.ingest(&host, b).expect("resend");
-    assert_eq!(
-        (
-            resent.up_to,
-            resent.outcome.events_stored,
-            resent.duplicates
-        ),
-        (Some(12), 0, 3)
-    );
+    assert_eq!((resent.up_to, resent.outcome.events_stored, resent.duplicates), (Some(12), 0, 3));
     let alerts = c.store.alerts(&AlertFilter::default()).expect("alerts");
     assert_eq!(
         alerts.iter().map(|a| a.count).collect::<Vec<_>>(),
@@ -120,10 +86,7 @@ fn sensor_folded_counts_add_up_and_duplicates_are_dropped() {
     );
     // Same seqs from another host are other events.
     let other = c.ingestor.hello(&hello("web-2")).expect("hello");
-    let r = c
-        .ingestor
-        .ingest(&other, batch("web-2", 10, &events))
-        .expect("ingest");
+    let r = c.ingestor.ingest(&other, batch("web-2", 10, &events)).expect("ingest");
     assert_eq!(r.outcome.events_stored, 3);
 }
 
@@ -135,10 +98,7 @@ fn a_batch_that_does_not_add_up_is_refused_whole() {
     let mut b = batch("web-1", 1, &burst(3, "2026-12-01T12:00:00Z", 1));
     b.events[2].seq = 9;
     let err = c.ingestor.ingest(&host, b).expect_err("gap");
-    assert_eq!(
-        err.to_string(),
-        "batch: event 2 has seq 9, expected 3 (batches are contiguous)"
-    );
+    assert_eq!(err.to_string(), "batch: event 2 has seq 9, expected 3 (batches are contiguous)");
     let mut b = batch("web-1", 1, &burst(3, "2026-12-01T12:00:00Z", 1));
     b.events[1].count = 0;
     assert_eq!(
@@ -153,14 +113,8 @@ fn a_batch_that_does_not_add_up_is_refused_whole() {
             .to_string()
             .contains("differs from the Hello")
     );
-    let page = c
-        .store
-        .timeline(&query("web-1", 100, None))
-        .expect("timeline");
-    assert!(
-        page.entries.is_empty(),
-        "nothing from refused batches was stored"
-    );
+    let page = c.store.timeline(&query("web-1", 100, None)).expect("timeline");
+    assert!(page.entries.is_empty(), "nothing from refused batches was stored");
 }
 
 fn query(host: &str, limit: usize, after: Option<&str>) -> TimelineQuery {
@@ -184,18 +138,13 @@ fn restart_keeps_everything() {
         let host = c.ingestor.hello(&hello("web-1")).expect("hello");
         // A declared read (activity), an undeclared read (alert), an exec.
         let mut exec = aws(payments(), "2026-12-01T12:00:02Z");
-        exec.kind = EventKind::Exec {
-            filename: "/usr/bin/cat".into(),
-            argv: vec!["cat".into()],
-        };
+        exec.kind = EventKind::Exec { filename: "/usr/bin/cat".into(), argv: vec!["cat".into()] };
         let events = vec![
             aws(payments(), "2026-12-01T12:00:00Z"),
             aws(process("/usr/bin/cat", 0), "2026-12-01T12:00:01Z"),
             exec,
         ];
-        c.ingestor
-            .ingest(&host, batch("web-1", 1, &events))
-            .expect("ingest");
+        c.ingestor.ingest(&host, batch("web-1", 1, &events)).expect("ingest");
         alert_id = c.store.alerts(&AlertFilter::default()).expect("alerts")[0].id;
         clock.advance(Duration::minutes(5));
         c.store
@@ -221,36 +170,23 @@ fn restart_keeps_everything() {
     assert!(snap.workload("payments-api").is_some());
     assert_eq!(snap.of_kind(Kind::Watch).len(), 4);
     assert_eq!(
-        c.store
-            .history(Kind::Workload, "payments-api", 5)
-            .expect("history")
-            .len(),
+        c.store.history(Kind::Workload, "payments-api", 5).expect("history").len(),
         1,
         "no re-apply happened"
     );
     let host = c.store.host("web-1").expect("host").expect("stored host");
     assert_eq!(host.labels.get("env").map(String::as_str), Some("prod"));
-    let page = c
-        .store
-        .timeline(&query("web-1", 100, None))
-        .expect("timeline");
+    let page = c.store.timeline(&query("web-1", 100, None)).expect("timeline");
     let kinds: Vec<&str> = page.entries.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, vec!["file-access", "file-access", "alert", "exec"]);
     assert_eq!(page.entries[0].workload.as_deref(), Some("payments-api"));
-    let alert = c
-        .store
-        .alert(alert_id)
-        .expect("alert")
-        .expect("stored alert");
+    let alert = c.store.alert(alert_id).expect("alert").expect("stored alert");
     assert_eq!(alert.status, AlertStatus::Acknowledged);
     assert_eq!(alert.transitions.len(), 1);
     assert_eq!(alert.transitions[0].actor, "alice (responder)");
     assert_eq!(alert.transitions[0].note.as_deref(), Some("looking"));
     assert_eq!(
-        c.store
-            .token("abc123")
-            .expect("token")
-            .map(|t| (t.role, t.team)),
+        c.store.token("abc123").expect("token").map(|t| (t.role, t.team)),
         Some((Role::Owner, Some("team-payments".into())))
     );
     assert_eq!(
@@ -263,11 +199,7 @@ fn restart_keeps_everything() {
         .ingestor
         .ingest(
             &host,
-            batch(
-                "web-1",
-                1,
-                &[aws(process("/usr/bin/cat", 0), "2026-12-01T12:00:01Z")],
-            ),
+            batch("web-1", 1, &[aws(process("/usr/bin/cat", 0), "2026-12-01T12:00:01Z")]),
         )
         .expect("ingest");
     assert_eq!((r.outcome.events_stored, r.duplicates), (0, 1));
@@ -289,55 +221,34 @@ fn timeline_pages_are_stable_under_equal_timestamps() {
             e.process.exe = "/usr/bin/cat".into();
             e.process.uid = 0;
         } else {
-            e.kind = EventKind::Exec {
-                filename: "/bin/true".into(),
-                argv: vec![],
-            };
+            e.kind = EventKind::Exec { filename: "/bin/true".into(), argv: vec![] };
         }
         events.push(e);
     }
     events.extend(burst(5, "2026-12-01T12:00:01Z", 0));
     // Two batches so row ids interleave with the alert's id.
-    c.ingestor
-        .ingest(&host, batch("web-1", 1, &events[..20]))
-        .expect("ingest");
-    c.ingestor
-        .ingest(&host, batch("web-1", 21, &events[20..]))
-        .expect("ingest");
+    c.ingestor.ingest(&host, batch("web-1", 1, &events[..20])).expect("ingest");
+    c.ingestor.ingest(&host, batch("web-1", 21, &events[20..])).expect("ingest");
 
-    let whole = c
-        .store
-        .timeline(&query("web-1", 1_000, None))
-        .expect("timeline");
+    let whole = c.store.timeline(&query("web-1", 1_000, None)).expect("timeline");
     assert_eq!(whole.entries.len(), 36, "35 events and 1 alert");
     assert!(whole.next.is_none());
     let keys: Vec<(i64, u8, i64)> = whole
         .entries
         .iter()
-        .map(|e| {
-            (
-                e.time.timestamp_nanos_opt().unwrap_or(0),
-                u8::from(e.source == "alert"),
-                e.id,
-            )
-        })
+        .map(|e| (e.time.timestamp_nanos_opt().unwrap_or(0), u8::from(e.source == "alert"), e.id))
         .collect();
     let mut sorted = keys.clone();
     sorted.sort();
     assert_eq!(keys, sorted, "ordered by (time, source, id)");
-    assert_eq!(
-        whole.entries[30].kind, "alert",
-        "the alert sorts after the events of its instant"
-    );
+    assert_eq!(whole.entries[30].kind, "alert", "the alert sorts after the events of its instant");
 
     for page_size in [1, 7, 35] {
         let mut seen = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = c
-                .store
-                .timeline(&query("web-1", page_size, after.as_deref()))
-                .expect("page");
+            let page =
+                c.store.timeline(&query("web-1", page_size, after.as_deref())).expect("page");
             assert!(page.entries.len() <= page_size);
             seen.extend(page.entries.iter().map(|e| (e.source.clone(), e.id)));
             match page.next {
@@ -345,11 +256,8 @@ fn timeline_pages_are_stable_under_equal_timestamps() {
                 None => break,
             }
         }
-        let expected: Vec<(String, i64)> = whole
-            .entries
-            .iter()
-            .map(|e| (e.source.clone(), e.id))
-            .collect();
+        let expected: Vec<(String, i64)> =
+            whole.entries.iter().map(|e| (e.source.clone(), e.id)).collect();
         assert_eq!(seen, expected, "page size {page_size}");
     }
 
@@ -357,10 +265,7 @@ fn timeline_pages_are_stable_under_equal_timestamps() {
     let mut q = query("web-1", 100, None);
     q.pid = Some(1_003);
     let by_pid = c.store.timeline(&q).expect("pid");
-    assert_eq!(
-        by_pid.entries.iter().map(|e| e.pid).collect::<Vec<_>>(),
-        vec![1_003]
-    );
+    assert_eq!(by_pid.entries.iter().map(|e| e.pid).collect::<Vec<_>>(), vec![1_003]);
     let mut q = query("web-1", 100, None);
     q.kinds = vec!["alert".into()];
     assert_eq!(c.store.timeline(&q).expect("alerts").entries.len(), 1);
@@ -370,11 +275,7 @@ fn timeline_pages_are_stable_under_equal_timestamps() {
     let mut q = query("web-1", 100, None);
     q.from = t("2026-12-01T12:00:01Z");
     assert_eq!(c.store.timeline(&q).expect("range").entries.len(), 5);
-    assert!(
-        collector::timeline::render_table(&whole.entries)
-            .lines()
-            .all(|l| !l.is_empty())
-    );
+    assert!(collector::timeline::render_table(&whole.entries).lines().all(|l| !l.is_empty()));
 }
 
 trait NowForTest {

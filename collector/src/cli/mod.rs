@@ -40,12 +40,7 @@ pub struct Cli {
 pub struct Global {
     /// Collector data directory: where `serve` keeps its database, and where client commands
     /// look for api.addr and admin.token.
-    #[arg(
-        long,
-        global = true,
-        env = "KEYWATCH_DATA",
-        default_value = "./keywatch-data"
-    )]
+    #[arg(long, global = true, env = "KEYWATCH_DATA", default_value = "./keywatch-data")]
     pub data: PathBuf,
     /// API address, e.g. http://127.0.0.1:7481 (default: read from DATA/api.addr).
     #[arg(long, global = true, env = "KEYWATCH_SERVER")]
@@ -270,10 +265,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Delete(a) => {
             let mut c = client::connect(&target()?).await?;
             let r = c
-                .delete(pb::DeleteRequest {
-                    kind: a.kind.clone(),
-                    name: a.name.clone(),
-                })
+                .delete(pb::DeleteRequest { kind: a.kind.clone(), name: a.name.clone() })
                 .await
                 .map_err(client::explain)?
                 .into_inner();
@@ -283,11 +275,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::History(a) => {
             let mut c = client::connect(&target()?).await?;
             let r = c
-                .history(pb::HistoryRequest {
-                    kind: a.kind,
-                    name: a.name,
-                    limit: 50,
-                })
+                .history(pb::HistoryRequest { kind: a.kind, name: a.name, limit: 50 })
                 .await
                 .map_err(client::explain)?
                 .into_inner();
@@ -331,16 +319,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Whoami => {
             let mut c = client::connect(&target()?).await?;
-            let r = c
-                .who_am_i(pb::WhoAmIRequest {})
-                .await
-                .map_err(client::explain)?
-                .into_inner();
-            let team = if r.team.is_empty() {
-                String::new()
-            } else {
-                format!(" (team {})", r.team)
-            };
+            let r = c.who_am_i(pb::WhoAmIRequest {}).await.map_err(client::explain)?.into_inner();
+            let team =
+                if r.team.is_empty() { String::new() } else { format!(" (team {})", r.team) };
             println!("{} — role {}{team}", r.name, r.role);
             Ok(ExitCode::SUCCESS)
         }
@@ -350,9 +331,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Collects YAML files: files as given, directories walked in name order.
 pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()?;
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
         entries.sort();
         for p in entries {
             if p.is_dir() {
@@ -375,11 +355,7 @@ pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>>
     if files.is_empty() {
         bail!(
             "no .yaml or .yml files found in {}",
-            paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         );
     }
     files
@@ -407,11 +383,8 @@ async fn apply(c: &mut client::Client, a: ApplyArgs) -> anyhow::Result<ExitCode>
         .into_inner();
     if !r.problems.is_empty() {
         for p in &r.problems {
-            let object = if p.object.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", p.object)
-            };
+            let object =
+                if p.object.is_empty() { String::new() } else { format!(" ({})", p.object) };
             eprintln!(
                 "error: {}: document {}{object}: {}: {}",
                 p.file, p.document, p.field, p.message
@@ -421,11 +394,8 @@ async fn apply(c: &mut client::Client, a: ApplyArgs) -> anyhow::Result<ExitCode>
         return Ok(ExitCode::from(2));
     }
     for ch in &r.changes {
-        let rev = if ch.revision > 0 {
-            format!(" (revision {})", ch.revision)
-        } else {
-            String::new()
-        };
+        let rev =
+            if ch.revision > 0 { format!(" (revision {})", ch.revision) } else { String::new() };
         let action = if a.dry_run && ch.action != "unchanged" {
             format!("would be {}", ch.action)
         } else {
@@ -438,22 +408,14 @@ async fn apply(c: &mut client::Client, a: ApplyArgs) -> anyhow::Result<ExitCode>
 
 async fn get(c: &mut client::Client, a: GetArgs) -> anyhow::Result<ExitCode> {
     let r = c
-        .get(pb::GetRequest {
-            kind: a.kind,
-            name: a.name.unwrap_or_default(),
-        })
+        .get(pb::GetRequest { kind: a.kind, name: a.name.unwrap_or_default() })
         .await
         .map_err(client::explain)?
         .into_inner();
     let decls: Vec<(Declaration, i64)> = r
         .objects
         .iter()
-        .map(|o| {
-            Ok((
-                serde_json::from_str(&o.json).context("decoding a declaration")?,
-                o.revision,
-            ))
-        })
+        .map(|o| Ok((serde_json::from_str(&o.json).context("decoding a declaration")?, o.revision)))
         .collect::<anyhow::Result<_>>()?;
     match a.output {
         Output::Json => {
@@ -468,18 +430,10 @@ async fn get(c: &mut client::Client, a: GetArgs) -> anyhow::Result<ExitCode> {
             let rows: Vec<Vec<String>> = decls
                 .iter()
                 .map(|(d, rev)| {
-                    vec![
-                        d.kind().to_string(),
-                        d.name().to_owned(),
-                        rev.to_string(),
-                        describe(d),
-                    ]
+                    vec![d.kind().to_string(), d.name().to_owned(), rev.to_string(), describe(d)]
                 })
                 .collect();
-            print!(
-                "{}",
-                table::render(&["KIND", "NAME", "REVISION", "SUMMARY"], &rows)
-            );
+            print!("{}", table::render(&["KIND", "NAME", "REVISION", "SUMMARY"], &rows));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -521,11 +475,8 @@ fn decode_alert(a: &pb::Alert) -> anyhow::Result<Alert> {
 
 async fn alerts_cmd(c: &mut client::Client, a: AlertsArgs) -> anyhow::Result<ExitCode> {
     if let Some(AlertsCommand::Show { id, json }) = a.show {
-        let r = c
-            .get_alert(pb::GetAlertRequest { id })
-            .await
-            .map_err(client::explain)?
-            .into_inner();
+        let r =
+            c.get_alert(pb::GetAlertRequest { id }).await.map_err(client::explain)?.into_inner();
         let alert = decode_alert(&r)?;
         if json {
             println!("{}", serde_json::to_string_pretty(&alert)?);
@@ -546,11 +497,7 @@ async fn alerts_cmd(c: &mut client::Client, a: AlertsArgs) -> anyhow::Result<Exi
         .await
         .map_err(client::explain)?
         .into_inner();
-    let list: Vec<Alert> = r
-        .alerts
-        .iter()
-        .map(decode_alert)
-        .collect::<anyhow::Result<_>>()?;
+    let list: Vec<Alert> = r.alerts.iter().map(decode_alert).collect::<anyhow::Result<_>>()?;
     if a.json {
         for alert in &list {
             println!("{}", serde_json::to_string(alert)?);
@@ -620,12 +567,7 @@ async fn timeline_cmd(c: &mut client::Client, a: TimelineArgs) -> anyhow::Result
             println!("{}", serde_json::to_string(e)?);
         }
     } else if entries.is_empty() {
-        eprintln!(
-            "nothing on {} between {} and {}",
-            a.host,
-            from.to_rfc3339(),
-            to.to_rfc3339()
-        );
+        eprintln!("nothing on {} between {} and {}", a.host, from.to_rfc3339(), to.to_rfc3339());
     } else {
         print!("{}", timeline::render_table(&entries));
     }

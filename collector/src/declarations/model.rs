@@ -26,13 +26,8 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in dependency order (a kind only refers to kinds before it).
-    pub const ALL: [Kind; 5] = [
-        Kind::Watch,
-        Kind::Team,
-        Kind::Workload,
-        Kind::ApprovedChange,
-        Kind::Detections,
-    ];
+    pub const ALL: [Kind; 5] =
+        [Kind::Watch, Kind::Team, Kind::Workload, Kind::ApprovedChange, Kind::Detections];
 
     /// The name used in YAML `kind:`.
     pub fn as_str(self) -> &'static str {
@@ -48,11 +43,8 @@ impl Kind {
     /// Parses a kind as people type it on the command line: `Workload`, `workload`, `workloads`,
     /// `approved-change`, `approvedchanges`…
     pub fn parse_loose(s: &str) -> Option<Kind> {
-        let norm: String = s
-            .chars()
-            .filter(|c| *c != '-' && *c != '_')
-            .collect::<String>()
-            .to_ascii_lowercase();
+        let norm: String =
+            s.chars().filter(|c| *c != '-' && *c != '_').collect::<String>().to_ascii_lowercase();
         let singular = norm
             .strip_suffix("es")
             .filter(|n| n.ends_with("watch"))

@@ -39,11 +39,7 @@ pub struct Problem {
 }
 
 fn object_suffix(object: &str) -> String {
-    if object.is_empty() {
-        String::new()
-    } else {
-        format!(" ({object})")
-    }
+    if object.is_empty() { String::new() } else { format!(" ({object})") }
 }
 
 impl Problem {
@@ -65,20 +61,13 @@ impl Problem {
 }
 
 fn kinds_list() -> String {
-    Kind::ALL
-        .iter()
-        .map(|k| k.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+    Kind::ALL.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// Parses every document of one file. Problems are appended; nothing stops at the first one.
 pub fn parse_file(file: &str, text: &str, out: &mut Vec<Parsed>, problems: &mut Vec<Problem>) {
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let source = Source {
-            file: file.to_owned(),
-            document: index + 1,
-        };
+        let source = Source { file: file.to_owned(), document: index + 1 };
         let value = match Value::deserialize(document) {
             Ok(value) => value,
             Err(e) => {
@@ -93,10 +82,7 @@ pub fn parse_file(file: &str, text: &str, out: &mut Vec<Parsed>, problems: &mut 
             }
         };
         match parse_document(&source, value) {
-            Ok(Some(declaration)) => out.push(Parsed {
-                source,
-                declaration,
-            }),
+            Ok(Some(declaration)) => out.push(Parsed { source, declaration }),
             Ok(None) => {}
             Err(problem) => problems.push(*problem),
         }
@@ -112,18 +98,11 @@ fn parse_document(source: &Source, value: Value) -> Result<Option<Declaration>, 
                 source,
                 "",
                 "(document)",
-                format!(
-                    "expected a mapping with `kind` and `name`, found {}",
-                    value_type(&other)
-                ),
+                format!("expected a mapping with `kind` and `name`, found {}", value_type(&other)),
             )));
         }
     };
-    let name = map
-        .get("name")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_owned();
+    let name = map.get("name").and_then(Value::as_str).unwrap_or("").to_owned();
     let kind = match map.remove("kind") {
         None => {
             let msg = format!("missing; expected one of {}", kinds_list());
@@ -135,27 +114,17 @@ fn parse_document(source: &Source, value: Value) -> Result<Option<Declaration>, 
                 let hint = Kind::parse_loose(&kind)
                     .map(|k| format!(" (did you mean {k}?)"))
                     .unwrap_or_default();
-                let msg = format!(
-                    "unknown kind {kind:?}{hint}; expected one of {}",
-                    kinds_list()
-                );
+                let msg = format!("unknown kind {kind:?}{hint}; expected one of {}", kinds_list());
                 return Err(Box::new(Problem::at(source, "", "kind", msg)));
             }
         },
         Some(other) => {
-            let msg = format!(
-                "expected a string, one of {}; found {}",
-                kinds_list(),
-                value_type(&other)
-            );
+            let msg =
+                format!("expected a string, one of {}; found {}", kinds_list(), value_type(&other));
             return Err(Box::new(Problem::at(source, "", "kind", msg)));
         }
     };
-    let object = if name.is_empty() {
-        kind.to_string()
-    } else {
-        format!("{kind} {name}")
-    };
+    let object = if name.is_empty() { kind.to_string() } else { format!("{kind} {name}") };
     let rest = Value::Mapping(map);
     let result = match kind {
         Kind::Watch => typed::<Watch>(rest).map(Declaration::Watch),
@@ -175,9 +144,7 @@ fn typed<T: DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
         let path = e.path().to_string();
         let message = e.into_inner().to_string();
         let path = if path == "." { String::new() } else { path };
-        let field = match message
-            .strip_prefix("missing field `")
-            .and_then(|m| m.split('`').next())
+        let field = match message.strip_prefix("missing field `").and_then(|m| m.split('`').next())
         {
             Some(missing) if path.is_empty() => missing.to_owned(),
             Some(missing) => format!("{path}.{missing}"),

@@ -20,10 +20,7 @@ pub const MAX_CHANGE_DAYS: i64 = 31;
 /// Compiles a path-like glob the way selectors and watches use them: `*` stays inside one path
 /// component, `**` crosses them.
 pub fn glob(pattern: &str) -> Result<globset::GlobMatcher, globset::Error> {
-    Ok(GlobBuilder::new(pattern)
-        .literal_separator(true)
-        .build()?
-        .compile_matcher())
+    Ok(GlobBuilder::new(pattern).literal_separator(true).build()?.compile_matcher())
 }
 
 /// Validates `incoming` on top of `existing`. Returns every problem found.
@@ -38,20 +35,14 @@ pub fn validate(existing: &Objects, incoming: &[Parsed]) -> Vec<Problem> {
                 &p.source,
                 object(&p.declaration),
                 "name",
-                format!(
-                    "declared twice; also in {} document {}",
-                    first.file, first.document
-                ),
+                format!("declared twice; also in {} document {}", first.file, first.document),
             ));
             continue;
         }
         sources.insert(key.clone(), &p.source);
         merged.insert(key, p.declaration.clone());
     }
-    let stored = Source {
-        file: "(stored)".to_owned(),
-        document: 0,
-    };
+    let stored = Source { file: "(stored)".to_owned(), document: 0 };
     for (key, decl) in &merged {
         let source = sources.get(key).copied().unwrap_or(&stored);
         let is_incoming = sources.contains_key(key);
@@ -121,10 +112,7 @@ fn check(decl: &Declaration, all: &Objects) -> Found {
                     let known: Vec<&str> = Rule::ALL.iter().map(|r| r.as_str()).collect();
                     found.push((
                         format!("rules.{name}"),
-                        format!(
-                            "unknown rule `{name}`; expected one of {}",
-                            known.join(", ")
-                        ),
+                        format!("unknown rule `{name}`; expected one of {}", known.join(", ")),
                     ));
                 }
             }
@@ -143,13 +131,8 @@ fn check(decl: &Declaration, all: &Objects) -> Found {
 }
 
 fn check_name(kind: Kind, name: &str, found: &mut Found) {
-    let ok_chars = name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    let starts_ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let starts_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
     if name.is_empty() || name.len() > 128 || !ok_chars || !starts_ok {
         found.push((
             "name".into(),
@@ -193,10 +176,7 @@ fn check_watch(w: &Watch, found: &mut Found) {
     }
     for (i, path) in w.paths.iter().enumerate() {
         if !path.starts_with('/') {
-            found.push((
-                format!("paths[{i}]"),
-                format!("expected an absolute path, got {path:?}"),
-            ));
+            found.push((format!("paths[{i}]"), format!("expected an absolute path, got {path:?}")));
         } else if let Err(e) = glob(path) {
             found.push((format!("paths[{i}]"), format!("not a valid glob: {e}")));
         }
@@ -227,22 +207,17 @@ pub fn check_endpoint(ep: &str) -> Result<(), String> {
         return Err(expected());
     }
     if let Some((ip, prefix)) = host.split_once('/') {
-        let ip: std::net::IpAddr = ip
-            .parse()
-            .map_err(|_| format!("{ip:?} in {ep:?} is not an IP address"))?;
+        let ip: std::net::IpAddr =
+            ip.parse().map_err(|_| format!("{ip:?} in {ep:?} is not an IP address"))?;
         let max = if ip.is_ipv4() { 32 } else { 128 };
         match prefix.parse::<u8>() {
             Ok(p) if p <= max => {}
             _ => return Err(format!("prefix /{prefix} in {ep:?} must be 0 to {max}")),
         }
     } else if host.parse::<std::net::IpAddr>().is_err()
-        && !host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     {
-        return Err(format!(
-            "{host:?} in {ep:?} is neither an IP address nor a host name"
-        ));
+        return Err(format!("{host:?} in {ep:?} is neither an IP address nor a host name"));
     }
     Ok(())
 }
@@ -254,9 +229,7 @@ fn team_exists(all: &Objects, name: &str) -> bool {
 fn check_team(t: &Team, all: &Objects, found: &mut Found) {
     let Some(route) = &t.route else { return };
     if let Some(hook) = &route.webhook {
-        let rest = hook
-            .strip_prefix("https://")
-            .or_else(|| hook.strip_prefix("http://"));
+        let rest = hook.strip_prefix("https://").or_else(|| hook.strip_prefix("http://"));
         if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
             found.push((
                 "route.webhook".into(),
@@ -277,10 +250,7 @@ fn check_team(t: &Team, all: &Objects, found: &mut Found) {
     }
     if let Some(to) = &route.escalate_to {
         if to == &t.name {
-            found.push((
-                "route.escalate_to".into(),
-                "a team cannot escalate to itself".into(),
-            ));
+            found.push(("route.escalate_to".into(), "a team cannot escalate to itself".into()));
         } else if !team_exists(all, to) {
             found.push((
                 "route.escalate_to".into(),
@@ -294,10 +264,7 @@ fn check_workload(w: &Workload, all: &Objects, found: &mut Found) {
     if !team_exists(all, &w.owner) {
         found.push((
             "owner".into(),
-            format!(
-                "team {:?} is not declared; expected the name of a Team",
-                w.owner
-            ),
+            format!("team {:?} is not declared; expected the name of a Team", w.owner),
         ));
     }
     let s = &w.selector;
@@ -329,10 +296,9 @@ fn check_workload(w: &Workload, all: &Objects, found: &mut Found) {
             found.push(("match.exe".into(), format!("not a valid glob: {e}")));
         }
     }
-    for (field, value) in [
-        ("match.container_image", &s.container_image),
-        ("match.k8s_pod", &s.k8s_pod),
-    ] {
+    for (field, value) in
+        [("match.container_image", &s.container_image), ("match.k8s_pod", &s.k8s_pod)]
+    {
         if let Some(Err(e)) = value.as_deref().map(glob) {
             found.push((field.into(), format!("not a valid glob: {e}")));
         }
@@ -340,10 +306,7 @@ fn check_workload(w: &Workload, all: &Objects, found: &mut Found) {
     if let Some(sha) = &s.exe_sha256
         && (sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()))
     {
-        found.push((
-            "match.exe_sha256".into(),
-            format!("expected 64 hex digits, got {sha:?}"),
-        ));
+        found.push(("match.exe_sha256".into(), format!("expected 64 hex digits, got {sha:?}")));
     }
     if let Some(id) = &s.container_id
         && (id.len() < 12 || !id.chars().all(|c| c.is_ascii_hexdigit()))
@@ -358,16 +321,8 @@ fn check_workload(w: &Workload, all: &Objects, found: &mut Found) {
     }
     let e = &w.expect;
     for (field, list, category) in [
-        (
-            "expect.credentials",
-            &e.credentials,
-            WatchCategory::Credential,
-        ),
-        (
-            "expect.auth_endpoints",
-            &e.auth_endpoints,
-            WatchCategory::AuthEndpoint,
-        ),
+        ("expect.credentials", &e.credentials, WatchCategory::Credential),
+        ("expect.auth_endpoints", &e.auth_endpoints, WatchCategory::AuthEndpoint),
         ("expect.secrets", &e.secrets, WatchCategory::Secret),
     ] {
         for (i, name) in list.iter().enumerate() {
@@ -400,10 +355,9 @@ fn check_workload(w: &Workload, all: &Objects, found: &mut Found) {
     for (i, w) in e.windows.iter().enumerate() {
         match CompiledWindow::compile(w) {
             Ok(c) => compiled.push((i, c)),
-            Err(err) => found.push((
-                format!("expect.windows[{i}].{}", err.field()),
-                err.to_string(),
-            )),
+            Err(err) => {
+                found.push((format!("expect.windows[{i}].{}", err.field()), err.to_string()))
+            }
         }
     }
     for (a, (i, wa)) in compiled.iter().enumerate() {
@@ -426,17 +380,11 @@ fn check_change(c: &ApprovedChange, all: &Objects, found: &mut Found) {
     if !all.contains_key(&(Kind::Workload, c.workload.clone())) {
         found.push((
             "workload".into(),
-            format!(
-                "workload {:?} is not declared; expected the name of a Workload",
-                c.workload
-            ),
+            format!("workload {:?} is not declared; expected the name of a Workload", c.workload),
         ));
     }
     if c.until <= c.from {
-        found.push((
-            "until".into(),
-            format!("must be after `from` ({})", c.from.to_rfc3339()),
-        ));
+        found.push(("until".into(), format!("must be after `from` ({})", c.from.to_rfc3339())));
     } else if c.until - c.from > chrono::Duration::days(MAX_CHANGE_DAYS) {
         found.push((
             "until".into(),
@@ -444,15 +392,9 @@ fn check_change(c: &ApprovedChange, all: &Objects, found: &mut Found) {
         ));
     }
     if c.reason.trim().is_empty() {
-        found.push((
-            "reason".into(),
-            "say why (it is shown in alerts and the audit log)".into(),
-        ));
+        found.push(("reason".into(), "say why (it is shown in alerts and the audit log)".into()));
     }
     if c.covers.is_empty() {
-        found.push((
-            "covers".into(),
-            "empty; leave it out to cover out-of-window".into(),
-        ));
+        found.push(("covers".into(), "empty; leave it out to cover out-of-window".into()));
     }
 }

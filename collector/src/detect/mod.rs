@@ -53,11 +53,7 @@ impl Resource {
         parts.extend(self.path.clone());
         parts.extend(self.endpoint.clone());
         parts.extend(self.target_pid.map(|p| format!("pid {p}")));
-        if parts.is_empty() {
-            self.kind.clone()
-        } else {
-            parts.join(" ")
-        }
+        if parts.is_empty() { self.kind.clone() } else { parts.join(" ") }
     }
 }
 
@@ -71,6 +67,15 @@ pub struct Finding {
     pub resource: Resource,
     /// Why, in one sentence.
     pub reason: String,
+}
+
+impl Finding {
+    /// The grouping key of the alert this finding raises on `host_id`: repeats of the same
+    /// (rule, workload, host, resource) fold into one alert.
+    pub fn group_key(&self, host_id: &str) -> String {
+        let workload = self.workload.as_deref().unwrap_or(crate::alerts::UNDECLARED);
+        format!("{}|{workload}|{host_id}|{}", self.rule, self.resource.group_part())
+    }
 }
 
 /// Per-event context detection needs besides the registry.
@@ -105,13 +110,7 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
             {
                 return;
             }
-            out.push(Finding {
-                rule,
-                severity,
-                workload,
-                resource: resource.clone(),
-                reason,
-            });
+            out.push(Finding { rule, severity, workload, resource: resource.clone(), reason });
         }
     };
 
@@ -151,10 +150,7 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
                     Rule::UnknownIdentity,
                     None,
                     &resource,
-                    format!(
-                        "{} used {what} and matches no declared workload",
-                        event.process.exe
-                    ),
+                    format!("{} used {what} and matches no declared workload", event.process.exe),
                 ),
                 Some(w) => {
                     let e = &w.workload.expect;
@@ -193,19 +189,10 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
             human_use(reg, ctx, event, &watch_name, &resource, &mut push);
             dormant(reg, ctx, event, &resource, &mut push);
         }
-        EventKind::SecretAccess {
-            method,
-            target_pid,
-            watch,
-            path,
-        } => {
+        EventKind::SecretAccess { method, target_pid, watch, path } => {
             let unix = *method == SecretMethod::UnixSocket;
             let resource = Resource {
-                kind: if unix {
-                    "secret".into()
-                } else {
-                    "process".into()
-                },
+                kind: if unix { "secret".into() } else { "process".into() },
                 watch: Some(watch.clone()).filter(|w| !w.is_empty()),
                 path: Some(path.clone()).filter(|p| !p.is_empty()),
                 method: Some(method.as_str().into()),
@@ -214,11 +201,7 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
             };
             let declared = wl.is_some_and(|w| {
                 let e = &w.workload.expect;
-                if unix {
-                    e.secrets.contains(watch)
-                } else {
-                    e.cross_process.contains(method)
-                }
+                if unix { e.secrets.contains(watch) } else { e.cross_process.contains(method) }
             });
             if !declared {
                 let who = wl.map_or("an undeclared process".to_owned(), |w| {
@@ -324,10 +307,7 @@ fn dormant(
     let (Some(w), Some(last)) = (ctx.workload, ctx.last_active) else {
         return;
     };
-    let period = w
-        .workload
-        .dormancy
-        .map_or_else(|| reg.settings.default_dormancy(), |d| d.0);
+    let period = w.workload.dormancy.map_or_else(|| reg.settings.default_dormancy(), |d| d.0);
     let silent = event.time - last;
     if silent > period {
         push(

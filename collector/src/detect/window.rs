@@ -108,11 +108,8 @@ impl CompiledWindow {
     /// Minute-of-week intervals `[start, end)` the window covers (end may exceed a week; callers
     /// wrap). Used to find overlaps between windows of one zone.
     pub fn week_intervals(&self) -> Vec<(u32, u32)> {
-        let len = if self.from < self.to {
-            self.to - self.from
-        } else {
-            1_440 - self.from + self.to
-        };
+        let len =
+            if self.from < self.to { self.to - self.from } else { 1_440 - self.from + self.to };
         (0..7u32)
             .filter(|d| self.days[*d as usize])
             .map(|d| (d * 1_440 + self.from, d * 1_440 + self.from + len))
@@ -178,15 +175,5 @@ fn render_days(days: &[bool; 7]) -> String {
 
 /// Day from its index (Monday = 0); used by tests and renderers.
 pub fn day_from_index(i: u32) -> Option<Day> {
-    [
-        Day::Mon,
-        Day::Tue,
-        Day::Wed,
-        Day::Thu,
-        Day::Fri,
-        Day::Sat,
-        Day::Sun,
-    ]
-    .get(i as usize)
-    .copied()
+    [Day::Mon, Day::Tue, Day::Wed, Day::Thu, Day::Fri, Day::Sat, Day::Sun].get(i as usize).copied()
 }

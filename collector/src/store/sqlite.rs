@@ -97,10 +97,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let known = MIGRATIONS.len() as i64;
     if version > known {
-        return Err(StoreError::TooNew {
-            found: version,
-            known,
-        });
+        return Err(StoreError::TooNew { found: version, known });
     }
     for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction()?;
@@ -123,9 +120,7 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
         }
         let begin = conn.execute_batch("BEGIN IMMEDIATE");
         let finishes: Vec<Finish> = batch.into_iter().map(|job| job(&conn)).collect();
-        let result = begin
-            .and_then(|()| conn.execute_batch("COMMIT"))
-            .map_err(|e| e.to_string());
+        let result = begin.and_then(|()| conn.execute_batch("COMMIT")).map_err(|e| e.to_string());
         if result.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -165,10 +160,9 @@ impl SqliteStore {
             let result = match conn.execute_batch("SAVEPOINT job") {
                 Err(e) => Err(StoreError::from(e)),
                 Ok(()) => match f(conn) {
-                    Ok(v) => conn
-                        .execute_batch("RELEASE job")
-                        .map(|()| v)
-                        .map_err(StoreError::from),
+                    Ok(v) => {
+                        conn.execute_batch("RELEASE job").map(|()| v).map_err(StoreError::from)
+                    }
                     Err(e) => {
                         let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
                         Err(e)
@@ -238,14 +232,7 @@ fn revision_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RevisionRef> {
 }
 
 fn alert_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64, i64, i64, i64)> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-    ))
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
 }
 
 const ALERT_COLUMNS: &str = "body, status, first_seen_ns, last_seen_ns, count, id";
@@ -283,11 +270,7 @@ fn decode_alert(
 
 fn get_alert(conn: &Connection, id: i64) -> Result<Option<Alert>, StoreError> {
     let row = conn
-        .query_row(
-            &format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"),
-            [id],
-            alert_row,
-        )
+        .query_row(&format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"), [id], alert_row)
         .optional()?;
     row.map(|row| decode_alert(conn, row, true)).transpose()
 }
@@ -301,10 +284,7 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             for row in rows {
                 let (spec, revision) = row?;
-                out.push(StoredDeclaration {
-                    declaration: serde_json::from_str(&spec)?,
-                    revision,
-                });
+                out.push(StoredDeclaration { declaration: serde_json::from_str(&spec)?, revision });
             }
             Ok(out)
         })
@@ -418,11 +398,7 @@ impl Store for SqliteStore {
                     "SELECT labels, sensor_version, kernel FROM hosts WHERE id = ?1",
                     [id],
                     |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, String>(2)?,
-                        ))
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
                     },
                 )
                 .optional()?;
@@ -447,13 +423,11 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare_cached(
                 "SELECT seq FROM events WHERE host_id = ?1 AND seq BETWEEN ?2 AND ?3",
             )?;
-            let rows = stmt.query_map(
-                params![host_id, *seqs.start() as i64, *seqs.end() as i64],
-                |r| r.get::<_, i64>(0),
-            )?;
-            Ok(rows
-                .map(|r| r.map(|s| s as u64))
-                .collect::<Result<_, _>>()?)
+            let rows = stmt
+                .query_map(params![host_id, *seqs.start() as i64, *seqs.end() as i64], |r| {
+                    r.get::<_, i64>(0)
+                })?;
+            Ok(rows.map(|r| r.map(|s| s as u64)).collect::<Result<_, _>>()?)
         })
     }
 
@@ -567,21 +541,13 @@ impl Store for SqliteStore {
                     sql.push_str(&format!(" AND {column} = ?{}", args.len()));
                 }
             }
-            let limit = if filter.limit == 0 {
-                1_000
-            } else {
-                filter.limit
-            };
-            sql.push_str(&format!(
-                " ORDER BY last_seen_ns DESC, id DESC LIMIT {limit}"
-            ));
+            let limit = if filter.limit == 0 { 1_000 } else { filter.limit };
+            sql.push_str(&format!(" ORDER BY last_seen_ns DESC, id DESC LIMIT {limit}"));
             let mut stmt = conn.prepare(&sql)?;
             let rows: Vec<_> = stmt
                 .query_map(rusqlite::params_from_iter(args.iter()), alert_row)?
                 .collect::<Result<_, _>>()?;
-            rows.into_iter()
-                .map(|row| decode_alert(conn, row, false))
-                .collect()
+            rows.into_iter().map(|row| decode_alert(conn, row, false)).collect()
         })
     }
 

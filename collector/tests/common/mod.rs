@@ -23,12 +23,7 @@ pub fn objects(yaml: &str) -> Objects {
     assert!(problems.is_empty(), "fixture has problems: {problems:#?}");
     parsed
         .into_iter()
-        .map(|p| {
-            (
-                (p.declaration.kind(), p.declaration.name().to_owned()),
-                p.declaration,
-            )
-        })
+        .map(|p| ((p.declaration.kind(), p.declaration.name().to_owned()), p.declaration))
         .collect()
 }
 
@@ -45,10 +40,7 @@ pub fn t(s: &str) -> DateTime<Utc> {
 pub fn host(id: &str, labels: &[(&str, &str)]) -> Host {
     Host {
         id: id.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| ((*k).into(), (*v).into()))
-            .collect::<BTreeMap<_, _>>(),
+        labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect::<BTreeMap<_, _>>(),
         ..Host::default()
     }
 }
@@ -63,13 +55,7 @@ pub fn process(exe: &str, uid: u32) -> Process {
         ppid: 1,
         uid,
         euid: uid,
-        comm: exe
-            .rsplit('/')
-            .next()
-            .unwrap_or(exe)
-            .chars()
-            .take(15)
-            .collect(),
+        comm: exe.rsplit('/').next().unwrap_or(exe).chars().take(15).collect(),
         exe: exe.into(),
         ancestors: vec![Ancestor {
             pid: 1,
@@ -85,22 +71,14 @@ pub fn payments() -> Process {
 }
 
 pub fn read(p: Process, at: &str, path: &str) -> Event {
-    let watch = if path.contains(".aws") {
-        "aws-credentials"
-    } else {
-        ""
-    };
+    let watch = if path.contains(".aws") { "aws-credentials" } else { "" };
     Event {
         host_id: "web-1".into(),
         seq: 1,
         time: t(at),
         count: 1,
         process: p,
-        kind: EventKind::FileAccess {
-            watch: watch.into(),
-            path: path.into(),
-            write: false,
-        },
+        kind: EventKind::FileAccess { watch: watch.into(), path: path.into(), write: false },
     }
 }
 
@@ -168,27 +146,17 @@ pub fn fired(
     last_active: Option<DateTime<Utc>>,
 ) -> Vec<(Rule, Option<String>)> {
     let workload = reg.correlate(host, &event.process);
-    let mut out: Vec<(Rule, Option<String>)> = detect::detect(
-        reg,
-        Context {
-            host,
-            workload,
-            last_active,
-        },
-        event,
-    )
-    .into_iter()
-    .map(|f| (f.rule, f.workload))
-    .collect();
+    let mut out: Vec<(Rule, Option<String>)> =
+        detect::detect(reg, Context { host, workload, last_active }, event)
+            .into_iter()
+            .map(|f| (f.rule, f.workload))
+            .collect();
     out.sort();
     out
 }
 
 pub fn rules(reg: &Registry, host: &Host, event: &Event) -> Vec<Rule> {
-    fired(reg, host, event, None)
-        .into_iter()
-        .map(|(r, _)| r)
-        .collect()
+    fired(reg, host, event, None).into_iter().map(|(r, _)| r).collect()
 }
 
 /// A collector in `dir` with a manual clock and the detection registry applied.
@@ -201,12 +169,7 @@ pub fn collector(
         .expect("open collector");
     if c.registry.snapshot().objects.is_empty() {
         c.registry
-            .apply(
-                &[("detect.yaml".into(), DETECT_YAML.into())],
-                "test",
-                false,
-                &|_, _| Ok(()),
-            )
+            .apply(&[("detect.yaml".into(), DETECT_YAML.into())], "test", false, &|_, _| Ok(()))
             .expect("apply fixture");
     }
     (c, clock)
@@ -217,9 +180,7 @@ pub fn hello(host_id: &str) -> keywatch_proto::v1::Hello {
         host_id: host_id.into(),
         sensor_version: "test".into(),
         kernel: "6.18".into(),
-        labels: [("env".to_owned(), "prod".to_owned())]
-            .into_iter()
-            .collect(),
+        labels: [("env".to_owned(), "prod".to_owned())].into_iter().collect(),
         ..Default::default()
     }
 }
