@@ -137,7 +137,7 @@ pub struct Alert {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_change: Option<ChangeRef>,
     /// The workload's change that ended most recently before the first event, when no change
-    /// was in force.
+    /// was in force and that change covered this rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_expired_change: Option<ChangeRef>,
     /// Recent changes to the workload's declaration, newest first.
@@ -185,7 +185,12 @@ impl Alert {
         let name = finding.workload.clone().unwrap_or_else(|| UNDECLARED.to_owned());
         let in_force = finding.workload.as_deref().and_then(|w| reg.change_in_force(w, event.time));
         let expired = if in_force.is_none() {
-            finding.workload.as_deref().and_then(|w| reg.last_expired_change(w, event.time))
+            // Only a change that would have silenced this rule is worth showing.
+            finding
+                .workload
+                .as_deref()
+                .and_then(|w| reg.last_expired_change(w, event.time))
+                .filter(|c| c.covers.contains(&finding.rule))
         } else {
             None
         };

@@ -102,10 +102,10 @@ pub fn render_table(entries: &[TimelineEntry]) -> String {
                 e.pid.to_string(),
                 e.kind.clone(),
                 e.workload.clone().unwrap_or_else(|| "-".into()),
-                e.summary.clone(),
                 e.process.ancestry_line(),
+                e.summary.clone(),
             ]
         })
         .collect();
-    table::render(&["TIME", "PID", "KIND", "WORKLOAD", "WHAT", "PROCESS < ANCESTORS"], &rows)
+    table::render(&["TIME", "PID", "KIND", "WORKLOAD", "PROCESS < ANCESTORS", "WHAT"], &rows)
 }
