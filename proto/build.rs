@@ -5,11 +5,8 @@ use std::{env, path::PathBuf};
 
 use anyhow::Context as _;
 
-const PROTOS: &[&str] = &[
-    "keywatch/v1/events.proto",
-    "keywatch/v1/sensor.proto",
-    "keywatch/v1/api.proto",
-];
+const PROTOS: &[&str] =
+    &["keywatch/v1/events.proto", "keywatch/v1/sensor.proto", "keywatch/v1/api.proto"];
 
 fn main() -> anyhow::Result<()> {
     let protoc = match env::var_os("PROTOC") {
