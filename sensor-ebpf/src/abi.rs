@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -401,12 +401,7 @@ impl FoldKey {
     /// A watched file opened by `tgid`.
     #[inline(always)]
     pub const fn file(tgid: u32, dev: u32, ino: u64) -> Self {
-        Self {
-            tgid,
-            kind: EventKind::FileOpen as u32,
-            object: ino,
-            qualifier: dev as u64,
-        }
+        Self { tgid, kind: EventKind::FileOpen as u32, object: ino, qualifier: dev as u64 }
     }
 
     /// `tgid` touching `target`'s secrets by `method` (`detail`: ptrace request, key serial…).
@@ -494,13 +489,25 @@ pub struct KernelOffsets {
     pub _pad0: u32,
 }
 
+/// Index in the `RUNTIME` array map of the sensor's own thread-group id, whose activity is never
+/// reported. A map, not a global: a restarted sensor adopting pinned programs updates it.
+pub const RUNTIME_SELF_TGID: u32 = 0;
+
+/// `META` map value: what pinned maps and links were made by, so a restarted sensor adopts
+/// only what it is compatible with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinMeta {
+    pub abi_version: u32,
+    pub _pad0: u32,
+    /// SHA-256 of the eBPF object.
+    pub object_sha256: [u8; 32],
+}
+
 /// Globals the loader sets before load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SensorConfig {
-    /// Thread-group id of the sensor itself; its own activity is never reported.
-    pub self_tgid: u32,
-    pub _pad0: u32,
     /// Repeats of a fold key within this many nanoseconds produce no new record.
     pub fold_window_ns: u64,
     pub offsets: KernelOffsets,
@@ -520,7 +527,7 @@ const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 34 * 4);
-const _: () = assert!(size_of::<SensorConfig>() == 16 + 34 * 4);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 34 * 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -541,4 +548,5 @@ mod pod {
     unsafe impl aya::Pod for super::FoldState {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SensorConfig {}
+    unsafe impl aya::Pod for super::PinMeta {}
 }

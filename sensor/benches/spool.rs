@@ -20,24 +20,16 @@ const BATCH: usize = 1_000;
 const RECORD_OVERHEAD: usize = 20;
 
 fn main() {
-    let batches: usize = std::env::var("SPOOL_BENCH_BATCHES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let batches: usize =
+        std::env::var("SPOOL_BENCH_BATCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let events = (batches * BATCH) as f64;
-    let payloads: Vec<Vec<u8>> = (0..BATCH)
-        .map(|i| (0..PAYLOAD_BYTES).map(|j| (i * 31 + j) as u8).collect())
-        .collect();
+    let payloads: Vec<Vec<u8>> =
+        (0..BATCH).map(|i| (0..PAYLOAD_BYTES).map(|j| (i * 31 + j) as u8).collect()).collect();
     let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
     let root = tempfile::tempdir().expect("temporary directory");
 
     let baseline = baseline(&root.path().join("baseline"), batches);
-    let every = spool_case(
-        &root.path().join("every"),
-        batches,
-        &refs,
-        SyncPolicy::EveryAppend,
-    );
+    let every = spool_case(&root.path().join("every"), batches, &refs, SyncPolicy::EveryAppend);
     let interval = spool_case(
         &root.path().join("interval"),
         batches,
@@ -49,15 +41,8 @@ fn main() {
         "spool append, {batches} batches x {BATCH} events of {PAYLOAD_BYTES} bytes (target >= 200000 events/s batched)"
     );
     let rate = |d: Duration| events / d.as_secs_f64();
-    println!(
-        "  {:<38} {:>10.0} events/s",
-        "baseline: write_all + fsync per batch",
-        rate(baseline)
-    );
-    for (name, d) in [
-        ("spool: EveryAppend", every),
-        ("spool: Interval(50ms)", interval),
-    ] {
+    println!("  {:<38} {:>10.0} events/s", "baseline: write_all + fsync per batch", rate(baseline));
+    for (name, d) in [("spool: EveryAppend", every), ("spool: Interval(50ms)", interval)] {
         println!(
             "  {name:<38} {:>10.0} events/s  ({:.2}x baseline)",
             rate(d),
@@ -78,11 +63,7 @@ fn baseline(path: &Path, batches: usize) -> Duration {
 }
 
 fn spool_case(dir: &Path, batches: usize, refs: &[&[u8]], sync: SyncPolicy) -> Duration {
-    let opts = SpoolOptions {
-        max_bytes: 1 << 30,
-        segment_bytes: 64 << 20,
-        sync,
-    };
+    let opts = SpoolOptions { max_bytes: 1 << 30, segment_bytes: 64 << 20, sync };
     let (mut spool, _) = Spool::open(dir, opts).expect("open spool");
     let start = Instant::now();
     for _ in 0..batches {

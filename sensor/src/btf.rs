@@ -34,10 +34,8 @@ impl KernelBtf {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, BtfError> {
-        let btf = Btf::from_file(path).map_err(|source| BtfError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let btf = Btf::from_file(path)
+            .map_err(|source| BtfError::Read { path: path.display().to_string(), source })?;
         Ok(Self { btf })
     }
 
@@ -48,12 +46,10 @@ impl KernelBtf {
         let Some(Type::Struct(s)) = types.into_iter().find(|t| matches!(t, Type::Struct(_))) else {
             return Err(BtfError::NoStruct(strukt.to_string()));
         };
-        self.find_member(&s, member)?
-            .map(|bits| bits / 8)
-            .ok_or_else(|| BtfError::NoMember {
-                strukt: strukt.to_string(),
-                member: member.to_string(),
-            })
+        self.find_member(&s, member)?.map(|bits| bits / 8).ok_or_else(|| BtfError::NoMember {
+            strukt: strukt.to_string(),
+            member: member.to_string(),
+        })
     }
 
     /// Offset in bits of `member` within `s`, recursing into anonymous members.
@@ -134,10 +130,8 @@ impl KernelBtf {
             sb_s_magic: self.member_offset("super_block", "s_magic")?,
             file_private_data: self.member_offset("file", "private_data")?,
             socket_sk: self.member_offset("socket", "sk")?,
-            sock_family: self.path_offset(
-                "sock",
-                &[("__sk_common", "sock_common"), ("skc_family", "")],
-            )?,
+            sock_family: self
+                .path_offset("sock", &[("__sk_common", "sock_common"), ("skc_family", "")])?,
             sock_peer_pid: self.member_offset("sock", "sk_peer_pid")?,
             unix_peer: self.member_offset("unix_sock", "peer")?,
             unix_path_dentry: self.path_offset("unix_sock", &[("path", "path"), ("dentry", "")])?,
@@ -180,12 +174,7 @@ mod tests {
             eprintln!("skipped: no readable {VMLINUX_BTF}");
             return;
         };
-        let err = btf
-            .member_offset("task_struct", "no_such_field")
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "kernel BTF has no member no_such_field in struct task_struct"
-        );
+        let err = btf.member_offset("task_struct", "no_such_field").unwrap_err();
+        assert_eq!(err.to_string(), "kernel BTF has no member no_such_field in struct task_struct");
     }
 }

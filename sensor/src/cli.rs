@@ -28,6 +28,11 @@ pub enum Command {
     ///
     /// Example: `keywatch-sensor run --stdout` prints one JSON object per event.
     Run(RunArgs),
+    /// Detach the programs a stopped sensor left pinned, and free their maps.
+    Uninstall {
+        #[arg(long, value_name = "DIR", default_value = crate::pins::DEFAULT_PIN_DIR)]
+        pin_dir: std::path::PathBuf,
+    },
     /// Report, per kernel program, whether it attaches on this host and why not.
     Probe {
         /// Machine-readable output.
@@ -54,22 +59,23 @@ pub struct RunArgs {
     /// Also report process lifecycle (exec, fork, exit), not only accesses.
     #[arg(long)]
     pub lifecycle: bool,
+    /// Where programs and maps are pinned, so capture goes on while the sensor restarts; the
+    /// next sensor adopts them and drains what accumulated.
+    #[arg(long, value_name = "DIR", default_value = crate::pins::DEFAULT_PIN_DIR)]
+    pub pin_dir: std::path::PathBuf,
+    /// Do not pin: the programs stop with this process (a blind window on restart).
+    #[arg(long)]
+    pub no_pin: bool,
 }
 
 impl RunArgs {
     /// Everything `run` needs, with the watch config read and validated.
     pub fn agent_options(&self) -> anyhow::Result<AgentOptions> {
         let watches = match &self.config {
-            Some(path) => crate::watch::load_config(path)?
-                .watch_set()
-                .map_err(|problems| {
-                    let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                    anyhow::anyhow!(
-                        "invalid watch config {}: {}",
-                        path.display(),
-                        list.join("; ")
-                    )
-                })?,
+            Some(path) => crate::watch::load_config(path)?.watch_set().map_err(|problems| {
+                let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                anyhow::anyhow!("invalid watch config {}: {}", path.display(), list.join("; "))
+            })?,
             None => WatchSet::builtin(),
         };
         let mut opts = AgentOptions::new(watches);
@@ -82,6 +88,7 @@ impl RunArgs {
         LoadOptions {
             allow_missing: self.allow_missing.iter().cloned().collect::<BTreeSet<_>>(),
             ring_bytes: self.ring_mib.saturating_mul(1024 * 1024),
+            pin_dir: (!self.no_pin).then(|| self.pin_dir.clone()),
             ..LoadOptions::default()
         }
     }
@@ -91,6 +98,11 @@ impl RunArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => crate::run::run_stdout(&args.agent_options()?).await,
+        Command::Uninstall { pin_dir } => {
+            crate::pins::uninstall(&pin_dir)?;
+            println!("removed the pinned programs and maps under {}", pin_dir.display());
+            Ok(())
+        }
         Command::Probe { json } => {
             let report = loader::probe()?;
             if json {
@@ -110,10 +122,8 @@ pub fn probe_table(report: &[ProgramStatus]) -> String {
     };
     let w_prog = width(&|s| s.program.len(), "PROGRAM");
     let w_attach = width(&|s| s.attach.len(), "ATTACH");
-    let mut out = format!(
-        "{:w_prog$}  {:w_attach$}  {:8}  DETAIL\n",
-        "PROGRAM", "ATTACH", "STATUS"
-    );
+    let mut out =
+        format!("{:w_prog$}  {:w_attach$}  {:8}  DETAIL\n", "PROGRAM", "ATTACH", "STATUS");
     for s in report {
         let (status, detail) = if s.attached {
             ("attached", s.purpose.to_string())
@@ -126,4 +136,27 @@ pub fn probe_table(report: &[ProgramStatus]) -> String {
         ));
     }
     out
+}
+
+/// The `keywatch-sensor` program: parse, log to stderr, run, exit code.
+pub fn main() -> std::process::ExitCode {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(error) => {
+            eprintln!("keywatch-sensor: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keywatch-sensor: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

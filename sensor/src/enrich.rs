@@ -38,13 +38,7 @@ pub struct Enricher {
 
 impl Enricher {
     pub fn new(table: ProcessTable, hasher: ExeHasher, view: SharedView) -> Self {
-        Self {
-            table,
-            creds: Default::default(),
-            hasher,
-            view,
-            lifecycle: false,
-        }
+        Self { table, creds: Default::default(), hasher, view, lifecycle: false }
     }
 
     /// Turns one event into zero, one or two observations (an exec that raised privileges
@@ -53,39 +47,18 @@ impl Enricher {
         let pid = event.process.pid;
         let before = self.creds_before(pid);
         let mut out = Vec::new();
-        if !matches!(
-            event.detail,
-            Detail::CredChange { .. } | Detail::Exec { .. }
-        ) {
+        if !matches!(event.detail, Detail::CredChange { .. } | Detail::Exec { .. }) {
             self.sync_creds(&event.process);
         }
         match &event.detail {
             Detail::Fork { child_pid } => {
                 self.table.on_fork(pid, *child_pid, event.time_ns);
-                self.push_lifecycle(
-                    &mut out,
-                    &event,
-                    What::Fork {
-                        child_pid: *child_pid,
-                    },
-                );
+                self.push_lifecycle(&mut out, &event, What::Fork { child_pid: *child_pid });
             }
-            Detail::Exec {
-                filename,
-                egid,
-                cap_effective,
-                exe_mode,
-                ..
-            } => {
+            Detail::Exec { filename, egid, cap_effective, exe_mode, .. } => {
                 self.table.on_exec(pid, filename, event.time_ns);
                 self.sync_creds(&event.process);
-                self.push_lifecycle(
-                    &mut out,
-                    &event,
-                    What::Exec {
-                        filename: filename.clone(),
-                    },
-                );
+                self.push_lifecycle(&mut out, &event, What::Exec { filename: filename.clone() });
                 let setid = exe_mode & 0o6000 != 0;
                 if let Some(old) = before
                     .filter(|old| setid && (old.euid != event.process.euid || old.gid != *egid))
@@ -107,26 +80,12 @@ impl Enricher {
                 }
             }
             Detail::Exit { exit_code } => {
-                self.push_lifecycle(
-                    &mut out,
-                    &event,
-                    What::Exit {
-                        exit_code: *exit_code,
-                    },
-                );
+                self.push_lifecycle(&mut out, &event, What::Exit { exit_code: *exit_code });
                 self.table.on_exit(pid, event.time_ns);
                 self.creds.remove(&pid);
             }
-            Detail::CredChange {
-                syscall,
-                egid,
-                cap_effective,
-            } => {
-                let old = before.unwrap_or(Creds {
-                    uid: u32::MAX,
-                    euid: u32::MAX,
-                    gid: u32::MAX,
-                });
+            Detail::CredChange { syscall, egid, cap_effective } => {
+                let old = before.unwrap_or(Creds { uid: u32::MAX, euid: u32::MAX, gid: u32::MAX });
                 let changed = old.uid != event.process.uid
                     || old.euid != event.process.euid
                     || old.gid != *egid;
@@ -148,25 +107,12 @@ impl Enricher {
                     ));
                 }
             }
-            Detail::FileOpen {
-                watch_id,
-                matched,
-                name,
-                dev,
-                ino,
-                parent_ino,
-                flags,
-                write,
-            } => {
+            Detail::FileOpen { watch_id, matched, name, dev, ino, parent_ino, flags, write } => {
                 if flags & O_DIRECTORY != 0 {
                     return out; // a watched directory listed, not a credential read
                 }
                 let view = self.view.read().expect("watch view");
-                let dir = FileKey {
-                    dev: *dev,
-                    _pad0: 0,
-                    ino: *parent_ino,
-                };
+                let dir = FileKey { dev: *dev, _pad0: 0, ino: *parent_ino };
                 let in_dir = || view.kernel.dir_rules.get(&dir).map(|r| r.path.join(name));
                 let (watch_id, path) = match *matched {
                     "dir" => match view.kernel.glob_watch(&dir, name) {
@@ -175,15 +121,13 @@ impl Enricher {
                     },
                     "name" => (*watch_id, in_dir()),
                     _ => {
-                        let file = FileKey {
-                            dev: *dev,
-                            _pad0: 0,
-                            ino: *ino,
+                        let file = FileKey { dev: *dev, _pad0: 0, ino: *ino };
+                        // A fold tail whose records were all lost names no watch: the inode does.
+                        let id = match *watch_id {
+                            NO_WATCH => view.kernel.files.get(&file).copied().unwrap_or(NO_WATCH),
+                            id => id,
                         };
-                        (
-                            *watch_id,
-                            view.kernel.paths.get(&file).cloned().or_else(in_dir),
-                        )
+                        (id, view.kernel.paths.get(&file).cloned().or_else(in_dir))
                     }
                 };
                 let path = path.map_or_else(|| name.clone(), |p| p.display().to_string());
@@ -203,19 +147,11 @@ impl Enricher {
                     },
                 ));
             }
-            Detail::Secret {
-                method,
-                target_pid,
-                detail,
-                ..
-            } => {
+            Detail::Secret { method, target_pid, detail, .. } => {
                 let target =
                     (*target_pid != 0).then(|| Box::new(self.identity_of(*target_pid, None)));
                 // Another thread of the same process is not another process.
-                if target
-                    .as_ref()
-                    .is_some_and(|t| t.pid == pid && t.start_time_ns != 0)
-                {
+                if target.as_ref().is_some_and(|t| t.pid == pid && t.start_time_ns != 0) {
                     return out;
                 }
                 let (watch, path) = if *method == "unix_socket" {
@@ -242,25 +178,14 @@ impl Enricher {
                     },
                 ));
             }
-            Detail::Connect {
-                watch_id,
-                protocol,
-                address,
-                port,
-            } => {
+            Detail::Connect { watch_id, protocol, address, port } => {
                 let view = self.view.read().expect("watch view");
                 let watch = watch_name(&view.set, *watch_id);
                 let category = view.set.category(*watch_id);
                 drop(view);
                 out.push(self.observe(
                     &event,
-                    What::Connect {
-                        watch,
-                        category,
-                        address: *address,
-                        port: *port,
-                        protocol,
-                    },
+                    What::Connect { watch, category, address: *address, port: *port, protocol },
                 ));
             }
         }
@@ -276,14 +201,7 @@ impl Enricher {
 
     /// Remembers the ids the kernel just reported for `p`.
     fn sync_creds(&mut self, p: &ProcessRef) {
-        self.creds.insert(
-            p.pid,
-            Creds {
-                uid: p.uid,
-                euid: p.euid,
-                gid: p.gid,
-            },
-        );
+        self.creds.insert(p.pid, Creds { uid: p.uid, euid: p.euid, gid: p.gid });
     }
 
     /// The ids `pid` had before this event: the kernel's last report, else the table's.
@@ -291,11 +209,7 @@ impl Enricher {
         if let Some(c) = self.creds.get(&pid) {
             return Some(*c);
         }
-        self.table.get_or_load(pid).map(|i| Creds {
-            uid: i.uid,
-            euid: i.euid,
-            gid: i.gid,
-        })
+        self.table.get_or_load(pid).map(|i| Creds { uid: i.uid, euid: i.euid, gid: i.gid })
     }
 
     fn observe(&mut self, event: &Event, what: What) -> Observation {
@@ -312,11 +226,7 @@ impl Enricher {
     fn identity_of(&mut self, pid: u32, kernel: Option<&ProcessRef>) -> Identity {
         let info = self.table.get_or_load(pid).cloned();
         let ancestors = self.table.ancestors(pid, ANCESTRY_DEPTH);
-        let mut id = Identity {
-            pid,
-            ancestors,
-            ..Identity::default()
-        };
+        let mut id = Identity { pid, ancestors, ..Identity::default() };
         if let Some(info) = &info {
             id.ppid = info.ppid;
             id.uid = info.uid;
@@ -355,12 +265,9 @@ impl Enricher {
         if info.exe.as_os_str().is_empty() {
             return None;
         }
-        let hash = self
-            .hasher
-            .hash_process(self.table.proc_fs(), info.pid, Path::new(&info.exe));
+        let hash = self.hasher.hash_process(self.table.proc_fs(), info.pid, Path::new(&info.exe));
         if let Some(h) = &hash {
-            self.table
-                .set_exe_sha256(info.pid, info.start_time_ns, &info.exe, h.clone());
+            self.table.set_exe_sha256(info.pid, info.start_time_ns, &info.exe, h.clone());
         }
         hash
     }
@@ -370,6 +277,5 @@ fn watch_name(set: &crate::watch::WatchSet, id: u32) -> String {
     if id == NO_WATCH {
         return "unknown".to_string();
     }
-    set.name(id)
-        .map_or_else(|| format!("watch-{id}"), str::to_string)
+    set.name(id).map_or_else(|| format!("watch-{id}"), str::to_string)
 }

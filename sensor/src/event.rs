@@ -14,11 +14,7 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("record of {len} bytes is shorter than its {kind} layout ({need} bytes)")]
-    Short {
-        kind: &'static str,
-        len: usize,
-        need: usize,
-    },
+    Short { kind: &'static str, len: usize, need: usize },
     #[error("unknown event kind {0}")]
     UnknownKind(u32),
     #[error("unknown {what} {value}")]
@@ -86,18 +82,9 @@ pub enum Detail {
         flags: u32,
     },
     /// A connect or UDP send to a watched endpoint.
-    Connect {
-        watch_id: u32,
-        protocol: &'static str,
-        address: IpAddr,
-        port: u16,
-    },
+    Connect { watch_id: u32, protocol: &'static str, address: IpAddr, port: u16 },
     /// A credential syscall succeeded; `process` holds the ids after it.
-    CredChange {
-        syscall: &'static str,
-        egid: u32,
-        cap_effective: u64,
-    },
+    CredChange { syscall: &'static str, egid: u32, cap_effective: u64 },
 }
 
 /// One sensor event.
@@ -145,11 +132,7 @@ impl Clock {
 fn read<T: Copy>(bytes: &[u8], kind: &'static str) -> Result<T, DecodeError> {
     let need = size_of::<T>();
     if bytes.len() < need {
-        return Err(DecodeError::Short {
-            kind,
-            len: bytes.len(),
-            need,
-        });
+        return Err(DecodeError::Short { kind, len: bytes.len(), need });
     }
     // SAFETY: length checked above; T is a plain-old-data ABI type valid for any bit pattern;
     // the read is unaligned-safe.
@@ -224,15 +207,11 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
         }
         EventKind::Fork => {
             let e: ForkEvent = read(bytes, "fork")?;
-            Detail::Fork {
-                child_pid: e.child_tgid,
-            }
+            Detail::Fork { child_pid: e.child_tgid }
         }
         EventKind::Exit => {
             let e: ExitEvent = read(bytes, "exit")?;
-            Detail::Exit {
-                exit_code: e.exit_code,
-            }
+            Detail::Exit { exit_code: e.exit_code }
         }
         EventKind::FileOpen => {
             let e: FileOpenEvent = read(bytes, "file_open")?;
@@ -257,10 +236,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
             let e: SecretEvent = read(bytes, "secret")?;
             let method =
                 SecretMethod::try_from(e.method).map_err(|v| unknown("secret method", v))?;
-            fold = Some((
-                FoldKey::secret(header.tgid, e.method, e.target_pid, e.detail),
-                e.total,
-            ));
+            fold = Some((FoldKey::secret(header.tgid, e.method, e.target_pid, e.detail), e.total));
             Detail::Secret {
                 method: secret_method(method),
                 target_pid: e.target_pid,
@@ -270,10 +246,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
         }
         EventKind::Connect => {
             let e: ConnectEvent = read(bytes, "connect")?;
-            fold = Some((
-                FoldKey::connect(header.tgid, &e.addr, e.protocol, e.port),
-                e.total,
-            ));
+            fold = Some((FoldKey::connect(header.tgid, &e.addr, e.protocol, e.port), e.total));
             Detail::Connect {
                 watch_id: e.watch_id,
                 protocol: if e.protocol == 17 { "udp" } else { "tcp" },
@@ -391,20 +364,10 @@ mod tests {
     fn refuses_short_and_unknown_records() {
         let rec = header(1);
         let err = decode(&bytes_of(&rec), &Clock::new(0)).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::Short { kind: "exec", .. }),
-            "{err}"
-        );
+        assert!(matches!(err, DecodeError::Short { kind: "exec", .. }), "{err}");
         let err = decode(&bytes_of(&header(999)), &Clock::new(0)).unwrap_err();
         assert_eq!(err, DecodeError::UnknownKind(999));
         let err = decode(&[0u8; 3], &Clock::new(0)).unwrap_err();
-        assert!(matches!(
-            err,
-            DecodeError::Short {
-                kind: "header",
-                len: 3,
-                ..
-            }
-        ));
+        assert!(matches!(err, DecodeError::Short { kind: "header", len: 3, .. }));
     }
 }

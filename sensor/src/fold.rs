@@ -16,6 +16,8 @@ const IN_FLIGHT_NS: u64 = 100_000_000;
 pub struct FoldTracker {
     keys: HashMap<FoldKey, Reported>,
     window_ns: u64,
+    /// Keys whose reported total changed since the last checkpoint.
+    dirty: std::collections::HashSet<FoldKey>,
 }
 
 #[derive(Debug)]
@@ -29,7 +31,22 @@ impl FoldTracker {
         Self {
             keys: HashMap::new(),
             window_ns: window.as_nanos() as u64,
+            dirty: Default::default(),
         }
+    }
+
+    /// Continues from the totals a previous sensor reported (its checkpoint), so occurrences
+    /// it already reported are not reported again.
+    pub fn seed(&mut self, reported: &[(FoldKey, u64)]) {
+        for &(key, total) in reported {
+            self.keys.insert(key, Reported { total, last: event_from_key(&key, 0) });
+        }
+    }
+
+    /// The reported totals changed since the last call, for [`crate::kernel_maps::FoldMap::checkpoint`].
+    pub fn take_dirty(&mut self) -> Vec<(FoldKey, u64)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty.into_iter().filter_map(|k| self.keys.get(&k).map(|r| (k, r.total))).collect()
     }
 
     /// Sets `event.count` to the occurrences it newly accounts for; `None` when it accounts for
@@ -46,13 +63,8 @@ impl FoldTracker {
             Some(_) => return None,
         };
         event.count = u32::try_from(delta).unwrap_or(u32::MAX);
-        self.keys.insert(
-            key,
-            Reported {
-                total,
-                last: event.clone(),
-            },
-        );
+        self.keys.insert(key, Reported { total, last: event.clone() });
+        self.dirty.insert(key);
         Some(event)
     }
 
@@ -84,13 +96,8 @@ impl FoldTracker {
             tail.count = u32::try_from(state.total - reported_total).unwrap_or(u32::MAX);
             tail.time_ns = now_unix_ns;
             tail.fold = Some((key, state.total));
-            self.keys.insert(
-                key,
-                Reported {
-                    total: state.total,
-                    last: tail.clone(),
-                },
-            );
+            self.keys.insert(key, Reported { total: state.total, last: tail.clone() });
+            self.dirty.insert(key);
             tails.push(tail);
         }
         self.keys.retain(|k, _| live.contains(k));
@@ -116,11 +123,7 @@ fn event_from_key(key: &FoldKey, now_unix_ns: u64) -> Event {
         },
         Ok(EventKind::Connect) => Detail::Connect {
             watch_id: NO_WATCH,
-            protocol: if key.qualifier >> 16 == 17 {
-                "udp"
-            } else {
-                "tcp"
-            },
+            protocol: if key.qualifier >> 16 == 17 { "udp" } else { "tcp" },
             address: std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
             port: key.qualifier as u16,
         },
@@ -189,17 +192,11 @@ mod tests {
         assert!(t.on_event(event(120, 2_000_000_001)).is_none());
         // The burst goes on to 400 and stops: the sweep reports the tail once.
         let key = FoldKey::file(10, 1, 42);
-        let state = |total| FoldState {
-            total,
-            last_emit_ns: 0,
-        };
+        let state = |total| FoldState { total, last_emit_ns: 0 };
         let tails = t.sweep(&[(key, state(400))], 3_000_000_000, 10_000_000_000);
         assert_eq!(tails.len(), 1);
         assert_eq!(tails[0].count, 250);
-        assert!(
-            t.sweep(&[(key, state(400))], 4_000_000_000, 10_000_000_000)
-                .is_empty()
-        );
+        assert!(t.sweep(&[(key, state(400))], 4_000_000_000, 10_000_000_000).is_empty());
         // The key left the kernel map: forgotten, and a fresh entry counts from scratch.
         assert!(t.sweep(&[], 5_000_000_000, 10_000_000_000).is_empty());
         assert_eq!(t.on_event(event(1, 6_000_000_000)).unwrap().count, 1);
@@ -210,21 +207,12 @@ mod tests {
         let mut t = FoldTracker::new(std::time::Duration::from_secs(1));
         let key = FoldKey::file(77, 5, 9);
         // Too recent: its record may still be in the ring.
-        let fresh = FoldState {
-            total: 30,
-            last_emit_ns: 9_990_000_000,
-        };
+        let fresh = FoldState { total: 30, last_emit_ns: 9_990_000_000 };
         assert!(t.sweep(&[(key, fresh)], 1, 10_000_000_000).is_empty());
-        let old = FoldState {
-            total: 30,
-            last_emit_ns: 1_000_000_000,
-        };
+        let old = FoldState { total: 30, last_emit_ns: 1_000_000_000 };
         let tails = t.sweep(&[(key, old)], 1, 10_000_000_000);
         assert_eq!(tails.len(), 1);
         assert_eq!((tails[0].count, tails[0].process.pid), (30, 77));
-        assert!(matches!(
-            tails[0].detail,
-            Detail::FileOpen { ino: 9, dev: 5, .. }
-        ));
+        assert!(matches!(tails[0].detail, Detail::FileOpen { ino: 9, dev: 5, .. }));
     }
 }

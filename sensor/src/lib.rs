@@ -12,6 +12,7 @@ pub mod kernel_maps;
 pub mod loader;
 pub mod observation;
 pub mod output;
+pub mod pins;
 pub mod process;
 pub mod reader;
 pub mod run;

@@ -4,18 +4,26 @@
 //! the outcome on this host. A program that fails is never a silent gap: the sensor refuses to
 //! start unless the operator allowed that gap by name.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::PathBuf,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint},
+    maps::{Array, Map, MapData, PerCpuArray, RingBuf},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint,
+        links::{FdLink, PinnedLink},
+    },
 };
-use sensor_ebpf::{EventKind, SensorConfig};
+use sensor_ebpf::{EventKind, PinMeta, RUNTIME_SELF_TGID, SensorConfig};
 use serde::Serialize;
 
 use crate::{
     btf::{BtfError, KernelBtf},
+    kernel_maps::{FoldMap, WatchMaps},
+    pins::{self, PinDir, PinState},
     system::{self, SystemError},
 };
 
@@ -23,10 +31,7 @@ use crate::{
 #[derive(Debug, Clone, Copy)]
 pub enum Attach {
     /// `tracepoint/<category>/<name>`.
-    TracePoint {
-        category: &'static str,
-        name: &'static str,
-    },
+    TracePoint { category: &'static str, name: &'static str },
     /// `raw_tracepoint/<name>`.
     RawTracePoint { name: &'static str },
     /// A cgroup sock_addr hook on the cgroup2 root, attached in multi-attach mode so other
@@ -63,120 +68,30 @@ pub struct ProgramSpec {
 /// else. An LSM `file_open` / fentry variant of the file hook belongs here as the preferred
 /// entry on kernels that allow it, with these tracepoints as its fallback.
 pub const PROGRAMS: &[ProgramSpec] = &[
-    tp(
-        "sched_process_exec",
-        "sched",
-        "process lifecycle: exec",
-        "4.7",
-    ),
+    tp("sched_process_exec", "sched", "process lifecycle: exec", "4.7"),
     raw("sched_process_fork", "process lifecycle: fork", "4.17"),
     raw("sched_process_exit", "process lifecycle: exit", "4.17"),
-    tp(
-        "sys_exit_openat",
-        "syscalls",
-        "credential/secret files: openat",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_openat2",
-        "syscalls",
-        "credential/secret files: openat2",
-        "5.6",
-    ),
-    tp(
-        "sys_exit_open",
-        "syscalls",
-        "credential/secret files: open",
-        "4.7",
-    ),
-    tp(
-        "sys_enter_ptrace",
-        "syscalls",
-        "secret access: ptrace",
-        "4.7",
-    ),
-    tp(
-        "sys_enter_process_vm_readv",
-        "syscalls",
-        "secret access: process_vm_readv",
-        "4.7",
-    ),
-    tp(
-        "sys_enter_keyctl",
-        "syscalls",
-        "secret access: keyctl read",
-        "4.7",
-    ),
-    tp(
-        "sys_enter_connect",
-        "syscalls",
-        "secret access: unix socket connect (fd)",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_connect",
-        "syscalls",
-        "secret access: watched unix socket connect",
-        "4.7",
-    ),
+    tp("sys_exit_openat", "syscalls", "credential/secret files: openat", "4.7"),
+    tp("sys_exit_openat2", "syscalls", "credential/secret files: openat2", "5.6"),
+    tp("sys_exit_open", "syscalls", "credential/secret files: open", "4.7"),
+    tp("sys_enter_ptrace", "syscalls", "secret access: ptrace", "4.7"),
+    tp("sys_enter_process_vm_readv", "syscalls", "secret access: process_vm_readv", "4.7"),
+    tp("sys_enter_keyctl", "syscalls", "secret access: keyctl read", "4.7"),
+    tp("sys_enter_connect", "syscalls", "secret access: unix socket connect (fd)", "4.7"),
+    tp("sys_exit_connect", "syscalls", "secret access: watched unix socket connect", "4.7"),
     cg("connect4", "auth endpoints: IPv4 connect", "4.17"),
     cg("connect6", "auth endpoints: IPv6 connect", "4.17"),
     cg("sendmsg4", "auth endpoints: IPv4 UDP send", "4.18"),
     cg("sendmsg6", "auth endpoints: IPv6 UDP send", "4.18"),
-    tp(
-        "sys_exit_setuid",
-        "syscalls",
-        "privilege change: setuid",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_setreuid",
-        "syscalls",
-        "privilege change: setreuid",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_setresuid",
-        "syscalls",
-        "privilege change: setresuid",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_setfsuid",
-        "syscalls",
-        "privilege change: setfsuid",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_setgid",
-        "syscalls",
-        "privilege change: setgid",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_setregid",
-        "syscalls",
-        "privilege change: setregid",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_setresgid",
-        "syscalls",
-        "privilege change: setresgid",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_setfsgid",
-        "syscalls",
-        "privilege change: setfsgid",
-        "4.7",
-    ),
-    tp(
-        "sys_exit_capset",
-        "syscalls",
-        "privilege change: capset",
-        "4.7",
-    ),
+    tp("sys_exit_setuid", "syscalls", "privilege change: setuid", "4.7"),
+    tp("sys_exit_setreuid", "syscalls", "privilege change: setreuid", "4.7"),
+    tp("sys_exit_setresuid", "syscalls", "privilege change: setresuid", "4.7"),
+    tp("sys_exit_setfsuid", "syscalls", "privilege change: setfsuid", "4.7"),
+    tp("sys_exit_setgid", "syscalls", "privilege change: setgid", "4.7"),
+    tp("sys_exit_setregid", "syscalls", "privilege change: setregid", "4.7"),
+    tp("sys_exit_setresgid", "syscalls", "privilege change: setresgid", "4.7"),
+    tp("sys_exit_setfsgid", "syscalls", "privilege change: setfsgid", "4.7"),
+    tp("sys_exit_capset", "syscalls", "privilege change: capset", "4.7"),
 ];
 
 const fn tp(
@@ -185,30 +100,15 @@ const fn tp(
     purpose: &'static str,
     min_kernel: &'static str,
 ) -> ProgramSpec {
-    ProgramSpec {
-        name,
-        attach: Attach::TracePoint { category, name },
-        purpose,
-        min_kernel,
-    }
+    ProgramSpec { name, attach: Attach::TracePoint { category, name }, purpose, min_kernel }
 }
 
 const fn raw(name: &'static str, purpose: &'static str, min_kernel: &'static str) -> ProgramSpec {
-    ProgramSpec {
-        name,
-        attach: Attach::RawTracePoint { name },
-        purpose,
-        min_kernel,
-    }
+    ProgramSpec { name, attach: Attach::RawTracePoint { name }, purpose, min_kernel }
 }
 
 const fn cg(hook: &'static str, purpose: &'static str, min_kernel: &'static str) -> ProgramSpec {
-    ProgramSpec {
-        name: hook,
-        attach: Attach::CgroupSockAddr { hook },
-        purpose,
-        min_kernel,
-    }
+    ProgramSpec { name: hook, attach: Attach::CgroupSockAddr { hook }, purpose, min_kernel }
 }
 
 /// Outcome of one program on this host.
@@ -235,13 +135,12 @@ pub enum LoadError {
         "cannot load the eBPF object: {0} (needs root, or CAP_BPF and CAP_PERFMON, on a kernel with BPF enabled)"
     )]
     Object(#[source] aya::EbpfError),
+    #[error("{0}")]
+    Pin(#[from] crate::pins::PinError),
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: aya::maps::MapError,
-    },
+    Map { name: &'static str, source: aya::maps::MapError },
     #[error(
         "programs not attached: {}; allow the gap explicitly with --allow-missing {}",
         .0.iter().map(|s| format!("{} ({})", s.program, s.reason.as_deref().unwrap_or("?"))).collect::<Vec<_>>().join(", "),
@@ -259,6 +158,9 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Repeats of the same (process, kind, object) within this window fold into one record.
     pub fold_window: std::time::Duration,
+    /// Pin maps and links here so capture continues across sensor restarts; `None` ties the
+    /// programs to this process (tests, one-off runs).
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -269,59 +171,97 @@ impl Default for LoadOptions {
             // Long enough to fold a tight loop, short enough that a second use a moment later
             // is its own event.
             fold_window: std::time::Duration::from_secs(1),
+            pin_dir: None,
         }
     }
 }
 
-/// The kernel side, loaded and attached. Dropping it detaches every program.
+/// Where the running programs came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "origin", rename_all = "snake_case")]
+pub enum Origin {
+    /// Loaded and attached by this process.
+    Loaded,
+    /// Left pinned by a previous sensor of the same build, which kept capturing meanwhile.
+    Adopted,
+    /// Pins of an incompatible sensor were removed first; what they held was lost.
+    Replaced { reason: String },
+}
+
+/// The kernel side, loaded and attached. Without pins, dropping it detaches every program.
 pub struct Loaded {
-    pub ebpf: Ebpf,
+    /// The object, when this process loaded it (absent when pinned programs were adopted).
+    ebpf: Option<Ebpf>,
+    /// Maps opened from pins, by name.
+    pinned_maps: HashMap<String, Map>,
+    lost: Option<PerCpuArray<MapData, u64>>,
     pub report: Vec<ProgramStatus>,
+    pub origin: Origin,
+    _pins: Option<PinDir>,
 }
 
 impl Loaded {
-    /// The watch maps, handed to whoever keeps them in line with the watch list.
-    pub fn take_watch_maps(&mut self) -> Result<crate::kernel_maps::WatchMaps, LoadError> {
-        crate::kernel_maps::WatchMaps::take(&mut self.ebpf)
+    fn take_map(&mut self, name: &'static str) -> Result<Map, LoadError> {
+        self.ebpf
+            .as_mut()
+            .and_then(|e| e.take_map(name))
+            .or_else(|| self.pinned_maps.remove(name))
+            .ok_or(LoadError::MissingMap(name))
     }
 
-    /// The fold map, read by the sweeper that reports fold tails.
-    pub fn take_fold_map(&mut self) -> Result<crate::kernel_maps::FoldMap, LoadError> {
-        crate::kernel_maps::FoldMap::take(&mut self.ebpf)
+    fn typed<T>(
+        &mut self,
+        name: &'static str,
+        convert: impl FnOnce(Map) -> Result<T, aya::maps::MapError>,
+    ) -> Result<T, LoadError> {
+        let map = self.take_map(name)?;
+        convert(map).map_err(|source| LoadError::Map { name, source })
+    }
+
+    /// The watch maps, handed to whoever keeps them in line with the watch list.
+    pub fn take_watch_maps(&mut self) -> Result<WatchMaps, LoadError> {
+        Ok(WatchMaps {
+            files: self.typed("WATCHED_FILES", aya::maps::HashMap::try_from)?,
+            dirs: self.typed("WATCHED_DIRS", aya::maps::HashMap::try_from)?,
+            sockets: self.typed("WATCHED_SOCKETS", aya::maps::HashMap::try_from)?,
+            names: self.typed("WATCHED_NAMES", aya::maps::HashMap::try_from)?,
+            endpoints: self.typed("ENDPOINTS", aya::maps::LpmTrie::try_from)?,
+        })
+    }
+
+    /// The fold maps, read by the sweeper that reports fold tails.
+    pub fn take_fold_map(&mut self) -> Result<FoldMap, LoadError> {
+        Ok(FoldMap {
+            map: self.typed("FOLD", aya::maps::HashMap::try_from)?,
+            reported: self.typed("FOLD_REPORTED", aya::maps::HashMap::try_from)?,
+        })
     }
 
     /// The event ring buffer, handed to the reader.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .ok_or(LoadError::MissingMap("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| LoadError::Map {
-            name: "EVENTS",
-            source,
-        })
+        self.typed("EVENTS", RingBuf::try_from)
     }
 
     /// Records the kernel could not queue, per kind, summed over CPUs.
     pub fn lost_counts(&self) -> Result<Vec<(EventKind, u64)>, LoadError> {
-        let map = self.ebpf.map("LOST").ok_or(LoadError::MissingMap("LOST"))?;
-        let lost: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(|source| LoadError::Map {
-                name: "LOST",
-                source,
-            })?;
         EventKind::ALL
             .iter()
             .map(|&kind| {
+                let lost = self.lost.as_ref().ok_or(LoadError::MissingMap("LOST"))?;
                 let per_cpu = lost
                     .get(&(kind as u32), 0)
-                    .map_err(|source| LoadError::Map {
-                        name: "LOST",
-                        source,
-                    })?;
+                    .map_err(|source| LoadError::Map { name: "LOST", source })?;
                 Ok((kind, per_cpu.iter().sum()))
             })
             .collect()
+    }
+
+    /// Tells the programs which process is the sensor, so its own activity is skipped.
+    fn set_self(&mut self) -> Result<(), LoadError> {
+        let mut runtime: Array<_, u32> = self.typed("RUNTIME", Array::try_from)?;
+        runtime
+            .set(RUNTIME_SELF_TGID, std::process::id(), 0)
+            .map_err(|source| LoadError::Map { name: "RUNTIME", source })
     }
 }
 
@@ -332,46 +272,62 @@ fn prepare_host() -> Result<(), LoadError> {
     Ok(())
 }
 
-fn open_object(opts: &LoadOptions) -> Result<Ebpf, LoadError> {
+fn open_object(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Ebpf, LoadError> {
     if crate::EBPF_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
     let offsets = KernelBtf::load()?.kernel_offsets()?;
-    let config = SensorConfig {
-        self_tgid: std::process::id(),
-        _pad0: 0,
-        fold_window_ns: opts.fold_window.as_nanos() as u64,
-        offsets,
+    let config = SensorConfig { fold_window_ns: opts.fold_window.as_nanos() as u64, offsets };
+    let pin_paths: Vec<(&'static str, PathBuf)> = match pins {
+        Some(p) => pins::MAPS.iter().map(|&name| (name, p.map_path(name))).collect(),
+        None => Vec::new(),
     };
     let mut loader = EbpfLoader::new();
     loader.override_global("CONFIG", &config, true);
     if opts.ring_bytes > 0 {
         loader.map_max_entries("EVENTS", opts.ring_bytes);
     }
+    for (name, path) in &pin_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
     loader.load(crate::EBPF_OBJECT).map_err(LoadError::Object)
 }
 
-fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec, cgroup: &CgroupRoot) -> Result<(), String> {
-    let program = ebpf
-        .program_mut(spec.name)
-        .ok_or("not in the eBPF object")?;
+/// Attaches one program; with `pins`, pins its link so it outlives this process.
+fn attach(
+    ebpf: &mut Ebpf,
+    spec: &ProgramSpec,
+    cgroup: &CgroupRoot,
+    pins: Option<&PinDir>,
+) -> Result<(), String> {
+    let program = ebpf.program_mut(spec.name).ok_or("not in the eBPF object")?;
     let loaded = |e: aya::programs::ProgramError| format!("load refused: {}", brief(&e));
     let attached = |e: aya::programs::ProgramError| {
-        let cause = std::error::Error::source(&e)
-            .map(|s| format!(": {s}"))
-            .unwrap_or_default();
+        let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
         format!("attach failed: {e}{cause}")
     };
-    match spec.attach {
+    let taken = |e: aya::programs::ProgramError| format!("link not pinnable: {e}");
+    let link: Option<FdLink> = match spec.attach {
         Attach::TracePoint { category, name } => {
             let p: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             p.load().map_err(loaded)?;
-            p.attach(category, name).map_err(attached)?;
+            let id = p.attach(category, name).map_err(attached)?;
+            match pins {
+                Some(_) => Some(
+                    FdLink::try_from(p.take_link(id).map_err(taken)?)
+                        .map_err(|e| format!("link not pinnable on this kernel: {e}"))?,
+                ),
+                None => None,
+            }
         }
         Attach::RawTracePoint { name } => {
             let p: &mut RawTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             p.load().map_err(loaded)?;
-            p.attach(name).map_err(attached)?;
+            let id = p.attach(name).map_err(attached)?;
+            match pins {
+                Some(_) => Some(FdLink::from(p.take_link(id).map_err(taken)?)),
+                None => None,
+            }
         }
         Attach::CgroupSockAddr { .. } => {
             let root = cgroup.dir.as_ref().map_err(Clone::clone)?;
@@ -379,8 +335,18 @@ fn attach(ebpf: &mut Ebpf, spec: &ProgramSpec, cgroup: &CgroupRoot) -> Result<()
             p.load().map_err(loaded)?;
             // On kernels with BPF links (5.7+) every cgroup link is multi-attach and the link
             // takes no flags; older kernels get the legacy attach, where this would be exclusive.
-            p.attach(root, CgroupAttachMode::Single).map_err(attached)?;
+            let id = p.attach(root, CgroupAttachMode::Single).map_err(attached)?;
+            match pins {
+                Some(_) => Some(
+                    FdLink::try_from(p.take_link(id).map_err(taken)?)
+                        .map_err(|e| format!("link not pinnable on this kernel: {e}"))?,
+                ),
+                None => None,
+            }
         }
+    };
+    if let (Some(link), Some(pins)) = (link, pins) {
+        link.pin(pins.link_path(spec.name)).map_err(|e| format!("pinning the link: {e}"))?;
     }
     Ok(())
 }
@@ -392,14 +358,8 @@ fn brief(e: &aya::programs::ProgramError) -> String {
     if lines.len() <= 4 {
         return lines.join(" / ");
     }
-    let first = lines[0]
-        .split(". Verifier output")
-        .next()
-        .unwrap_or(lines[0]);
-    format!(
-        "{first} … {}",
-        lines[lines.len() - 4..lines.len() - 2].join(" / ")
-    )
+    let first = lines[0].split(". Verifier output").next().unwrap_or(lines[0]);
+    format!("{first} … {}", lines[lines.len() - 4..lines.len() - 2].join(" / "))
 }
 
 /// The cgroup2 root directory that cgroup hooks attach to, or why there is none.
@@ -409,56 +369,105 @@ struct CgroupRoot {
 
 impl CgroupRoot {
     fn open() -> Self {
-        let dir = system::cgroup2_mount()
-            .map_err(|e| e.to_string())
-            .and_then(|path| {
-                std::fs::File::open(&path)
-                    .map_err(|e| format!("cannot open {}: {e}", path.display()))
-            });
+        let dir = system::cgroup2_mount().map_err(|e| e.to_string()).and_then(|path| {
+            std::fs::File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))
+        });
         Self { dir }
     }
 }
 
-fn attach_all(ebpf: &mut Ebpf) -> Vec<ProgramStatus> {
+fn attach_all(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Vec<ProgramStatus> {
     let cgroup = CgroupRoot::open();
     PROGRAMS
         .iter()
         .map(|spec| {
-            let outcome = attach(ebpf, spec, &cgroup);
-            ProgramStatus {
-                program: spec.name,
-                attach: spec.attach.describe(),
-                purpose: spec.purpose,
-                min_kernel: spec.min_kernel,
-                attached: outcome.is_ok(),
-                reason: outcome.err(),
-            }
+            let outcome = attach(ebpf, spec, &cgroup, pins);
+            status(spec, outcome)
         })
         .collect()
 }
 
-/// Loads and attaches every program; fails if one is missing that the operator did not allow.
+fn status(spec: &ProgramSpec, outcome: Result<(), String>) -> ProgramStatus {
+    ProgramStatus {
+        program: spec.name,
+        attach: spec.attach.describe(),
+        purpose: spec.purpose,
+        min_kernel: spec.min_kernel,
+        attached: outcome.is_ok(),
+        reason: outcome.err(),
+    }
+}
+
+/// Pinned programs left by a compatible sensor: their maps, and which programs still run.
+fn adopt(pins: &PinDir) -> Result<(HashMap<String, Map>, Vec<ProgramStatus>), LoadError> {
+    let maps = pins.open_maps()?;
+    let report = PROGRAMS
+        .iter()
+        .map(|spec| {
+            let outcome = match PinnedLink::from_pin(pins.link_path(spec.name)) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(format!("not attached by the previous sensor: {e}")),
+            };
+            status(spec, outcome)
+        })
+        .collect();
+    Ok((maps, report))
+}
+
+/// Loads and attaches every program (or adopts those a compatible sensor left pinned); fails
+/// if one is missing that the operator did not allow.
 pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     prepare_host()?;
-    let mut ebpf = open_object(opts)?;
-    let report = attach_all(&mut ebpf);
+    let pins = opts.pin_dir.as_deref().map(PinDir::lock).transpose()?;
+    let mut origin = Origin::Loaded;
+    let (ebpf, pinned_maps, report) = match pins.as_ref().map(PinDir::state) {
+        Some(PinState::Compatible) => {
+            origin = Origin::Adopted;
+            let (maps, report) = adopt(pins.as_ref().expect("pins present"))?;
+            (None, maps, report)
+        }
+        state => {
+            if let (Some(PinState::Incompatible(reason)), Some(p)) = (state, pins.as_ref()) {
+                tracing::warn!(%reason, "replacing pinned programs of an incompatible sensor; events they held are lost");
+                p.clear()?;
+                origin = Origin::Replaced { reason };
+            }
+            let mut ebpf = open_object(opts, pins.as_ref())?;
+            let report = attach_all(&mut ebpf, pins.as_ref());
+            (Some(ebpf), HashMap::new(), report)
+        }
+    };
     let missing: Vec<_> = report
         .iter()
         .filter(|s| !s.attached && !opts.allow_missing.contains(s.program))
         .cloned()
         .collect();
     if !missing.is_empty() {
+        if let Some(p) = &pins
+            && origin != Origin::Adopted
+        {
+            let _ = p.clear(); // never leave a half-attached set pinned
+        }
         return Err(LoadError::Missing(missing));
     }
     for gap in report.iter().filter(|s| !s.attached) {
         tracing::warn!(program = gap.program, reason = ?gap.reason, "program not attached (allowed by operator)");
     }
-    Ok(Loaded { ebpf, report })
+    let write_meta = pins.is_some() && ebpf.is_some();
+    let mut loaded = Loaded { ebpf, pinned_maps, lost: None, report, origin, _pins: pins };
+    loaded.lost = Some(loaded.typed("LOST", PerCpuArray::try_from)?);
+    if write_meta {
+        let mut meta: Array<_, PinMeta> = loaded.typed("META", Array::try_from)?;
+        meta.set(0, pins::this_object_meta(), 0)
+            .map_err(|source| LoadError::Map { name: "META", source })?;
+    }
+    loaded.set_self()?;
+    Ok(loaded)
 }
 
 /// Tries every program and reports what works on this host, without failing on gaps.
 pub fn probe() -> Result<Vec<ProgramStatus>, LoadError> {
     prepare_host()?;
-    let mut ebpf = open_object(&LoadOptions::default())?;
-    Ok(attach_all(&mut ebpf))
+    let mut ebpf = open_object(&LoadOptions::default(), None)?;
+    Ok(attach_all(&mut ebpf, None))
 }

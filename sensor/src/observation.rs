@@ -88,10 +88,7 @@ pub enum What {
 impl What {
     /// Lifecycle observations keep the process table exact; they are not accesses.
     pub fn is_lifecycle(&self) -> bool {
-        matches!(
-            self,
-            What::Exec { .. } | What::Fork { .. } | What::Exit { .. }
-        )
+        matches!(self, What::Exec { .. } | What::Fork { .. } | What::Exit { .. })
     }
 }
 

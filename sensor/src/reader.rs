@@ -63,24 +63,31 @@ impl Drop for ReaderHandle {
 /// records in the ring (where the kernel counts any it cannot queue) rather than in memory.
 pub fn spawn(
     mut ring: RingBuf<MapData>,
-    fold_map: FoldMap,
+    mut fold_map: FoldMap,
     mut folds: FoldTracker,
     tx: mpsc::Sender<Event>,
     clock: Clock,
 ) -> ReaderHandle {
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(ReaderStats::default());
-    let thread =
-        {
-            let stop = Arc::clone(&stop);
-            let stats = Arc::clone(&stats);
-            std::thread::Builder::new()
+    let thread = {
+        let stop = Arc::clone(&stop);
+        let stats = Arc::clone(&stats);
+        std::thread::Builder::new()
             .name("ring-reader".into())
             .spawn(move || {
                 let send = |event: Event| {
                     stats.occurrences.fetch_add(u64::from(event.count), Ordering::Relaxed);
                     tx.blocking_send(event).is_ok()
                 };
+                let reported = fold_map.reported();
+                if !reported.is_empty() {
+                    tracing::info!(
+                        keys = reported.len(),
+                        "continuing fold counts from the previous sensor"
+                    );
+                }
+                folds.seed(&reported);
                 let mut last_sweep = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     while let Some(record) = ring.next() {
@@ -98,6 +105,11 @@ pub fn spawn(
                             }
                         }
                     }
+                    // Checkpoint what was reported, so a restarted sensor does not repeat it.
+                    let dirty = folds.take_dirty();
+                    if !dirty.is_empty() {
+                        fold_map.checkpoint(&dirty);
+                    }
                     if last_sweep.elapsed() >= SWEEP_INTERVAL {
                         last_sweep = std::time::Instant::now();
                         let entries = fold_map.entries();
@@ -112,31 +124,20 @@ pub fn spawn(
                 }
             })
             .expect("spawning the ring reader thread")
-        };
-    ReaderHandle {
-        stop,
-        thread: Some(thread),
-        stats,
-    }
+    };
+    ReaderHandle { stop, thread: Some(thread), stats }
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds: the clock the kernel stamps records with.
 fn boot_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid clock id and out-pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn wait_readable(ring: &RingBuf<MapData>, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd: ring.as_fd().as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: ring.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd; the result only shortens the wait.
     unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
 }

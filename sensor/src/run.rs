@@ -45,12 +45,7 @@ impl Sensor {
         let (tx, events) = mpsc::channel(CHANNEL_CAPACITY);
         let folds = FoldTracker::new(opts.fold_window);
         let reader = reader::spawn(ring, fold_map, folds, tx, Clock::from_system());
-        Ok(Self {
-            reader,
-            loaded,
-            events,
-            watch_maps: Some(watch_maps),
-        })
+        Ok(Self { reader, loaded, events, watch_maps: Some(watch_maps) })
     }
 
     /// The next event; `None` once the reader has stopped.
@@ -63,9 +58,7 @@ impl Sensor {
     /// # Panics
     /// After [`Agent::start`] took them over.
     pub fn watch_maps(&mut self) -> &mut WatchMaps {
-        self.watch_maps
-            .as_mut()
-            .expect("watch maps are owned by the agent")
+        self.watch_maps.as_mut().expect("watch maps are owned by the agent")
     }
 
     pub fn report(&self) -> &[loader::ProgramStatus] {
@@ -143,12 +136,7 @@ impl Agent {
                 }
             })
             .expect("spawning the enricher thread");
-        Ok(Self {
-            observations,
-            view,
-            cancel,
-            sensor,
-        })
+        Ok(Self { observations, view, cancel, sensor })
     }
 
     /// The next observation; `None` once the sensor has stopped.

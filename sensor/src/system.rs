@@ -18,11 +18,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 #[derive(Debug, thiserror::Error)]
 pub enum SystemError {
     #[error("cannot mount {fstype} at {target}: {source}")]
-    Mount {
-        fstype: &'static str,
-        target: String,
-        source: io::Error,
-    },
+    Mount { fstype: &'static str, target: String, source: io::Error },
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: io::Error },
     #[error("no cgroup2 mount in /proc/self/mountinfo")]
@@ -38,24 +34,12 @@ fn fs_magic(path: &Path) -> Option<i64> {
 }
 
 fn mount(fstype: &'static str, target: &str) -> Result<(), SystemError> {
-    let err = |source| SystemError::Mount {
-        fstype,
-        target: target.to_string(),
-        source,
-    };
+    let err = |source| SystemError::Mount { fstype, target: target.to_string(), source };
     fs::create_dir_all(target).map_err(err)?;
     let src = CString::new(fstype).expect("no NUL");
     let dst = CString::new(target).expect("no NUL");
     // SAFETY: valid NUL-terminated strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            src.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(err(io::Error::last_os_error()));
     }
@@ -81,10 +65,7 @@ pub fn ensure_bpffs() -> Result<(), SystemError> {
 
 /// Lifts RLIMIT_MEMLOCK for kernels that still charge BPF maps against it (before 5.11).
 pub fn raise_memlock_limit() {
-    let rlim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
         tracing::debug!(error = %io::Error::last_os_error(), "could not raise RLIMIT_MEMLOCK");
@@ -94,10 +75,8 @@ pub fn raise_memlock_limit() {
 /// The cgroup2 mount point, from `/proc/self/mountinfo`.
 pub fn cgroup2_mount() -> Result<PathBuf, SystemError> {
     let path = "/proc/self/mountinfo";
-    let text = fs::read_to_string(path).map_err(|source| SystemError::Read {
-        path: path.to_string(),
-        source,
-    })?;
+    let text = fs::read_to_string(path)
+        .map_err(|source| SystemError::Read { path: path.to_string(), source })?;
     parse_cgroup2_mount(&text).ok_or(SystemError::NoCgroup2)
 }
 
@@ -122,10 +101,7 @@ pub fn kernel_release() -> String {
 /// Offset to add to a `CLOCK_BOOTTIME` nanosecond stamp to get Unix time.
 pub fn boot_to_unix_offset_ns() -> i128 {
     fn now(clock: libc::clockid_t) -> i128 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: valid clock id and out-pointer.
         unsafe { libc::clock_gettime(clock, &mut ts) };
         ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -144,13 +120,7 @@ mod tests {
 35 24 0:30 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
 36 24 0:31 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
 ";
-        assert_eq!(
-            parse_cgroup2_mount(info),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(
-            parse_cgroup2_mount("22 1 0:21 / /proc rw - proc proc rw\n"),
-            None
-        );
+        assert_eq!(parse_cgroup2_mount(info), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(parse_cgroup2_mount("22 1 0:21 / /proc rw - proc proc rw\n"), None);
     }
 }

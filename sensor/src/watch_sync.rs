@@ -53,11 +53,7 @@ pub struct KernelWatches {
 }
 
 fn key(id: &FileId) -> FileKey {
-    FileKey {
-        dev: id.kernel_dev,
-        _pad0: 0,
-        ino: id.ino,
-    }
+    FileKey { dev: id.kernel_dev, _pad0: 0, ino: id.ino }
 }
 
 fn is_glob(name: &str) -> bool {
@@ -94,10 +90,10 @@ impl KernelWatches {
             if !dir_ids.contains(&dir) {
                 continue; // an ancestor followed for creations, not a directory of names
             }
-            let rule = self.dir_rules.entry(dir).or_insert_with(|| DirRule {
-                path: path.clone(),
-                globs: Vec::new(),
-            });
+            let rule = self
+                .dir_rules
+                .entry(dir)
+                .or_insert_with(|| DirRule { path: path.clone(), globs: Vec::new() });
             let mut any_name = false;
             for name in names {
                 if is_glob(name) {
@@ -135,10 +131,7 @@ impl KernelWatches {
     /// The watch a directory match belongs to, if `name` is one of its globs.
     pub fn glob_watch(&self, dir: &FileKey, name: &str) -> Option<u32> {
         let rule = self.dir_rules.get(dir)?;
-        rule.globs
-            .iter()
-            .find(|(g, _)| g.is_match(name))
-            .map(|(_, id)| *id)
+        rule.globs.iter().find(|(g, _)| g.is_match(name)).map(|(_, id)| *id)
     }
 }
 
@@ -147,10 +140,7 @@ fn merge_follow(
     path: &std::path::Path,
     names: &BTreeSet<String>,
 ) {
-    follow
-        .entry(path.to_path_buf())
-        .or_default()
-        .extend(names.iter().cloned());
+    follow.entry(path.to_path_buf()).or_default().extend(names.iter().cloned());
 }
 
 type Insert<K> = fn(&mut WatchMaps, K, u32) -> Result<(), MapUpdateError>;
@@ -177,34 +167,10 @@ fn sync_map<K: Ord + Copy>(
 }
 
 fn apply(maps: &mut WatchMaps, old: &KernelWatches, new: &KernelWatches) {
-    sync_map(
-        maps,
-        &old.files,
-        &new.files,
-        WatchMaps::insert_file,
-        WatchMaps::remove_file,
-    );
-    sync_map(
-        maps,
-        &old.dirs,
-        &new.dirs,
-        WatchMaps::insert_dir,
-        WatchMaps::remove_dir,
-    );
-    sync_map(
-        maps,
-        &old.names,
-        &new.names,
-        WatchMaps::insert_name,
-        WatchMaps::remove_name,
-    );
-    sync_map(
-        maps,
-        &old.sockets,
-        &new.sockets,
-        WatchMaps::insert_socket,
-        WatchMaps::remove_socket,
-    );
+    sync_map(maps, &old.files, &new.files, WatchMaps::insert_file, WatchMaps::remove_file);
+    sync_map(maps, &old.dirs, &new.dirs, WatchMaps::insert_dir, WatchMaps::remove_dir);
+    sync_map(maps, &old.names, &new.names, WatchMaps::insert_name, WatchMaps::remove_name);
+    sync_map(maps, &old.sockets, &new.sockets, WatchMaps::insert_socket, WatchMaps::remove_socket);
 }
 
 fn entry(rule: &EndpointRule) -> EndpointEntry {
@@ -234,8 +200,9 @@ fn apply_endpoints(maps: &mut WatchMaps, old: &[EndpointRule], new: &ResolvedEnd
             tracing::warn!(%error, addr = %added.addr, "could not watch an endpoint");
         }
     }
-    for host in &new.unresolved {
-        tracing::warn!(host = %host.host, error = %host.error, "watched host name did not resolve; retrying later");
+    if !new.unresolved.is_empty() {
+        let hosts: Vec<&str> = new.unresolved.iter().map(|h| h.host.as_str()).collect();
+        tracing::warn!(hosts = %hosts.join(", "), "watched host names did not resolve; retrying later");
     }
 }
 
@@ -259,9 +226,7 @@ pub struct WatchSync {
 
 async fn resolve_blocking(set: &WatchSet) -> KernelWatches {
     let set = set.clone();
-    tokio::task::spawn_blocking(move || KernelWatches::resolve(&set))
-        .await
-        .unwrap_or_default()
+    tokio::task::spawn_blocking(move || KernelWatches::resolve(&set)).await.unwrap_or_default()
 }
 
 impl WatchSync {
@@ -288,12 +253,7 @@ impl WatchSync {
             "watches in force"
         );
         let view = Arc::new(RwLock::new(WatchView { set, kernel }));
-        let sync = Self {
-            maps,
-            view: Arc::clone(&view),
-            rules: literal.rules,
-            refresh,
-        };
+        let sync = Self { maps, view: Arc::clone(&view), rules: literal.rules, refresh };
         (sync, view)
     }
 
@@ -308,10 +268,8 @@ impl WatchSync {
                 }
             };
         self.follow(watcher.as_mut());
+        // The refresher's first answer comes at once: host names resolve then.
         let set = self.view.read().expect("watch view").set.clone();
-        let endpoints = crate::watch::resolve_endpoints(&set).await;
-        apply_endpoints(&mut self.maps, &self.rules, &endpoints);
-        self.rules = endpoints.rules;
         let mut refresher = EndpointRefresher::new(set, self.refresh);
         loop {
             tokio::select! {

@@ -26,11 +26,7 @@ pub fn start_sensor(opts: &LoadOptions) -> Option<Sensor> {
 }
 
 fn skip_or_fail(root: bool, error: &LoadError) -> Option<Sensor> {
-    let why = if root {
-        format!("{error}")
-    } else {
-        format!("not root ({error})")
-    };
+    let why = if root { format!("{error}") } else { format!("not root ({error})") };
     if in_ci() {
         panic!("BPF must load under CI, but the sensor did not start: {why}");
     }

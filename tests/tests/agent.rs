@@ -82,9 +82,7 @@ async fn a_credential_replaced_by_atomic_rename_is_still_watched() {
     std::fs::rename(&tmp, &cred).unwrap();
     // Read at once: before any re-resolution could have seen the new inode.
     let pid = act(&["read", cred.to_str().unwrap()]);
-    let o = file_open_by(&mut agent, pid)
-        .await
-        .expect("read of the replaced file observed");
+    let o = file_open_by(&mut agent, pid).await.expect("read of the replaced file observed");
     assert_eq!(path_of(&o), ("cloud-key", cred.to_str().unwrap()));
 }
 
@@ -101,9 +99,7 @@ async fn a_file_matching_a_glob_created_after_start_is_watched_and_others_are_no
     std::fs::write(&other, "host").unwrap();
 
     let pid = act(&["read", key.to_str().unwrap()]);
-    let o = file_open_by(&mut agent, pid)
-        .await
-        .expect("read of the new key observed");
+    let o = file_open_by(&mut agent, pid).await.expect("read of the new key observed");
     assert_eq!(path_of(&o), ("ssh-keys", key.to_str().unwrap()));
 
     let pid = act(&["read", other.to_str().unwrap()]);
@@ -112,10 +108,7 @@ async fn a_file_matching_a_glob_created_after_start_is_watched_and_others_are_no
         agent.next_matching(|o| o.process.pid == pid && matches!(o.what, What::FileOpen { .. })),
     )
     .await;
-    assert!(
-        noise.is_none(),
-        "a name outside the glob was reported: {noise:?}"
-    );
+    assert!(noise.is_none(), "a name outside the glob was reported: {noise:?}");
 }
 
 #[tokio::test]
@@ -160,23 +153,12 @@ async fn a_process_that_reads_and_exits_at_once_is_attributed_exactly() {
     let pid = act(&["read", cred.to_str().unwrap()]);
     let o = file_open_by(&mut agent, pid).await.expect("read observed");
     let actor = Path::new(env!("CARGO_BIN_EXE_kw-actor"));
-    assert_eq!(
-        Path::new(&o.process.exe),
-        actor,
-        "exe of the short-lived process"
-    );
+    assert_eq!(Path::new(&o.process.exe), actor, "exe of the short-lived process");
     assert_eq!(o.process.ppid, std::process::id());
     let parent = o.process.ancestors.first().expect("ancestry");
-    assert_eq!(
-        parent.pid,
-        std::process::id(),
-        "nearest ancestor is the test"
-    );
+    assert_eq!(parent.pid, std::process::id(), "nearest ancestor is the test");
     assert_eq!(parent.exe, std::env::current_exe().unwrap());
-    assert!(
-        o.process.exe_sha256.as_ref().is_some_and(|h| h.len() == 64),
-        "exe hashed"
-    );
+    assert!(o.process.exe_sha256.as_ref().is_some_and(|h| h.len() == 64), "exe hashed");
 }
 
 #[tokio::test]
@@ -189,7 +171,7 @@ async fn privilege_changes_report_ids_before_and_after() {
     std::fs::copy("/bin/true", &suid).unwrap();
     std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
     let pid = act(&["as-user", "65534", suid.to_str().unwrap()]);
-        // setgid, setuid, then the exec of the setuid copy: three changes, in that order.
+    // setgid, setuid, then the exec of the setuid copy: three changes, in that order.
     let mut seen = Vec::new();
     while seen.len() < 3 {
         let o = wait_until(
@@ -200,22 +182,11 @@ async fn privilege_changes_report_ids_before_and_after() {
         )
         .await
         .unwrap_or_else(|| panic!("privilege changes missing; seen {seen:?}"));
-        let What::PrivilegeChange {
-            via,
-            old_uid,
-            old_euid,
-            new_uid,
-            new_euid,
-            ..
-        } = o.what
-        else {
+        let What::PrivilegeChange { via, old_uid, old_euid, new_uid, new_euid, .. } = o.what else {
             unreachable!()
         };
         seen.push((via, old_uid, old_euid, new_uid, new_euid));
     }
     assert!(seen.contains(&("setuid", 0, 0, 65534, 65534)), "{seen:?}");
-    assert!(
-        seen.contains(&("exec-setuid", 65534, 65534, 65534, 0)),
-        "{seen:?}"
-    );
+    assert!(seen.contains(&("exec-setuid", 65534, 65534, 65534, 0)), "{seen:?}");
 }

@@ -14,9 +14,7 @@ async fn exec_of_a_child_is_reported_with_its_pid_and_filename() {
 
     // A uniquely named program, so no other exec on the host can satisfy the assertion.
     let dir = tempfile::tempdir().unwrap();
-    let program = dir
-        .path()
-        .join(format!("kw-exec-probe-{}", std::process::id()));
+    let program = dir.path().join(format!("kw-exec-probe-{}", std::process::id()));
     std::fs::copy("/bin/true", &program).unwrap();
     std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
 
@@ -37,11 +35,7 @@ async fn exec_of_a_child_is_reported_with_its_pid_and_filename() {
     .unwrap_or_else(|| panic!("no exec event for {expected} within 5 s"));
 
     assert_eq!(event.process.pid, status_and_pid, "pid of the exec'd child");
-    assert_eq!(
-        event.process.ppid,
-        std::process::id(),
-        "parent is this test process"
-    );
+    assert_eq!(event.process.ppid, std::process::id(), "parent is this test process");
     // SAFETY: getuid has no preconditions.
     assert_eq!(event.process.uid, unsafe { libc::getuid() });
     assert_eq!(event.count, 1);

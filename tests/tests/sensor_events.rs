@@ -16,7 +16,7 @@ use sensor::{
     loader::LoadOptions,
     run::Sensor,
 };
-use sensor_ebpf::{EventKind, PROTO_TCP, PROTO_UDP};
+use sensor_ebpf::{DIR_ANY_NAME, EventKind, NameKey, PROTO_TCP, PROTO_UDP, name_hash_of};
 
 const WAIT: Duration = Duration::from_secs(5);
 /// How long "nothing arrives" is watched for.
@@ -62,10 +62,7 @@ fn sensor() -> Option<Sensor> {
 }
 
 fn watch(sensor: &mut Sensor, path: &Path, id: u32) {
-    sensor
-        .watch_maps()
-        .insert_file(file_key(path).unwrap(), id)
-        .unwrap();
+    sensor.watch_maps().insert_file(file_key(path).unwrap(), id).unwrap();
 }
 
 async fn file_open_by(sensor: &mut Sensor, pid: u32, within: Duration) -> Option<Event> {
@@ -77,20 +74,10 @@ async fn file_open_by(sensor: &mut Sensor, pid: u32, within: Duration) -> Option
 
 fn assert_file_open(event: &Event, path: &Path, watch: u32) {
     let key = file_key(path).unwrap();
-    let Detail::FileOpen {
-        watch_id,
-        ino,
-        dev,
-        matched,
-        ..
-    } = &event.detail
-    else {
+    let Detail::FileOpen { watch_id, ino, dev, matched, .. } = &event.detail else {
         panic!("not a file open: {event:?}");
     };
-    assert_eq!(
-        (*watch_id, *ino, *dev, *matched),
-        (watch, key.ino, key.dev, "file")
-    );
+    assert_eq!((*watch_id, *ino, *dev, *matched), (watch, key.ino, key.dev, "file"));
     assert_eq!(event.process.ppid, std::process::id(), "parent is the test");
     assert_eq!(event.process.comm, "kw-actor");
     assert_eq!(event.process.uid, 0);
@@ -110,30 +97,11 @@ async fn credential_reads_resolve_to_the_inode_whatever_the_path() {
 
     let cases: Vec<(&str, Vec<String>)> = vec![
         ("absolute", vec!["read".into(), cred.display().to_string()]),
-        (
-            "relative after chdir",
-            vec!["read-in".into(), dir.clone(), "credentials".into()],
-        ),
-        (
-            "through ..",
-            vec![
-                "read-in".into(),
-                format!("{dir}/sub"),
-                "../credentials".into(),
-            ],
-        ),
-        (
-            "through a symlink",
-            vec!["read".into(), creds.path("link").display().to_string()],
-        ),
-        (
-            "through a hard link",
-            vec!["read".into(), creds.path("hardlink").display().to_string()],
-        ),
-        (
-            "openat(dirfd)",
-            vec!["openat".into(), dir.clone(), "credentials".into()],
-        ),
+        ("relative after chdir", vec!["read-in".into(), dir.clone(), "credentials".into()]),
+        ("through ..", vec!["read-in".into(), format!("{dir}/sub"), "../credentials".into()]),
+        ("through a symlink", vec!["read".into(), creds.path("link").display().to_string()]),
+        ("through a hard link", vec!["read".into(), creds.path("hardlink").display().to_string()]),
+        ("openat(dirfd)", vec!["openat".into(), dir.clone(), "credentials".into()]),
         ("/proc/self/root", vec!["read".into(), proc_root]),
     ];
     for (what, args) in cases {
@@ -144,9 +112,7 @@ async fn credential_reads_resolve_to_the_inode_whatever_the_path() {
             .unwrap_or_else(|| panic!("{what}: no file event for pid {pid}"));
         assert_file_open(&event, &cred, 7);
         assert_eq!(event.count, 1, "{what}");
-        let Detail::FileOpen { write, .. } = event.detail else {
-            unreachable!()
-        };
+        let Detail::FileOpen { write, .. } = event.detail else { unreachable!() };
         assert!(!write, "{what}: a read is not a write");
     }
 }
@@ -157,41 +123,41 @@ async fn a_write_to_a_credential_is_flagged() {
     let creds = Creds::new();
     watch(&mut sensor, &creds.cred(), 3);
     let pid = act(&["write", creds.cred().to_str().unwrap()]);
-    let event = file_open_by(&mut sensor, pid, WAIT)
-        .await
-        .expect("file event for the write");
+    let event = file_open_by(&mut sensor, pid, WAIT).await.expect("file event for the write");
     assert_file_open(&event, &creds.cred(), 3);
-    let Detail::FileOpen { write, flags, .. } = event.detail else {
-        unreachable!()
-    };
+    let Detail::FileOpen { write, flags, .. } = event.detail else { unreachable!() };
     assert!(write, "flags {flags:#o} should say write");
 }
 
 #[tokio::test]
-async fn a_file_in_a_watched_directory_matches_by_directory() {
+async fn names_in_a_watched_directory_match_by_name_or_by_any_name() {
     let Some(mut sensor) = sensor() else { return };
     let creds = Creds::new();
-    sensor
-        .watch_maps()
-        .insert_dir(file_key(creds.dir.path()).unwrap(), 9)
-        .unwrap();
-    // Created after the watch was set: the directory's inode is what matches.
-    let later = creds.path("token");
-    std::fs::write(&later, "secret").unwrap();
-    let pid = act(&["read", later.to_str().unwrap()]);
-    let event = file_open_by(&mut sensor, pid, WAIT)
-        .await
-        .expect("file event");
-    let Detail::FileOpen {
-        watch_id,
-        matched,
-        name,
-        ..
-    } = &event.detail
-    else {
-        unreachable!()
-    };
-    assert_eq!((*watch_id, *matched, name.as_str()), (9, "dir", "token"));
+    let dir = file_key(creds.dir.path()).unwrap();
+    // Only "token" is watched by name: it matches whatever inode it has when opened.
+    sensor.watch_maps().insert_dir(dir, 9).unwrap();
+    let name_key =
+        NameKey { dev: dir.dev, _pad0: 0, dir_ino: dir.ino, hash: name_hash_of(b"token") };
+    sensor.watch_maps().insert_name(name_key, 9).unwrap();
+    let token = creds.path("token");
+    std::fs::write(&token, "secret").unwrap();
+    let other = creds.path("other");
+    std::fs::write(&other, "x").unwrap();
+
+    let pid = act(&["read", token.to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT).await.expect("file event");
+    let Detail::FileOpen { watch_id, matched, name, .. } = &event.detail else { unreachable!() };
+    assert_eq!((*watch_id, *matched, name.as_str()), (9, "name", "token"));
+
+    let pid = act(&["read", other.to_str().unwrap()]);
+    assert!(file_open_by(&mut sensor, pid, QUIET).await.is_none(), "an unwatched name matched");
+
+    // "Any name" (a glob watch): every name is reported, the sensor filters by glob.
+    sensor.watch_maps().insert_dir(dir, 4 | DIR_ANY_NAME).unwrap();
+    let pid = act(&["read", other.to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT).await.expect("any-name event");
+    let Detail::FileOpen { watch_id, matched, name, .. } = &event.detail else { unreachable!() };
+    assert_eq!((*watch_id, *matched, name.as_str()), (4, "dir", "other"));
 }
 
 #[tokio::test]
@@ -225,14 +191,7 @@ async fn environ_of_another_process_by_relative_path_is_a_secret_access() {
     .expect("secret event for the environ read");
     target.kill().unwrap();
     let _ = target.wait();
-    let Detail::Secret {
-        method,
-        target_pid: t,
-        ..
-    } = event.detail
-    else {
-        unreachable!()
-    };
+    let Detail::Secret { method, target_pid: t, .. } = event.detail else { unreachable!() };
     assert_eq!((method, t), ("proc_environ", target_pid));
     assert_eq!(event.process.ppid, std::process::id());
 }
@@ -251,14 +210,7 @@ async fn ptrace_attach_and_process_vm_readv_are_secret_accesses() {
         .unwrap_or_else(|| panic!("no secret event for {action}"));
         target.kill().unwrap();
         let _ = target.wait();
-        let Detail::Secret {
-            method: m,
-            target_pid: t,
-            ..
-        } = event.detail
-        else {
-            unreachable!()
-        };
+        let Detail::Secret { method: m, target_pid: t, .. } = event.detail else { unreachable!() };
         assert_eq!((m, t), (method, target_pid), "{action}");
     }
 }
@@ -279,44 +231,24 @@ async fn connects_and_udp_sends_to_watched_endpoints_are_reported() {
         protocols,
         watch_id,
     };
-    sensor
-        .watch_maps()
-        .insert_endpoint(&entry(tcp.port(), PROTO_TCP, 21))
-        .unwrap();
-    sensor
-        .watch_maps()
-        .insert_endpoint(&entry(udp.port(), PROTO_UDP, 22))
-        .unwrap();
+    sensor.watch_maps().insert_endpoint(&entry(tcp.port(), PROTO_TCP, 21)).unwrap();
+    sensor.watch_maps().insert_endpoint(&entry(udp.port(), PROTO_UDP, 22)).unwrap();
 
     let is_connect = |pid: u32| {
         move |e: &Event| e.process.pid == pid && matches!(e.detail, Detail::Connect { .. })
     };
     let pid = act(&["connect", &tcp.to_string()]);
-    let event = wait_for(&mut sensor, WAIT, is_connect(pid))
-        .await
-        .expect("connect event");
+    let event = wait_for(&mut sensor, WAIT, is_connect(pid)).await.expect("connect event");
     assert_eq!(
         event.detail,
-        Detail::Connect {
-            watch_id: 21,
-            protocol: "tcp",
-            address: tcp.ip(),
-            port: tcp.port()
-        }
+        Detail::Connect { watch_id: 21, protocol: "tcp", address: tcp.ip(), port: tcp.port() }
     );
 
     let pid = act(&["udp", &udp.to_string()]);
-    let event = wait_for(&mut sensor, WAIT, is_connect(pid))
-        .await
-        .expect("udp event");
+    let event = wait_for(&mut sensor, WAIT, is_connect(pid)).await.expect("udp event");
     assert_eq!(
         event.detail,
-        Detail::Connect {
-            watch_id: 22,
-            protocol: "udp",
-            address: udp.ip(),
-            port: udp.port()
-        }
+        Detail::Connect { watch_id: 22, protocol: "udp", address: udp.ip(), port: udp.port() }
     );
 
     let pid = act(&["connect", &unwatched.to_string()]);
@@ -334,10 +266,7 @@ async fn a_connect_to_a_watched_unix_socket_names_the_listening_process() {
     let path = dir.path().join("agent.sock");
     // This test process listens, like an ssh-agent would.
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    sensor
-        .watch_maps()
-        .insert_socket(file_key(&path).unwrap(), 31)
-        .unwrap();
+    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), 31).unwrap();
     let pid = act(&["unix", path.to_str().unwrap()]);
     let event = wait_for(&mut sensor, WAIT, |e| {
         e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
@@ -345,15 +274,7 @@ async fn a_connect_to_a_watched_unix_socket_names_the_listening_process() {
     .await
     .expect("secret event for the unix socket connect");
     drop(listener);
-    let Detail::Secret {
-        method,
-        target_pid,
-        detail,
-        ..
-    } = event.detail
-    else {
-        unreachable!()
-    };
+    let Detail::Secret { method, target_pid, detail, .. } = event.detail else { unreachable!() };
     assert_eq!(method, "unix_socket");
     assert_eq!(target_pid, std::process::id(), "the listening process");
     assert_eq!(detail, file_key(&path).map(|k| k.ino).unwrap_or(0));
@@ -377,27 +298,15 @@ async fn exec_of_a_setuid_binary_by_an_unprivileged_user_shows_the_new_euid() {
             .unwrap_or_else(|| panic!("missing events: exec {exec:?}, setuid {change:?}"));
         match &event.detail {
             Detail::Exec { filename, .. } if *filename == target => exec = Some(event),
-            Detail::CredChange {
-                syscall: "setuid", ..
-            } => change = Some(event),
+            Detail::CredChange { syscall: "setuid", .. } => change = Some(event),
             _ => {}
         }
     }
     let (exec, change) = (exec.unwrap(), change.unwrap());
-    let Detail::Exec { exe_mode, .. } = exec.detail else {
-        unreachable!()
-    };
-    assert_eq!(
-        (exec.process.uid, exec.process.euid),
-        (65534, 0),
-        "real uid kept, euid root"
-    );
+    let Detail::Exec { exe_mode, .. } = exec.detail else { unreachable!() };
+    assert_eq!((exec.process.uid, exec.process.euid), (65534, 0), "real uid kept, euid root");
     assert_ne!(exe_mode & 0o4000, 0, "setuid bit seen");
-    assert_eq!(
-        (change.process.uid, change.process.euid),
-        (65534, 65534),
-        "ids after setuid"
-    );
+    assert_eq!((change.process.uid, change.process.euid), (65534, 65534), "ids after setuid");
 }
 
 #[tokio::test]
@@ -410,10 +319,8 @@ async fn a_flood_on_one_credential_is_folded_and_fully_counted() {
     watch(&mut sensor, &other, 2);
 
     const N: u64 = 100_000;
-    let mut flood = actor()
-        .args(["repeat", creds.cred().to_str().unwrap(), &N.to_string()])
-        .spawn()
-        .unwrap();
+    let mut flood =
+        actor().args(["repeat", creds.cred().to_str().unwrap(), &N.to_string()]).spawn().unwrap();
     let flood_pid = flood.id();
     // During the flood, another process reads another credential: it must get through.
     let reader_pid = act(&["read", other.to_str().unwrap()]);
@@ -437,28 +344,14 @@ async fn a_flood_on_one_credential_is_folded_and_fully_counted() {
             counted += u64::from(event.count);
         }
     }
-    assert_eq!(
-        counted, N,
-        "every open is delivered, in records or folded into their counts"
-    );
+    assert_eq!(counted, N, "every open is delivered, in records or folded into their counts");
     assert_eq!(lost_file_records(&sensor), 0, "no record was lost");
-    let records = sensor
-        .reader_stats()
-        .records
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        records < N / 10,
-        "the flood was folded in the kernel ({records} records)"
-    );
+    let records = sensor.reader_stats().records.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(records < N / 10, "the flood was folded in the kernel ({records} records)");
     if !other_seen {
-        other_seen = wait_for(&mut sensor, WAIT, |e| e.process.pid == reader_pid)
-            .await
-            .is_some();
+        other_seen = wait_for(&mut sensor, WAIT, |e| e.process.pid == reader_pid).await.is_some();
     }
-    assert!(
-        other_seen,
-        "the read of the other credential during the flood was delivered"
-    );
+    assert!(other_seen, "the read of the other credential during the flood was delivered");
 }
 
 #[tokio::test]
@@ -488,10 +381,7 @@ async fn without_folding_a_small_ring_counts_every_loss() {
     // (or the sweep) still accounts for the opens whose records were lost.
     let lost = lost_file_records(&sensor);
     assert!(lost > 0, "the ring overflowed, and the loss was counted");
-    assert_eq!(
-        delivered, N,
-        "opens accounted for despite {lost} lost records"
-    );
+    assert_eq!(delivered, N, "opens accounted for despite {lost} lost records");
 }
 
 fn lost_file_records(sensor: &Sensor) -> u64 {

@@ -88,39 +88,19 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let parent_ino: u64 = kread::at(parent_inode, o.inode_i_ino)?;
 
     if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
-        return emit_file(
-            file,
-            dentry,
-            key,
-            parent_ino,
-            watch_id,
-            FileMatch::File,
-            tgid,
-        );
+        return emit_file(file, dentry, key, parent_ino, watch_id, FileMatch::File, tgid);
     }
     let magic: u64 = kread::at(sb, o.sb_s_magic)?;
     if magic == PROC_SUPER_MAGIC {
         return proc_secret(file, dentry, parent, pid_tgid);
     }
-    let dir = FileKey {
-        dev,
-        _pad0: 0,
-        ino: parent_ino,
-    };
+    let dir = FileKey { dev, _pad0: 0, ino: parent_ino };
     let Some(&dir_value) = (unsafe { WATCHED_DIRS.get(dir) }) else {
         return Ok(());
     };
     if dir_value & DIR_ANY_NAME != 0 {
         let watch_id = dir_value & !DIR_ANY_NAME;
-        return emit_file(
-            file,
-            dentry,
-            key,
-            parent_ino,
-            watch_id,
-            FileMatch::Dir,
-            tgid,
-        );
+        return emit_file(file, dentry, key, parent_ino, watch_id, FileMatch::Dir, tgid);
     }
     // Only opens in watched directories pay for copying and hashing the name.
     let scratch = NAME_SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
@@ -130,22 +110,9 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
         bpf_probe_read_kernel_str_bytes(name_ptr, &mut *scratch)?;
         name_hash(&*scratch)
     };
-    let name_key = NameKey {
-        dev,
-        _pad0: 0,
-        dir_ino: parent_ino,
-        hash,
-    };
+    let name_key = NameKey { dev, _pad0: 0, dir_ino: parent_ino, hash };
     if let Some(&watch_id) = unsafe { WATCHED_NAMES.get(name_key) } {
-        return emit_file(
-            file,
-            dentry,
-            key,
-            parent_ino,
-            watch_id,
-            FileMatch::Name,
-            tgid,
-        );
+        return emit_file(file, dentry, key, parent_ino, watch_id, FileMatch::Name, tgid);
     }
     Ok(())
 }

@@ -19,10 +19,7 @@ pub fn occurrence(key: &FoldKey) -> Option<u64> {
     if let Some(state) = FOLD.get_ptr_mut(key) {
         return bump(state, now);
     }
-    let fresh = FoldState {
-        total: 1,
-        last_emit_ns: now,
-    };
+    let fresh = FoldState { total: 1, last_emit_ns: now };
     if FOLD.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
         return Some(1);
     }

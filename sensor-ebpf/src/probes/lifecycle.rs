@@ -32,11 +32,7 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
         count_lost(EventKind::Fork);
         return Ok(());
     };
-    entry.write(ForkEvent {
-        header: header(EventKind::Fork),
-        child_tgid,
-        _pad0: 0,
-    });
+    entry.write(ForkEvent { header: header(EventKind::Fork), child_tgid, _pad0: 0 });
     entry.submit(SUBMIT_FLAGS);
     Ok(())
 }
@@ -62,11 +58,7 @@ fn try_exit(_ctx: &RawTracePointContext) -> Result<(), i64> {
         count_lost(EventKind::Exit);
         return Ok(());
     };
-    entry.write(ExitEvent {
-        header: header(EventKind::Exit),
-        exit_code,
-        _pad0: 0,
-    });
+    entry.write(ExitEvent { header: header(EventKind::Exit), exit_code, _pad0: 0 });
     entry.submit(SUBMIT_FLAGS);
     Ok(())
 }

@@ -4,11 +4,11 @@ use aya_ebpf::{
     Global,
     bindings::BPF_RB_NO_WAKEUP,
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sensor_ebpf::{
     EndpointKey, EndpointValue, EventKind, FileKey, FoldKey, FoldState, KernelOffsets, NAME_LEN,
-    NameKey, SensorConfig,
+    NameKey, PinMeta, SensorConfig,
 };
 
 /// Ring buffer of event records; userspace sizes it at load time.
@@ -53,14 +53,23 @@ pub static ENDPOINTS: LpmTrie<EndpointKey, EndpointValue> =
 #[map]
 pub static FOLD: LruHashMap<FoldKey, FoldState> = LruHashMap::with_max_entries(16384, 0);
 
+/// Set by the sensor after load, updated by a restarted sensor that adopts pinned programs.
+#[map]
+pub static RUNTIME: Array<u32> = Array::with_max_entries(1, 0);
+
+/// What made the pinned maps and links ([`sensor_ebpf::PinMeta`]); written by the sensor only.
+#[map]
+pub static META: Array<PinMeta> = Array::with_max_entries(1, 0);
+
+/// The fold totals the sensor has reported, checkpointed by the sensor only, so that a
+/// restarted sensor continues the counts instead of repeating them.
+#[map]
+pub static FOLD_REPORTED: LruHashMap<FoldKey, u64> = LruHashMap::with_max_entries(16384, 0);
+
 /// Set by the loader before load.
 #[unsafe(no_mangle)]
-pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
-    self_tgid: 0,
-    _pad0: 0,
-    fold_window_ns: 1_000_000_000,
-    offsets: ZERO_OFFSETS,
-});
+pub static CONFIG: Global<SensorConfig> =
+    Global::new(SensorConfig { fold_window_ns: 1_000_000_000, offsets: ZERO_OFFSETS });
 
 const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     task_real_parent: 0,

@@ -83,11 +83,7 @@ fn on_sock_addr(ctx: &SockAddrContext, family: u32) -> Result<(), i64> {
     let Some(value) = lookup(port_be, addr) else {
         return Ok(());
     };
-    let proto_bit = if protocol == IPPROTO_UDP {
-        PROTO_UDP
-    } else {
-        PROTO_TCP
-    };
+    let proto_bit = if protocol == IPPROTO_UDP { PROTO_UDP } else { PROTO_TCP };
     if value.protocols & proto_bit == 0 {
         return Ok(());
     }
@@ -116,24 +112,10 @@ fn on_sock_addr(ctx: &SockAddrContext, family: u32) -> Result<(), i64> {
 /// Exact port first, then the "any port" entries (stored with port 0).
 #[inline(always)]
 fn lookup(port_be: [u8; 2], addr: [u8; 16]) -> Option<EndpointValue> {
-    let exact = Key::new(
-        FULL_PREFIX,
-        EndpointKey {
-            port_be,
-            addr,
-            _pad0: [0; 2],
-        },
-    );
+    let exact = Key::new(FULL_PREFIX, EndpointKey { port_be, addr, _pad0: [0; 2] });
     if let Some(v) = ENDPOINTS.get(&exact) {
         return Some(*v);
     }
-    let any_port = Key::new(
-        FULL_PREFIX,
-        EndpointKey {
-            port_be: [0; 2],
-            addr,
-            _pad0: [0; 2],
-        },
-    );
+    let any_port = Key::new(FULL_PREFIX, EndpointKey { port_be: [0; 2], addr, _pad0: [0; 2] });
     ENDPOINTS.get(&any_port).copied()
 }

@@ -4,11 +4,11 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
     bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
 };
-use sensor_ebpf::{COMM_LEN, EventHeader, EventKind};
+use sensor_ebpf::{COMM_LEN, EventHeader, EventKind, RUNTIME_SELF_TGID};
 
 use super::{
     kread,
-    maps::{CONFIG, offsets},
+    maps::{RUNTIME, offsets},
 };
 
 /// Thread-group id of the current task.
@@ -20,7 +20,7 @@ pub fn current_tgid() -> u32 {
 /// True for the sensor's own process, whose activity is never reported.
 #[inline(always)]
 pub fn is_self(tgid: u32) -> bool {
-    tgid == CONFIG.load().self_tgid
+    RUNTIME.get(RUNTIME_SELF_TGID).is_some_and(|&own| own == tgid)
 }
 
 /// The current `task_struct`.

@@ -15,13 +15,7 @@ pub struct CgroupIdentity {
 }
 
 /// Prefixes runtimes give container scopes under the systemd cgroup driver.
-const SCOPE_PREFIXES: [&str; 5] = [
-    "docker-",
-    "cri-containerd-",
-    "crio-",
-    "libpod-",
-    "containerd-",
-];
+const SCOPE_PREFIXES: [&str; 5] = ["docker-", "cri-containerd-", "crio-", "libpod-", "containerd-"];
 
 /// Parses a cgroup v2 path (`/kubepods.slice/…/cri-containerd-<id>.scope`).
 pub fn parse_cgroup_path(path: &str) -> CgroupIdentity {
@@ -89,11 +83,7 @@ mod tests {
 
     fn expect(path: &str, container: Option<&str>, pod: Option<&str>, unit: Option<&str>) {
         let got = parse_cgroup_path(path);
-        assert_eq!(
-            got.container_id.as_deref(),
-            container,
-            "container id of {path}"
-        );
+        assert_eq!(got.container_id.as_deref(), container, "container id of {path}");
         assert_eq!(got.pod_uid.as_deref(), pod, "pod uid of {path}");
         assert_eq!(got.systemd_unit.as_deref(), unit, "unit of {path}");
     }
@@ -121,12 +111,7 @@ mod tests {
     #[test]
     fn kubernetes_guaranteed_pod_crio() {
         let path = format!("/kubepods.slice/kubepods-pod{POD_US}.slice/crio-{ID}.scope");
-        expect(
-            &path,
-            Some(ID),
-            Some(POD),
-            Some(&format!("crio-{ID}.scope")),
-        );
+        expect(&path, Some(ID), Some(POD), Some(&format!("crio-{ID}.scope")));
     }
 
     #[test]
@@ -138,12 +123,7 @@ mod tests {
     #[test]
     fn crio_conmon_is_not_a_container() {
         let path = format!("/kubepods.slice/kubepods-pod{POD_US}.slice/crio-conmon-{ID}.scope");
-        expect(
-            &path,
-            None,
-            Some(POD),
-            Some(&format!("crio-conmon-{ID}.scope")),
-        );
+        expect(&path, None, Some(POD), Some(&format!("crio-conmon-{ID}.scope")));
     }
 
     #[test]
@@ -152,28 +132,13 @@ mod tests {
         expect(&path, Some(ID), None, Some(&format!("libpod-{ID}.scope")));
         let rootless =
             format!("/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope");
-        expect(
-            &rootless,
-            Some(ID),
-            None,
-            Some(&format!("libpod-{ID}.scope")),
-        );
+        expect(&rootless, Some(ID), None, Some(&format!("libpod-{ID}.scope")));
     }
 
     #[test]
     fn plain_services_and_sessions() {
-        expect(
-            "/system.slice/sshd.service",
-            None,
-            None,
-            Some("sshd.service"),
-        );
-        expect(
-            "/user.slice/user-1000.slice/session-3.scope",
-            None,
-            None,
-            Some("session-3.scope"),
-        );
+        expect("/system.slice/sshd.service", None, None, Some("sshd.service"));
+        expect("/user.slice/user-1000.slice/session-3.scope", None, None, Some("session-3.scope"));
         expect(
             "/user.slice/user-1000.slice/user@1000.service/app.slice/app-foo.service",
             None,

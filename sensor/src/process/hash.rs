@@ -56,10 +56,7 @@ impl Default for ExeHasher {
 impl ExeHasher {
     /// A hasher that skips files larger than `max_size` bytes.
     pub fn new(max_size: u64) -> Self {
-        Self {
-            max_size,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self { max_size, cache: Mutex::new(HashMap::new()) }
     }
 
     /// Hash of the executable of a running process, read through `/proc/PID/exe` so it works
@@ -128,9 +125,7 @@ impl ExeHasher {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<FileKey, Cached>> {
         // A panic while holding the lock cannot leave the map inconsistent: keep using it.
-        self.cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -144,11 +139,7 @@ fn sha256_hex(reader: &mut impl Read) -> io::Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Hash of a file's content, uncached.

@@ -64,11 +64,7 @@ impl ProcFs {
 
     /// A procfs tree with explicit clock constants (for fake trees in tests).
     pub fn with_clock(root: impl Into<PathBuf>, boot_to_unix_ns: i128, ticks_per_sec: u64) -> Self {
-        Self {
-            root: root.into(),
-            boot_to_unix_ns,
-            clock_ticks_per_sec: ticks_per_sec.max(1),
-        }
+        Self { root: root.into(), boot_to_unix_ns, clock_ticks_per_sec: ticks_per_sec.max(1) }
     }
 
     pub fn root(&self) -> &Path {
@@ -87,13 +83,9 @@ impl ProcFs {
 
     /// Pids of every process in the tree.
     pub fn pids(&self) -> Result<Vec<u32>, ProcReadError> {
-        let entries = fs::read_dir(&self.root).map_err(|source| ProcReadError::Read {
-            path: self.root.clone(),
-            source,
-        })?;
-        Ok(entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect())
+        let entries = fs::read_dir(&self.root)
+            .map_err(|source| ProcReadError::Read { path: self.root.clone(), source })?;
+        Ok(entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
     }
 
     /// Reads everything `/proc` knows about `pid`. Only `stat` and `status` are required; the
@@ -103,14 +95,10 @@ impl ProcFs {
         let stat = self.read_stat(pid)?;
         let status_path = self.path(pid, "status");
         let status = read_string(&status_path)?;
-        let uids = status_ids(&status, "Uid:").ok_or(ProcReadError::Parse {
-            path: status_path.clone(),
-            reason: "no Uid line",
-        })?;
-        let gids = status_ids(&status, "Gid:").ok_or(ProcReadError::Parse {
-            path: status_path,
-            reason: "no Gid line",
-        })?;
+        let uids = status_ids(&status, "Uid:")
+            .ok_or(ProcReadError::Parse { path: status_path.clone(), reason: "no Uid line" })?;
+        let gids = status_ids(&status, "Gid:")
+            .ok_or(ProcReadError::Parse { path: status_path, reason: "no Gid line" })?;
         let cgroup_path = self.read_cgroup(pid).unwrap_or_default();
         let identity = parse_cgroup_path(&cgroup_path);
         Ok(ProcessInfo {
@@ -143,12 +131,10 @@ impl ProcFs {
     pub fn read_exe(&self, pid: u32) -> Result<PathBuf, ProcReadError> {
         let path = self.path(pid, "exe");
         let target = fs::read_link(&path).map_err(|source| ProcReadError::Read { path, source })?;
-        Ok(
-            match target.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
-                Some(stripped) => PathBuf::from(stripped),
-                None => target,
-            },
-        )
+        Ok(match target.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+            Some(stripped) => PathBuf::from(stripped),
+            None => target,
+        })
     }
 
     fn read_cmdline(&self, pid: u32) -> Result<Vec<String>, ProcReadError> {
@@ -160,28 +146,18 @@ impl ProcFs {
     fn read_cgroup(&self, pid: u32) -> Result<String, ProcReadError> {
         let text = read_string(&self.path(pid, "cgroup"))?;
         // cgroup v2 is the `0::` line, also present on hybrid hierarchies.
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap_or_default()
-            .to_string())
+        Ok(text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_string())
     }
 
     fn read_login_uid(&self, pid: u32) -> Option<u32> {
         let text = read_string(&self.path(pid, "loginuid")).ok()?;
-        text.trim()
-            .parse()
-            .ok()
-            .filter(|uid| *uid != LOGINUID_UNSET)
+        text.trim().parse().ok().filter(|uid| *uid != LOGINUID_UNSET)
     }
 
     fn read_stat(&self, pid: u32) -> Result<Stat, ProcReadError> {
         let path = self.path(pid, "stat");
         let text = read_string(&path)?;
-        parse_stat(&text).ok_or(ProcReadError::Parse {
-            path,
-            reason: "malformed stat line",
-        })
+        parse_stat(&text).ok_or(ProcReadError::Parse { path, reason: "malformed stat line" })
     }
 
     fn ticks_to_unix_ns(&self, ticks: u64) -> u64 {
@@ -191,10 +167,8 @@ impl ProcFs {
 }
 
 fn read_string(path: &Path) -> Result<String, ProcReadError> {
-    fs::read_to_string(path).map_err(|source| ProcReadError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read_to_string(path)
+        .map_err(|source| ProcReadError::Read { path: path.to_path_buf(), source })
 }
 
 /// The `/proc/PID/stat` fields the table needs.
@@ -233,10 +207,7 @@ fn split_cmdline(bytes: &[u8]) -> Vec<String> {
     if bytes.is_empty() {
         return Vec::new();
     }
-    bytes
-        .split(|b| *b == 0)
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect()
+    bytes.split(|b| *b == 0).map(|arg| String::from_utf8_lossy(arg).into_owned()).collect()
 }
 
 #[cfg(test)]
@@ -249,12 +220,7 @@ mod tests {
         let stat = parse_stat(line).expect("parses");
         assert_eq!(
             stat,
-            Stat {
-                comm: "my (odd) prog".into(),
-                ppid: 1,
-                tty_nr: 34819,
-                start_ticks: 123456
-            }
+            Stat { comm: "my (odd) prog".into(), ppid: 1, tty_nr: 34819, start_ticks: 123456 }
         );
         assert_eq!(parse_stat("1 (x) S 0"), None);
     }

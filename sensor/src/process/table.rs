@@ -145,16 +145,8 @@ impl ProcessTable {
                 let old_comm = std::mem::take(&mut entry.comm);
                 *entry = ProcessInfo {
                     start_time_ns,
-                    comm: if same_exe {
-                        fresh.comm.clone()
-                    } else {
-                        old_comm
-                    },
-                    cmdline: if same_exe {
-                        fresh.cmdline.clone()
-                    } else {
-                        Vec::new()
-                    },
+                    comm: if same_exe { fresh.comm.clone() } else { old_comm },
+                    cmdline: if same_exe { fresh.cmdline.clone() } else { Vec::new() },
                     ..fresh
                 };
                 if !same_exe {
@@ -255,11 +247,11 @@ impl ProcessTable {
         exe: &Path,
         sha256: String,
     ) -> bool {
-        let Some(entry) = self.entries.get_mut(&pid).and_then(|v| {
-            v.iter_mut()
-                .rev()
-                .find(|p| p.start_time_ns == start_time_ns)
-        }) else {
+        let Some(entry) = self
+            .entries
+            .get_mut(&pid)
+            .and_then(|v| v.iter_mut().rev().find(|p| p.start_time_ns == start_time_ns))
+        else {
             return false;
         };
         if entry.exe != exe {
@@ -271,10 +263,8 @@ impl ProcessTable {
 
     fn parent_of(&mut self, ppid: u32, child_start_ns: u64) -> Option<ProcessInfo> {
         let limit = child_start_ns.saturating_add(self.tolerance_ns());
-        if let Some(found) = self
-            .entries
-            .get(&ppid)
-            .and_then(|v| v.iter().rev().find(|p| p.start_time_ns <= limit))
+        if let Some(found) =
+            self.entries.get(&ppid).and_then(|v| v.iter().rev().find(|p| p.start_time_ns <= limit))
         {
             return Some(found.clone());
         }
@@ -302,11 +292,7 @@ impl ProcessTable {
             if entry.is_alive() {
                 let keep_hash = (entry.exe == info.exe).then(|| entry.exe_sha256.take());
                 let start_time_ns = entry.start_time_ns;
-                *entry = ProcessInfo {
-                    start_time_ns,
-                    exe_sha256: keep_hash.flatten(),
-                    ..info
-                };
+                *entry = ProcessInfo { start_time_ns, exe_sha256: keep_hash.flatten(), ..info };
             }
             return;
         }
@@ -322,8 +308,7 @@ impl ProcessTable {
             && previous.is_alive()
         {
             previous.exited = Some(time_ns);
-            self.exits
-                .push_back((time_ns, previous.pid, previous.start_time_ns));
+            self.exits.push_back((time_ns, previous.pid, previous.start_time_ns));
         }
         list.push(info);
     }
@@ -331,10 +316,7 @@ impl ProcessTable {
 
 /// The comm the kernel gives a process that executed `exe`.
 fn comm_of(exe: &Path) -> String {
-    let name = exe
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+    let name = exe.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let mut end = name.len().min(COMM_LEN);
     while !name.is_char_boundary(end) {
         end -= 1;

@@ -12,10 +12,7 @@ use super::*;
 const SEC: u64 = 1_000_000_000;
 
 fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// A child process killed and reaped on drop.
@@ -103,9 +100,7 @@ fn seed_reads_a_spawned_child() {
         !info.cgroup_path.is_empty() || !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
     );
 
-    let me = table
-        .get(std::process::id())
-        .expect("test process in table");
+    let me = table.get(std::process::id()).expect("test process in table");
     assert_eq!(me.exe, std::env::current_exe().expect("current exe"));
 }
 
@@ -121,10 +116,7 @@ fn fork_exec_exit_then_retention_and_gc() {
     let sleep = sleep_binary();
     // The kernel stamps the fork event within microseconds of the task's start time; /proc
     // shows that start truncated to a clock tick.
-    let t0 = ProcFs::default()
-        .start_time_ns(pid)
-        .expect("child start time")
-        + 1_000_000;
+    let t0 = ProcFs::default().start_time_ns(pid).expect("child start time") + 1_000_000;
 
     // Fork: the child is a copy of the parent until it execs.
     table.on_fork(me, pid, t0);
@@ -173,16 +165,10 @@ fn exec_after_the_process_is_gone_keeps_inherited_info() {
     assert_eq!(info.exe, Path::new("/usr/bin/curl"));
     assert_eq!(info.comm, "curl");
     assert_eq!(info.ppid, parent);
-    assert!(
-        info.cmdline.is_empty(),
-        "an inherited cmdline would be the parent's"
-    );
+    assert!(info.cmdline.is_empty(), "an inherited cmdline would be the parent's");
     // Long names are cut like the kernel cuts comm.
     table.on_exec(child, "/opt/bin/a-very-long-program-name", 13 * SEC);
-    assert_eq!(
-        table.get(child).map(|i| i.comm.as_str()),
-        Some("a-very-long-pro")
-    );
+    assert_eq!(table.get(child).map(|i| i.comm.as_str()), Some("a-very-long-pro"));
 }
 
 #[test]
@@ -204,44 +190,25 @@ fn recycled_pid_is_never_confused() {
     let current = table.get(pid).expect("new holder");
     assert_eq!(current.exe, Path::new("/usr/sbin/cron"));
     assert!(current.is_alive());
-    assert_eq!(
-        table.get_at(pid, 3 * SEC).map(|p| p.exe.clone()),
-        Some("/bin/bash".into())
-    );
+    assert_eq!(table.get_at(pid, 3 * SEC).map(|p| p.exe.clone()), Some("/bin/bash".into()));
 
     // The grandchild's parent is the bash that started it, not cron.
     let chain = table.ancestors(grandchild, 4);
-    assert_eq!(
-        chain.first().map(|a| a.exe.clone()),
-        Some(PathBuf::from("/bin/bash"))
-    );
+    assert_eq!(chain.first().map(|a| a.exe.clone()), Some(PathBuf::from("/bin/bash")));
     assert_eq!(chain.get(1).map(|a| a.pid), Some(old_parent));
 
     // An exec for a pid whose entry has exited is a new process too (its fork was missed).
     table.on_exit(grandchild, 6 * SEC);
     table.on_exec(grandchild, "/usr/bin/true", 7 * SEC);
+    assert!(table.get(grandchild).is_some_and(|p| p.is_alive() && p.start_time_ns == 7 * SEC));
     assert!(
-        table
-            .get(grandchild)
-            .is_some_and(|p| p.is_alive() && p.start_time_ns == 7 * SEC)
-    );
-    assert!(
-        table
-            .get_at(grandchild, 3 * SEC + 5)
-            .is_some_and(|p| p.exe == Path::new("/usr/bin/aws"))
+        table.get_at(grandchild, 3 * SEC + 5).is_some_and(|p| p.exe == Path::new("/usr/bin/aws"))
     );
 
     // A fork for a pid still marked alive means its exit was missed: the old one is closed.
     table.on_fork(1, grandchild, 8 * SEC);
-    assert_eq!(
-        table.get(grandchild).map(|p| p.start_time_ns),
-        Some(8 * SEC)
-    );
-    assert!(
-        table
-            .get_at(grandchild, 7 * SEC)
-            .is_some_and(|p| p.exited == Some(8 * SEC))
-    );
+    assert_eq!(table.get(grandchild).map(|p| p.start_time_ns), Some(8 * SEC));
+    assert!(table.get_at(grandchild, 7 * SEC).is_some_and(|p| p.exited == Some(8 * SEC)));
 }
 
 #[test]
@@ -256,22 +223,11 @@ fn reads_a_fake_proc_tree() {
         "4242 (payments api) S 17 4242 4242 34819 4242 0 0 0 0 0 0 0 0 0 20 0 1 0 500 0 0",
     )
     .expect("stat");
-    fs::write(
-        p.join("status"),
-        "Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t1001\t1001\t1001\t1001\n",
-    )
-    .expect("status");
-    fs::write(
-        p.join("cmdline"),
-        "/usr/local/bin/payments-api\0--port\08080\0",
-    )
-    .expect("cmdline");
+    fs::write(p.join("status"), "Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t1001\t1001\t1001\t1001\n")
+        .expect("status");
+    fs::write(p.join("cmdline"), "/usr/local/bin/payments-api\0--port\08080\0").expect("cmdline");
     fs::write(p.join("loginuid"), "1000").expect("loginuid");
-    fs::write(
-        p.join("cgroup"),
-        format!("0::/system.slice/docker-{id}.scope\n"),
-    )
-    .expect("cgroup");
+    fs::write(p.join("cgroup"), format!("0::/system.slice/docker-{id}.scope\n")).expect("cgroup");
     symlink("/usr/local/bin/payments-api (deleted)", p.join("exe")).expect("exe link");
 
     let proc = ProcFs::with_clock(dir.path(), 1_000 * SEC as i128, 100);
@@ -281,10 +237,7 @@ fn reads_a_fake_proc_tree() {
     assert_eq!(info.login_uid, Some(1000));
     assert_eq!(info.comm, "payments api");
     assert_eq!(info.exe, Path::new("/usr/local/bin/payments-api"));
-    assert_eq!(
-        info.cmdline,
-        vec!["/usr/local/bin/payments-api", "--port", "8080"]
-    );
+    assert_eq!(info.cmdline, vec!["/usr/local/bin/payments-api", "--port", "8080"]);
     assert_eq!(info.container_id.as_deref(), Some(id));
     assert_eq!(info.systemd_unit, Some(format!("docker-{id}.scope")));
     assert_eq!(info.start_time_ns, 1_005 * SEC);
@@ -308,25 +261,16 @@ fn hashes_a_running_exe_even_when_deleted() {
 
     let hasher = ExeHasher::default();
     let proc = ProcFs::default();
-    assert_eq!(
-        hasher.hash_process(&proc, child.pid(), &copy),
-        Some(expected.clone())
-    );
+    assert_eq!(hasher.hash_process(&proc, child.pid(), &copy), Some(expected.clone()));
     assert_eq!(hasher.cached(), 1);
     // Second call is a cache hit (same dev/ino/mtime/size).
-    assert_eq!(
-        hasher.hash_process(&proc, child.pid(), &copy),
-        Some(expected.clone())
-    );
+    assert_eq!(hasher.hash_process(&proc, child.pid(), &copy), Some(expected.clone()));
     assert_eq!(hasher.cached(), 1);
 
     let mut table = ProcessTable::default();
     let start = table.get_or_load(child.pid()).expect("child").start_time_ns;
     assert!(table.set_exe_sha256(child.pid(), start, &copy, expected.clone()));
-    assert_eq!(
-        table.get(child.pid()).and_then(|p| p.exe_sha256.clone()),
-        Some(expected)
-    );
+    assert_eq!(table.get(child.pid()).and_then(|p| p.exe_sha256.clone()), Some(expected));
     assert!(!table.set_exe_sha256(child.pid(), start, Path::new("/other"), "x".into()));
 }
 

@@ -64,9 +64,7 @@ pub fn decode_segment_header(bytes: &[u8]) -> SegmentHeader {
     if version != FORMAT_VERSION {
         return SegmentHeader::Unsupported { version };
     }
-    SegmentHeader::Valid {
-        base_seq: le_u64(&h[16..24]),
-    }
+    SegmentHeader::Valid { base_seq: le_u64(&h[16..24]) }
 }
 
 /// Appends one record to `out`.
@@ -74,10 +72,8 @@ pub fn encode_record(out: &mut Vec<u8>, seq: u64, payload: &[u8]) {
     debug_assert!(payload.len() <= MAX_PAYLOAD_LEN);
     let len = (payload.len() as u32).to_le_bytes();
     let seq_bytes = seq.to_le_bytes();
-    let crc = crc32c::crc32c_append(
-        crc32c::crc32c_append(crc32c::crc32c(&len), &seq_bytes),
-        payload,
-    );
+    let crc =
+        crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&len), &seq_bytes), payload);
     out.extend_from_slice(&RECORD_MAGIC);
     out.extend_from_slice(&crc.to_le_bytes());
     out.extend_from_slice(&len);
@@ -92,11 +88,7 @@ pub enum Parsed {
     Record { seq: u64, total: usize },
     /// The slice ends inside the record. `header_ok` tells whether a plausible header
     /// (magic, length within bounds) was read, and then `seq` is the seq it claims.
-    Incomplete {
-        header_ok: bool,
-        seq: u64,
-        total: usize,
-    },
+    Incomplete { header_ok: bool, seq: u64, total: usize },
     /// Not a record: bad magic, impossible length, or a checksum that does not hold. When
     /// only the checksum failed, `seq` is what the header claims (not to be trusted alone).
     Invalid { header_ok: bool, seq: u64 },
@@ -107,46 +99,26 @@ pub fn parse_record(bytes: &[u8]) -> Parsed {
     if bytes.len() < RECORD_HEADER_LEN {
         let magic_ok = bytes.len() >= 4 && bytes[0..4] == RECORD_MAGIC;
         return if magic_ok || RECORD_MAGIC.starts_with(bytes) {
-            Parsed::Incomplete {
-                header_ok: false,
-                seq: 0,
-                total: RECORD_HEADER_LEN,
-            }
+            Parsed::Incomplete { header_ok: false, seq: 0, total: RECORD_HEADER_LEN }
         } else {
-            Parsed::Invalid {
-                header_ok: false,
-                seq: 0,
-            }
+            Parsed::Invalid { header_ok: false, seq: 0 }
         };
     }
     if bytes[0..4] != RECORD_MAGIC {
-        return Parsed::Invalid {
-            header_ok: false,
-            seq: 0,
-        };
+        return Parsed::Invalid { header_ok: false, seq: 0 };
     }
     let len = le_u32(&bytes[8..12]) as usize;
     let seq = le_u64(&bytes[12..20]);
     if len > MAX_PAYLOAD_LEN {
-        return Parsed::Invalid {
-            header_ok: false,
-            seq: 0,
-        };
+        return Parsed::Invalid { header_ok: false, seq: 0 };
     }
     let total = RECORD_HEADER_LEN + len;
     if bytes.len() < total {
-        return Parsed::Incomplete {
-            header_ok: true,
-            seq,
-            total,
-        };
+        return Parsed::Incomplete { header_ok: true, seq, total };
     }
     let crc = crc32c::crc32c(&bytes[8..total]);
     if crc != le_u32(&bytes[4..8]) {
-        return Parsed::Invalid {
-            header_ok: true,
-            seq,
-        };
+        return Parsed::Invalid { header_ok: true, seq };
     }
     Parsed::Record { seq, total }
 }
@@ -173,9 +145,7 @@ pub fn resync(bytes: &[u8], from: usize, min_seq: u64) -> Option<(usize, u64, us
 
 /// Offset of the next record marker in `bytes`.
 fn memchr_magic(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .windows(RECORD_MAGIC.len())
-        .position(|w| w == RECORD_MAGIC)
+    bytes.windows(RECORD_MAGIC.len()).position(|w| w == RECORD_MAGIC)
 }
 
 pub fn le_u32(b: &[u8]) -> u32 {
@@ -202,10 +172,7 @@ mod tests {
         assert_eq!(parse_record(&buf), Parsed::Record { seq: 42, total: 25 });
         assert_eq!(&buf[RECORD_HEADER_LEN..], b"hello");
         for cut in 0..buf.len() {
-            assert!(
-                matches!(parse_record(&buf[..cut]), Parsed::Incomplete { .. }),
-                "cut at {cut}"
-            );
+            assert!(matches!(parse_record(&buf[..cut]), Parsed::Incomplete { .. }), "cut at {cut}");
         }
         for i in 0..buf.len() {
             let mut bad = buf.clone();
@@ -231,10 +198,7 @@ mod tests {
     #[test]
     fn segment_header() {
         let h = encode_segment_header(7);
-        assert_eq!(
-            decode_segment_header(&h),
-            SegmentHeader::Valid { base_seq: 7 }
-        );
+        assert_eq!(decode_segment_header(&h), SegmentHeader::Valid { base_seq: 7 });
         assert_eq!(decode_segment_header(&h[..10]), SegmentHeader::Short);
         let mut bad = h;
         bad[17] ^= 1;
@@ -243,9 +207,6 @@ mod tests {
         future[8] = 2;
         let crc = crc32c::crc32c(&future[0..28]);
         future[28..32].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(
-            decode_segment_header(&future),
-            SegmentHeader::Unsupported { version: 2 }
-        );
+        assert_eq!(decode_segment_header(&future), SegmentHeader::Unsupported { version: 2 });
     }
 }

@@ -198,19 +198,11 @@ pub enum SpoolError {
     #[error("spool directory {path} is in use by another process")]
     Locked { path: PathBuf },
     #[error("segment {path} has format version {version}; this build reads version {supported}")]
-    UnsupportedVersion {
-        path: PathBuf,
-        version: u32,
-        supported: u32,
-    },
+    UnsupportedVersion { path: PathBuf, version: u32, supported: u32 },
     #[error("invalid spool options: {reason}")]
     InvalidOptions { reason: &'static str },
     #[error("payload {index} of the batch has {len} bytes, more than the record limit of {max}")]
-    PayloadTooLarge {
-        index: usize,
-        len: usize,
-        max: usize,
-    },
+    PayloadTooLarge { index: usize, len: usize, max: usize },
     #[error("batch of {bytes} bytes does not fit in a spool of {max_bytes} bytes")]
     BatchTooLarge { bytes: u64, max_bytes: u64 },
     #[error("ack up to seq {up_to} is beyond the last assigned seq {last}")]
@@ -222,16 +214,9 @@ fn io_err(op: &'static str, path: &Path, source: io::Error) -> SpoolError {
         || source.kind() == io::ErrorKind::QuotaExceeded
         || matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
     if full {
-        SpoolError::DiskFull {
-            path: path.to_owned(),
-            source,
-        }
+        SpoolError::DiskFull { path: path.to_owned(), source }
     } else {
-        SpoolError::Io {
-            op,
-            path: path.to_owned(),
-            source,
-        }
+        SpoolError::Io { op, path: path.to_owned(), source }
     }
 }
 
@@ -259,11 +244,7 @@ impl Segment {
     /// The seq the next record appended here would naturally get.
     fn next_seq(&self) -> u64 {
         let after_holes = self.holes.iter().map(|&(_, b)| b + 1).max().unwrap_or(0);
-        let after_records = if self.records == 0 {
-            self.base_seq
-        } else {
-            self.last_seq + 1
-        };
+        let after_records = if self.records == 0 { self.base_seq } else { self.last_seq + 1 };
         after_records.max(after_holes)
     }
 
@@ -381,21 +362,15 @@ fn parse_segment_name(name: &str) -> Option<u64> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_err("fsync directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_err("fsync directory", dir, e))
 }
 
 fn write_state_file(dir: &Path, state: &State) -> Result<(), SpoolError> {
     let tmp = dir.join(STATE_TMP);
     let bytes = state.encode();
     let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f =
+            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()
     };
@@ -529,29 +504,20 @@ fn scan_segment(dir: &Path, name_base: u64) -> Result<(Segment, ScanOutcome), Sp
             seg.skips.push((pos as u64, next as u64));
             if seq > expected {
                 seg.holes.push((expected, seq - 1));
-                out.damage.push(Damage {
-                    first: expected,
-                    last: seq - 1,
-                });
+                out.damage.push(Damage { first: expected, last: seq - 1 });
             }
             expected = seq;
             pos = next;
             continue;
         }
         // Nothing valid after this point: a torn tail.
-        if let Parsed::Invalid {
-            header_ok: true,
-            seq,
-        } = parsed
+        if let Parsed::Invalid { header_ok: true, seq } = parsed
             && seq == expected
         {
             // Complete, claims the next seq, fails its checksum: it was written whole (and may
             // have been sent), so its seq is retired, not handed out again.
             seg.holes.push((seq, seq));
-            out.damage.push(Damage {
-                first: seq,
-                last: seq,
-            });
+            out.damage.push(Damage { first: seq, last: seq });
         }
         out.torn += 1;
         out.truncated_bytes += (bytes.len() - pos) as u64;
@@ -656,10 +622,7 @@ impl Spool {
         }
         if report.state_reset {
             // Resend everything that is left rather than lose anything.
-            state.acked = segments
-                .iter()
-                .find(|s| s.records > 0)
-                .map_or(0, |s| s.first_seq - 1);
+            state.acked = segments.iter().find(|s| s.records > 0).map_or(0, |s| s.first_seq - 1);
         }
 
         // `ack` deletes segments before it writes the state file, so a crash in between leaves
@@ -683,12 +646,7 @@ impl Spool {
             report.corrupt_records += events;
             state.corrupt_total += events;
             state.push_gap(
-                Gap {
-                    first_seq: first,
-                    last_seq: d.last,
-                    events,
-                    cause: GapCause::Corrupt,
-                },
+                Gap { first_seq: first, last_seq: d.last, events, cause: GapCause::Corrupt },
                 true,
             );
             state.remember_hole(first, d.last);
@@ -723,10 +681,7 @@ impl Spool {
         }
         // Whatever was recovered is made durable now, so it may be sent.
         if let Some(active) = segments.back() {
-            active
-                .file
-                .sync_all()
-                .map_err(|e| io_err("fsync", &active.path, e))?;
+            active.file.sync_all().map_err(|e| io_err("fsync", &active.path, e))?;
         }
         if dirty_state {
             state.next_seq = next_seq;
@@ -762,9 +717,7 @@ impl Spool {
     }
 
     fn active(&self) -> &Segment {
-        self.segments
-            .back()
-            .expect("a spool always has an active segment")
+        self.segments.back().expect("a spool always has an active segment")
     }
 
     /// Appends a batch, assigning it the next contiguous seqs, with one write and (under
@@ -799,9 +752,7 @@ impl Spool {
 
         if self.tail_dirty {
             let a = self.active();
-            a.file
-                .set_len(a.len)
-                .map_err(|e| io_err("truncate failed write in", &a.path, e))?;
+            a.file.set_len(a.len).map_err(|e| io_err("truncate failed write in", &a.path, e))?;
             self.tail_dirty = false;
         }
         let a = self.active();
@@ -846,17 +797,16 @@ impl Spool {
             SyncPolicy::Interval(d) => self.last_sync.elapsed() >= d,
         };
         let a = self.active();
-        let res = a
-            .file
-            .write_all_at(buf, a.len)
-            .map_err(|e| io_err("write", &a.path, e))
-            .and_then(|()| {
-                if sync_now {
-                    a.file.sync_data().map_err(|e| io_err("fsync", &a.path, e))
-                } else {
-                    Ok(())
-                }
-            });
+        let res =
+            a.file.write_all_at(buf, a.len).map_err(|e| io_err("write", &a.path, e)).and_then(
+                |()| {
+                    if sync_now {
+                        a.file.sync_data().map_err(|e| io_err("fsync", &a.path, e))
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
         match res {
             Ok(()) => {
                 if sync_now {
@@ -901,10 +851,7 @@ impl Spool {
                 cause: GapCause::Evicted,
             };
             // A gap already handed out is not widened: the transport would never see the rest.
-            let merge = !state
-                .gaps
-                .last()
-                .is_some_and(|g| self.in_flight.contains(g));
+            let merge = !state.gaps.last().is_some_and(|g| self.in_flight.contains(g));
             state.push_gap(gap, merge);
             state.evicted_total += live;
             tracing::warn!(
@@ -954,10 +901,7 @@ impl Spool {
         if want >= end || max_events == 0 {
             return Ok(out);
         }
-        let mut i = self
-            .segments
-            .partition_point(|s| s.base_seq <= want)
-            .saturating_sub(1);
+        let mut i = self.segments.partition_point(|s| s.base_seq <= want).saturating_sub(1);
         let (mut prev_seq, mut pos) = match self.cursor {
             Some(c) if c.seq == want && self.segments[i].base_seq == c.base_seq => {
                 (want.saturating_sub(1), c.offset)
@@ -977,10 +921,7 @@ impl Spool {
             if pos >= seg.len {
                 i += 1;
                 pos = SEGMENT_HEADER_LEN as u64;
-                prev_seq = self
-                    .segments
-                    .get(i)
-                    .map_or(0, |s| s.base_seq.saturating_sub(1));
+                prev_seq = self.segments.get(i).map_or(0, |s| s.base_seq.saturating_sub(1));
                 continue;
             }
             if let Some(&(_, skip_end)) = seg.skips.iter().find(|&&(a, b)| a <= pos && pos < b) {
@@ -1020,11 +961,7 @@ impl Spool {
                     if seq >= want {
                         let len = total - RECORD_HEADER_LEN;
                         if out.len() >= max_events || (!out.is_empty() && bytes + len > max_bytes) {
-                            self.cursor = Some(Cursor {
-                                seq,
-                                base_seq: seg.base_seq,
-                                offset: pos,
-                            });
+                            self.cursor = Some(Cursor { seq, base_seq: seg.base_seq, offset: pos });
                             break Ok(());
                         }
                         let rec = rb.at(seg.base_seq, pos).unwrap_or_default();
@@ -1055,9 +992,7 @@ impl Spool {
         let seg = &self.segments[i];
         let n = usize::try_from(seg.len - pos).unwrap_or(usize::MAX);
         let mut rest = vec![0u8; n];
-        seg.file
-            .read_exact_at(&mut rest, pos)
-            .map_err(|e| io_err("read", &seg.path, e))?;
+        seg.file.read_exact_at(&mut rest, pos).map_err(|e| io_err("read", &seg.path, e))?;
         let (skip_end, lost) = match resync(&rest, 1, expected) {
             Some((rel, seq, _)) => (pos + rel as u64, (expected, seq.saturating_sub(1))),
             None => (seg.len, (expected, seg.last_seq)),
@@ -1078,12 +1013,7 @@ impl Spool {
                 let events = b - a + 1;
                 state.corrupt_total += events;
                 state.push_gap(
-                    Gap {
-                        first_seq: a,
-                        last_seq: b,
-                        events,
-                        cause: GapCause::Corrupt,
-                    },
+                    Gap { first_seq: a, last_seq: b, events, cause: GapCause::Corrupt },
                     false,
                 );
                 state.remember_hole(a, b);
@@ -1100,10 +1030,7 @@ impl Spool {
     /// after a reconnect).
     pub fn ack(&mut self, up_to: u64) -> Result<(), SpoolError> {
         if up_to >= self.next_seq {
-            return Err(SpoolError::AckBeyondEnd {
-                up_to,
-                last: self.next_seq - 1,
-            });
+            return Err(SpoolError::AckBeyondEnd { up_to, last: self.next_seq - 1 });
         }
         if up_to <= self.state.acked {
             return Ok(());
@@ -1136,13 +1063,8 @@ impl Spool {
     /// until [`Spool::gap_reported`] confirms them; after a reconnect,
     /// [`Spool::requeue_gaps`] hands the unconfirmed ones out again.
     pub fn take_evictions(&mut self) -> Vec<Gap> {
-        let new: Vec<Gap> = self
-            .state
-            .gaps
-            .iter()
-            .filter(|g| !self.in_flight.contains(g))
-            .copied()
-            .collect();
+        let new: Vec<Gap> =
+            self.state.gaps.iter().filter(|g| !self.in_flight.contains(g)).copied().collect();
         self.in_flight.extend_from_slice(&new);
         new
     }
@@ -1174,9 +1096,7 @@ impl Spool {
     pub fn sync(&mut self) -> Result<(), SpoolError> {
         if self.durable_next < self.next_seq {
             let a = self.active();
-            a.file
-                .sync_data()
-                .map_err(|e| io_err("fsync", &a.path, e))?;
+            a.file.sync_data().map_err(|e| io_err("fsync", &a.path, e))?;
             self.durable_next = self.next_seq;
         }
         self.last_sync = Instant::now();

@@ -199,24 +199,8 @@ mod tests {
             gaps: Vec::new(),
             known_holes: vec![(3, 4)],
         };
-        s.push_gap(
-            Gap {
-                first_seq: 11,
-                last_seq: 15,
-                events: 5,
-                cause: GapCause::Evicted,
-            },
-            true,
-        );
-        s.push_gap(
-            Gap {
-                first_seq: 16,
-                last_seq: 20,
-                events: 4,
-                cause: GapCause::Evicted,
-            },
-            true,
-        );
+        s.push_gap(Gap { first_seq: 11, last_seq: 15, events: 5, cause: GapCause::Evicted }, true);
+        s.push_gap(Gap { first_seq: 16, last_seq: 20, events: 4, cause: GapCause::Evicted }, true);
         assert_eq!(s.gaps.len(), 1, "touching gaps merge");
         assert_eq!(s.gaps[0].events, 9);
         let bytes = s.encode();

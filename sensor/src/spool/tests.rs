@@ -13,11 +13,7 @@ use std::{
 use super::*;
 
 fn opts(segment_bytes: u64, max_bytes: u64, sync: SyncPolicy) -> SpoolOptions {
-    SpoolOptions {
-        max_bytes,
-        segment_bytes,
-        sync,
-    }
+    SpoolOptions { max_bytes, segment_bytes, sync }
 }
 
 fn small() -> SpoolOptions {
@@ -78,10 +74,7 @@ fn segment_files(dir: &Path) -> Vec<PathBuf> {
 
 /// Offset of record `seq` in a segment whose records are `first..` with [`payload`]s.
 fn offset_of(first: u64, seq: u64) -> u64 {
-    SEGMENT_HEADER_LEN as u64
-        + (first..seq)
-            .map(|s| record_len(payload(s).len()))
-            .sum::<u64>()
+    SEGMENT_HEADER_LEN as u64 + (first..seq).map(|s| record_len(payload(s).len())).sum::<u64>()
 }
 
 struct XorShift(u64);
@@ -123,13 +116,7 @@ fn round_trip_across_reopen() {
         spool.ack(12).unwrap();
         assert_eq!(spool.depth_events(), 29);
         assert_contents(&spool.read_from(1, 5, usize::MAX).unwrap(), 13..=17);
-        assert!(matches!(
-            spool.ack(42),
-            Err(SpoolError::AckBeyondEnd {
-                up_to: 42,
-                last: 41
-            })
-        ));
+        assert!(matches!(spool.ack(42), Err(SpoolError::AckBeyondEnd { up_to: 42, last: 41 })));
         spool.ack(3).unwrap(); // a stale ack changes nothing
         assert_eq!(spool.acked(), 12);
     }
@@ -176,11 +163,7 @@ fn seqs_continue_after_everything_is_acked_and_deleted() {
         }
         spool.ack(50).unwrap();
         assert_eq!(spool.depth_events(), 0);
-        assert_eq!(
-            segment_files(dir.path()).len(),
-            1,
-            "sealed acked segments deleted"
-        );
+        assert_eq!(segment_files(dir.path()).len(), 1, "sealed acked segments deleted");
     }
     let (mut spool, report) = Spool::open(dir.path(), o).unwrap();
     assert_eq!((report.next_seq, report.recovered_events), (51, 0));
@@ -210,21 +193,13 @@ fn torn_tail_is_truncated_and_reported() {
     let len = fs::metadata(&seg).unwrap().len();
     assert_eq!(len, offset_of(1, 51));
     // Cut the last record (seq 50) in the middle of its payload.
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 7)
-        .unwrap();
+    fs::OpenOptions::new().write(true).open(&seg).unwrap().set_len(len - 7).unwrap();
 
     let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
     assert_eq!(report.torn_records, 1);
     assert_eq!(report.truncated_bytes, record_len(payload(50).len()) - 7);
     assert_eq!(report.corrupt_records, 0);
-    assert_eq!(
-        report.next_seq, 50,
-        "the torn record's seq was never handed out"
-    );
+    assert_eq!(report.next_seq, 50, "the torn record's seq was never handed out");
     assert_eq!(report.recovered_events, 49);
     assert_contents(&read_all(&mut spool), 1..=49);
     assert_eq!(fs::metadata(&seg).unwrap().len(), offset_of(1, 50));
@@ -246,10 +221,7 @@ fn cut_inside_a_record_header_is_a_torn_tail_too() {
     let f = fs::OpenOptions::new().write(true).open(&seg).unwrap();
     f.set_len(offset_of(1, 4) + 6).unwrap();
     let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
-    assert_eq!(
-        (report.torn_records, report.truncated_bytes, report.next_seq),
-        (1, 6, 4)
-    );
+    assert_eq!((report.torn_records, report.truncated_bytes, report.next_seq), (1, 6, 4));
     assert_contents(&read_all(&mut spool), 1..=3);
 }
 
@@ -266,12 +238,7 @@ fn garbage_after_a_valid_tail_is_cut() {
     let mut garbage: Vec<u8> = (0..300).map(|_| rng.next() as u8).collect();
     // Make it look like a record start, to be sure the checksum is what rejects it.
     garbage[..4].copy_from_slice(&format::RECORD_MAGIC);
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .write_all_at(&garbage, len)
-        .unwrap();
+    fs::OpenOptions::new().write(true).open(&seg).unwrap().write_all_at(&garbage, len).unwrap();
 
     let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
     assert_eq!((report.torn_records, report.truncated_bytes), (1, 300));
@@ -288,11 +255,7 @@ fn flipped_byte_mid_segment_is_skipped_and_counted_once() {
         append_seqs(&mut spool, 100);
     }
     let seg = segment_files(dir.path()).pop().unwrap();
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&seg)
-        .unwrap();
+    let f = fs::OpenOptions::new().read(true).write(true).open(&seg).unwrap();
     let at = offset_of(1, 40) + RECORD_HEADER_LEN as u64 + 3;
     let mut b = [0u8];
     f.read_exact_at(&mut b, at).unwrap();
@@ -303,12 +266,7 @@ fn flipped_byte_mid_segment_is_skipped_and_counted_once() {
     assert_eq!(report.corrupt_bytes, record_len(payload(40).len()));
     assert_eq!((report.recovered_events, report.next_seq), (99, 101));
     assert_contents(&read_all(&mut spool), (1..=39).chain(41..=100));
-    let gap = Gap {
-        first_seq: 40,
-        last_seq: 40,
-        events: 1,
-        cause: GapCause::Corrupt,
-    };
+    let gap = Gap { first_seq: 40, last_seq: 40, events: 1, cause: GapCause::Corrupt };
     assert_eq!(spool.take_evictions(), vec![gap]);
     assert_eq!(spool.take_evictions(), vec![], "handed out once");
     assert_eq!(spool.corrupt_total(), 1);
@@ -318,11 +276,7 @@ fn flipped_byte_mid_segment_is_skipped_and_counted_once() {
     // The same damage found again is neither recounted nor reported twice.
     let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
     assert_eq!((report.corrupt_records, report.recovered_events), (0, 100));
-    assert_eq!(
-        spool.take_evictions(),
-        vec![gap],
-        "unconfirmed gaps survive a restart"
-    );
+    assert_eq!(spool.take_evictions(), vec![gap], "unconfirmed gaps survive a restart");
     spool.gap_reported(&[gap]).unwrap();
     assert_eq!(spool.corrupt_total(), 1);
     assert_contents(&read_all(&mut spool), (1..=39).chain(41..=101));
@@ -339,20 +293,14 @@ fn damage_found_while_reading_is_skipped_and_reported() {
     let seg = segment_files(dir.path()).pop().unwrap();
     let f = fs::OpenOptions::new().write(true).open(&seg).unwrap();
     // Damage the length field of seq 20 after open checked everything.
-    f.write_all_at(&[0xff, 0xff, 0xff, 0x7f], offset_of(1, 20) + 8)
-        .unwrap();
+    f.write_all_at(&[0xff, 0xff, 0xff, 0x7f], offset_of(1, 20) + 8).unwrap();
     assert_contents(&read_all(&mut spool), (1..=19).chain(21..=50));
     assert_eq!(spool.corrupt_total(), 1);
     assert_eq!(spool.depth_events(), 49);
     let gaps = spool.take_evictions();
     assert_eq!(
         gaps,
-        vec![Gap {
-            first_seq: 20,
-            last_seq: 20,
-            events: 1,
-            cause: GapCause::Corrupt
-        }]
+        vec![Gap { first_seq: 20, last_seq: 20, events: 1, cause: GapCause::Corrupt }]
     );
     // Reading again meets the known damage without counting it again.
     assert_contents(&read_all(&mut spool), (1..=19).chain(21..=50));
@@ -371,27 +319,16 @@ fn complete_tail_record_with_bad_checksum_retires_its_seq() {
     }
     let seg = segment_files(dir.path()).pop().unwrap();
     let f = fs::OpenOptions::new().write(true).open(&seg).unwrap();
-    f.write_all_at(b"X", offset_of(1, 10) + RECORD_HEADER_LEN as u64)
-        .unwrap();
+    f.write_all_at(b"X", offset_of(1, 10) + RECORD_HEADER_LEN as u64).unwrap();
     let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
     assert_eq!((report.torn_records, report.corrupt_records), (1, 1));
-    assert_eq!(
-        report.next_seq, 11,
-        "seq 10 may have been sent: never reused"
-    );
+    assert_eq!(report.next_seq, 11, "seq 10 may have been sent: never reused");
     append_seqs(&mut spool, 2);
     assert_contents(&read_all(&mut spool), (1..=9).chain(11..=12));
     assert_eq!(spool.depth_events(), 11);
     drop(spool);
     let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
-    assert_eq!(
-        (
-            report.recovered_events,
-            report.next_seq,
-            report.corrupt_records
-        ),
-        (11, 13, 0)
-    );
+    assert_eq!((report.recovered_events, report.next_seq, report.corrupt_records), (11, 13, 0));
     assert_contents(&read_all(&mut spool), (1..=9).chain(11..=12));
 }
 
@@ -402,25 +339,14 @@ fn eviction_at_the_size_limit_is_counted_reported_and_persisted() {
     let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
     for _ in 0..100 {
         append_seqs(&mut spool, 7);
-        assert!(
-            spool.depth_bytes() <= o.max_bytes,
-            "{}",
-            spool.depth_bytes()
-        );
+        assert!(spool.depth_bytes() <= o.max_bytes, "{}", spool.depth_bytes());
     }
     let evicted = spool.evicted_total();
     assert!(evicted > 0);
     let gaps = spool.take_evictions();
-    assert_eq!(
-        gaps.len(),
-        1,
-        "evictions of consecutive segments merge: {gaps:?}"
-    );
+    assert_eq!(gaps.len(), 1, "evictions of consecutive segments merge: {gaps:?}");
     let gap = gaps[0];
-    assert_eq!(
-        (gap.first_seq, gap.events, gap.cause),
-        (1, evicted, GapCause::Evicted)
-    );
+    assert_eq!((gap.first_seq, gap.events, gap.cause), (1, evicted, GapCause::Evicted));
     assert_eq!(gap.last_seq, evicted);
     let rest = read_all(&mut spool);
     assert_contents(&rest, evicted + 1..=700);
@@ -428,10 +354,7 @@ fn eviction_at_the_size_limit_is_counted_reported_and_persisted() {
     assert_eq!(spool.first_unacked_seq(), evicted + 1);
     assert_eq!(
         spool.depth_bytes(),
-        segment_files(dir.path())
-            .iter()
-            .map(|p| fs::metadata(p).unwrap().len())
-            .sum::<u64>()
+        segment_files(dir.path()).iter().map(|p| fs::metadata(p).unwrap().len()).sum::<u64>()
     );
 
     // A later eviction, after the first gap was handed out, is a new gap.
@@ -457,10 +380,7 @@ fn eviction_at_the_size_limit_is_counted_reported_and_persisted() {
     spool.gap_reported(&[more[0]]).unwrap();
     drop(spool);
     let (mut spool, report) = Spool::open(dir.path(), o).unwrap();
-    assert_eq!(
-        report.evicted_total, total,
-        "the total outlives the reported gaps"
-    );
+    assert_eq!(report.evicted_total, total, "the total outlives the reported gaps");
     assert!(spool.take_evictions().is_empty());
     assert_contents(&read_all(&mut spool), more[0].last_seq + 1..=1000);
 }
@@ -508,36 +428,22 @@ fn segments_roll_over_and_go_once_acked() {
         .map(|p| parse_segment_name(p.file_name().unwrap().to_str().unwrap()).unwrap())
         .collect();
     // Exactly the segments holding nothing above 150 are gone.
-    assert!(
-        left_bases[0] <= 151 && left_bases[1] > 151,
-        "{left_bases:?}"
-    );
+    assert!(left_bases[0] <= 151 && left_bases[1] > 151, "{left_bases:?}");
     assert_eq!(left_bases[..], bases[bases.len() - left_bases.len()..]);
     assert_contents(&spool.read_from(1, 5, usize::MAX).unwrap(), 151..=155);
     assert_contents(&read_all(&mut spool), 151..=300);
     spool.ack(300).unwrap();
-    assert_eq!(
-        segment_files(dir.path()).len(),
-        1,
-        "the active segment stays"
-    );
+    assert_eq!(segment_files(dir.path()).len(), 1, "the active segment stays");
     assert_eq!(spool.depth_events(), 0);
     drop(spool);
     let (_, report) = Spool::open(dir.path(), o).unwrap();
-    assert_eq!(
-        (report.next_seq, report.recovered_events, report.segments),
-        (301, 0, 1)
-    );
+    assert_eq!((report.next_seq, report.recovered_events, report.segments), (301, 0, 1));
 }
 
 #[test]
 fn interval_policy_reads_only_synced_records() {
     let dir = tempfile::tempdir().unwrap();
-    let o = opts(
-        64 * 1024,
-        1024 * 1024,
-        SyncPolicy::Interval(Duration::from_secs(3600)),
-    );
+    let o = opts(64 * 1024, 1024 * 1024, SyncPolicy::Interval(Duration::from_secs(3600)));
     let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
     append_seqs(&mut spool, 5);
     assert!(spool.read_from(1, 10, usize::MAX).unwrap().is_empty());
@@ -559,10 +465,7 @@ fn bad_options_and_oversized_payloads_are_refused() {
         Spool::open(dir.path(), opts(1 << 20, 1 << 26, SyncPolicy::EveryAppend)).unwrap();
     let big = vec![0u8; MAX_PAYLOAD_LEN + 1];
     let err = spool.append(&[b"ok", &big]).unwrap_err();
-    assert!(
-        matches!(err, SpoolError::PayloadTooLarge { index: 1, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, SpoolError::PayloadTooLarge { index: 1, .. }), "{err}");
     assert_eq!(spool.next_seq(), 1, "nothing of a refused batch is spooled");
     assert_eq!(spool.append(&[]).unwrap().count(), 0);
 }
@@ -579,17 +482,9 @@ fn newer_format_is_refused_not_misread() {
     header[8] = 9;
     let crc = crc32c::crc32c(&header[..28]);
     header[28..].copy_from_slice(&crc.to_le_bytes());
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .write_all_at(&header, 0)
-        .unwrap();
+    fs::OpenOptions::new().write(true).open(&seg).unwrap().write_all_at(&header, 0).unwrap();
     let err = Spool::open(dir.path(), small()).unwrap_err();
-    assert!(
-        matches!(err, SpoolError::UnsupportedVersion { version: 9, .. }),
-        "{err}"
-    );
+    assert!(matches!(err, SpoolError::UnsupportedVersion { version: 9, .. }), "{err}");
     assert!(err.to_string().contains(&seg.display().to_string()));
 }
 
@@ -632,10 +527,7 @@ fn disk_full_is_a_typed_error_and_leaves_the_spool_consistent() {
         io::Error::from_raw_os_error(libc::ENOSPC),
     );
     assert!(matches!(err, SpoolError::DiskFull { .. }));
-    assert_eq!(
-        err.to_string(),
-        "disk full writing /spool/00000000000000000001.seg"
-    );
+    assert_eq!(err.to_string(), "disk full writing /spool/00000000000000000001.seg");
 
     // A real full file system needs a small tmpfs, which needs root.
     let dir = tempfile::tempdir().unwrap();
@@ -656,15 +548,8 @@ fn disk_full_is_a_typed_error_and_leaves_the_spool_consistent() {
     };
     assert!(matches!(err, SpoolError::DiskFull { .. }), "{err:?}");
     assert!(err.to_string().starts_with("disk full writing "), "{err}");
-    assert_eq!(
-        spool.next_seq(),
-        stored + 1,
-        "the failed batch took no seqs"
-    );
-    assert_eq!(
-        spool.read_from(1, 1000, usize::MAX).unwrap().len() as u64,
-        stored
-    );
+    assert_eq!(spool.next_seq(), stored + 1, "the failed batch took no seqs");
+    assert_eq!(spool.read_from(1, 1000, usize::MAX).unwrap().len() as u64, stored);
     // Freeing space (the collector acks) makes appends work again.
     spool.ack(stored).unwrap();
     let r = spool.append(&[b"after"]).unwrap();
@@ -672,10 +557,7 @@ fn disk_full_is_a_typed_error_and_leaves_the_spool_consistent() {
     drop(spool);
     let (mut spool, report) = Spool::open(dir.path(), o).unwrap();
     assert_eq!((report.torn_records, report.corrupt_records), (0, 0));
-    assert_eq!(
-        spool.read_from(1, 10, usize::MAX).unwrap(),
-        vec![(stored + 1, b"after".to_vec())]
-    );
+    assert_eq!(spool.read_from(1, 10, usize::MAX).unwrap(), vec![(stored + 1, b"after".to_vec())]);
 }
 
 /// A tmpfs mounted for one test, unmounted on drop.
@@ -751,25 +633,15 @@ fn random_operations_match_a_model() {
                     let report;
                     (spool, report) = Spool::open(dir.path(), o).unwrap();
                     assert_eq!((report.torn_records, report.corrupt_records), (0, 0));
-                    assert_eq!(
-                        report.next_seq,
-                        model.keys().next_back().map_or(1, |s| s + 1)
-                    );
+                    assert_eq!(report.next_seq, model.keys().next_back().map_or(1, |s| s + 1));
                 }
                 _ => {}
             }
-            assert!(
-                spool.depth_bytes() <= o.max_bytes,
-                "seed {seed} step {step}"
-            );
+            assert!(spool.depth_bytes() <= o.max_bytes, "seed {seed} step {step}");
             let floor = spool.acked();
             let got = read_all(&mut spool);
             let gaps = spool.pending_gaps().to_vec();
-            assert_eq!(
-                got.len() as u64,
-                spool.depth_events(),
-                "seed {seed} step {step}"
-            );
+            assert_eq!(got.len() as u64, spool.depth_events(), "seed {seed} step {step}");
             let mut expect = model.range(floor + 1..).map(|(s, _)| *s).peekable();
             for (seq, p) in &got {
                 assert_eq!(Some(p), model.get(seq), "seed {seed} seq {seq}");
@@ -796,11 +668,7 @@ fn random_operations_match_a_model() {
 const CHILD_ENV: &str = "KEYWATCH_SPOOL_TEST_CHILD_DIR";
 
 fn kill_opts() -> SpoolOptions {
-    opts(
-        32 * 1024,
-        256 * 1024 * 1024,
-        SyncPolicy::Interval(Duration::from_millis(2)),
-    )
+    opts(32 * 1024, 256 * 1024 * 1024, SyncPolicy::Interval(Duration::from_millis(2)))
 }
 
 /// Not a test on its own: the body of the child that [`sigkill_mid_append_recovers`] starts
@@ -861,10 +729,7 @@ fn sigkill_mid_append_recovers() {
         println!("round {round}: confirmed {confirmed}, {report:?}");
         assert_eq!(report.corrupt_records, 0, "{report:?}");
         assert!(report.torn_records <= 1, "{report:?}");
-        assert!(
-            report.next_seq > confirmed,
-            "lost a confirmed append: {report:?} {confirmed}"
-        );
+        assert!(report.next_seq > confirmed, "lost a confirmed append: {report:?} {confirmed}");
         let got = read_all(&mut spool);
         assert_eq!(got.len() as u64, report.recovered_events);
         if let Some(first) = got.first() {

@@ -42,11 +42,7 @@ fn default_builtin() -> bool {
 
 impl Default for WatchConfig {
     fn default() -> Self {
-        Self {
-            builtin: true,
-            disable: Vec::new(),
-            watches: Vec::new(),
-        }
+        Self { builtin: true, disable: Vec::new(), watches: Vec::new() }
     }
 }
 
@@ -55,11 +51,7 @@ impl WatchConfig {
     /// watches, then the config's own, in that order (which fixes the ids).
     pub fn specs(&self) -> Vec<WatchSpec> {
         let own: HashSet<&str> = self.watches.iter().map(|w| w.name.as_str()).collect();
-        let mut specs: Vec<WatchSpec> = if self.builtin {
-            builtin_catalog()
-        } else {
-            Vec::new()
-        };
+        let mut specs: Vec<WatchSpec> = if self.builtin { builtin_catalog() } else { Vec::new() };
         specs.retain(|s| !self.disable.contains(&s.name) && !own.contains(s.name.as_str()));
         specs.extend(self.watches.iter().cloned());
         specs
@@ -105,28 +97,20 @@ pub enum ConfigError {
         source: io::Error,
     },
     #[error("invalid watch config {path}: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<ConfigProblem>,
-    },
+    Invalid { path: PathBuf, problems: Vec<ConfigProblem> },
 }
 
 /// Reads and validates a watch config file.
 pub fn load_config(path: impl AsRef<Path>) -> Result<WatchConfig, ConfigError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     parse_config(&text, path)
 }
 
 /// Parses and validates config text; `path` only names it in errors.
 pub fn parse_config(text: &str, path: &Path) -> Result<WatchConfig, ConfigError> {
-    let invalid = |problems| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        problems,
-    };
+    let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
     if text.trim().is_empty() {
         return Ok(WatchConfig::default());
     }
@@ -260,10 +244,7 @@ mod tests {
             set.get(vault).map(|w| w.spec.endpoints.clone()),
             Some(vec!["vault.internal:8200".to_string()])
         );
-        assert_eq!(
-            set.id_of("app-secret"),
-            Some(u32::try_from(set.len() - 2).expect("small"))
-        );
+        assert_eq!(set.id_of("app-secret"), Some(u32::try_from(set.len() - 2).expect("small")));
 
         let only_own =
             parse("builtin: false\nwatches:\n  - {name: x, category: credential, paths: [/x]}\n")
@@ -327,9 +308,6 @@ watches:
     #[test]
     fn missing_file_names_it() {
         let err = load_config("/nonexistent/watches.yaml").expect_err("missing");
-        assert_eq!(
-            err.to_string(),
-            "cannot read watch config /nonexistent/watches.yaml"
-        );
+        assert_eq!(err.to_string(), "cannot read watch config /nonexistent/watches.yaml");
     }
 }

@@ -221,13 +221,8 @@ impl EndpointRefresher {
         });
         loop {
             ticker.tick().await;
-            let resolved = resolve(
-                &self.set,
-                self.resolver.as_ref(),
-                self.timeout,
-                &mut self.known,
-            )
-            .await;
+            let resolved =
+                resolve(&self.set, self.resolver.as_ref(), self.timeout, &mut self.known).await;
             if self.last.as_ref() != Some(&resolved) {
                 self.last = Some(resolved.clone());
                 return resolved;
@@ -271,13 +266,7 @@ mod tests {
         protocol: Protocol,
         watch_id: u32,
     ) -> EndpointRule {
-        EndpointRule {
-            addr: addr.parse().expect("address"),
-            prefix_len,
-            port,
-            protocol,
-            watch_id,
-        }
+        EndpointRule { addr: addr.parse().expect("address"), prefix_len, port, protocol, watch_id }
     }
 
     /// Answers from a table the test changes; unknown names fail, `hang` never answers.
@@ -309,10 +298,7 @@ mod tests {
     #[tokio::test]
     async fn literals_networks_and_any_address() {
         let s = set(&[
-            (
-                "cloud-metadata",
-                &["169.254.169.254:80", "[fd00:ec2::254]:80"],
-            ),
+            ("cloud-metadata", &["169.254.169.254:80", "[fd00:ec2::254]:80"]),
             ("kubernetes-api", &[":6443"]),
             ("corp", &["udp://10.9.8.7/16:88"]),
         ]);
@@ -338,13 +324,8 @@ mod tests {
             Duration::from_millis(100),
         )
         .await;
-        let metadata = WatchSet::builtin()
-            .id_of("cloud-metadata")
-            .expect("catalog");
-        assert!(
-            r.rules
-                .contains(&rule("169.254.169.254", 32, 80, Protocol::Any, metadata))
-        );
+        let metadata = WatchSet::builtin().id_of("cloud-metadata").expect("catalog");
+        assert!(r.rules.contains(&rule("169.254.169.254", 32, 80, Protocol::Any, metadata)));
         assert!(r.unresolved.iter().any(|u| u.host == "sts.amazonaws.com"));
     }
 
@@ -391,11 +372,7 @@ mod tests {
         assert_eq!(first.unresolved.len(), 1);
 
         // Nothing changes: nothing yielded.
-        assert!(
-            tokio::time::timeout(Duration::from_secs(150), refresher.changed())
-                .await
-                .is_err()
-        );
+        assert!(tokio::time::timeout(Duration::from_secs(150), refresher.changed()).await.is_err());
 
         // The name starts resolving: the next refresh yields it.
         resolver.set("vault.internal", &["10.0.0.5"]);

@@ -46,9 +46,8 @@ pub fn parse_endpoint(raw: &str) -> Result<Endpoint, String> {
         (Protocol::Any, lower.as_str())
     };
     let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
-        let (addr, after) = inner
-            .split_once(']')
-            .ok_or_else(|| format!("`{raw}`: `[` without `]`"))?;
+        let (addr, after) =
+            inner.split_once(']').ok_or_else(|| format!("`{raw}`: `[` without `]`"))?;
         let port = match after {
             "" => None,
             p => Some(
@@ -70,9 +69,7 @@ pub fn parse_endpoint(raw: &str) -> Result<Endpoint, String> {
             h if h.parse::<IpAddr>().is_ok() || h.contains('/') => net(h, raw, false)?,
             h if is_host_name(h) => EndpointHost::Name(h.to_string()),
             h => {
-                return Err(format!(
-                    "`{raw}`: `{h}` is not an address, network or host name"
-                ));
+                return Err(format!("`{raw}`: `{h}` is not an address, network or host name"));
             }
         };
         (host, port)
@@ -81,23 +78,15 @@ pub fn parse_endpoint(raw: &str) -> Result<Endpoint, String> {
         None => 0,
         Some(p) => match p.parse::<u16>() {
             Ok(0) | Err(_) => {
-                return Err(format!(
-                    "`{raw}`: port must be 1-65535 (omit it for any port)"
-                ));
+                return Err(format!("`{raw}`: port must be 1-65535 (omit it for any port)"));
             }
             Ok(p) => p,
         },
     };
     if host == EndpointHost::Any && port == 0 {
-        return Err(format!(
-            "`{raw}`: any address on any port would match every connection"
-        ));
+        return Err(format!("`{raw}`: any address on any port would match every connection"));
     }
-    Ok(Endpoint {
-        host,
-        port,
-        protocol,
-    })
+    Ok(Endpoint { host, port, protocol })
 }
 
 fn net(text: &str, raw: &str, v6_only: bool) -> Result<EndpointHost, String> {
@@ -105,9 +94,8 @@ fn net(text: &str, raw: &str, v6_only: bool) -> Result<EndpointHost, String> {
         Some((a, p)) => (a, Some(p)),
         None => (text, None),
     };
-    let addr: IpAddr = addr
-        .parse()
-        .map_err(|_| format!("`{raw}`: `{addr}` is not an IP address"))?;
+    let addr: IpAddr =
+        addr.parse().map_err(|_| format!("`{raw}`: `{addr}` is not an IP address"))?;
     if v6_only && addr.is_ipv4() {
         return Err(format!("`{raw}`: brackets are for IPv6 addresses"));
     }
@@ -120,10 +108,7 @@ fn net(text: &str, raw: &str, v6_only: bool) -> Result<EndpointHost, String> {
             .filter(|p| *p <= max)
             .ok_or_else(|| format!("`{raw}`: prefix length must be 0-{max}"))?,
     };
-    Ok(EndpointHost::Net {
-        addr: mask(addr, prefix_len),
-        prefix_len,
-    })
+    Ok(EndpointHost::Net { addr: mask(addr, prefix_len), prefix_len })
 }
 
 /// Clears host bits, as an LPM trie key must have them.
@@ -131,16 +116,12 @@ pub(crate) fn mask(addr: IpAddr, prefix_len: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
             let bits = u32::from(a);
-            let m = u32::MAX
-                .checked_shl(32 - u32::from(prefix_len))
-                .unwrap_or(0);
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
             IpAddr::V4(Ipv4Addr::from(bits & m))
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            let m = u128::MAX
-                .checked_shl(128 - u32::from(prefix_len))
-                .unwrap_or(0);
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
             IpAddr::V6(Ipv6Addr::from(bits & m))
         }
     }
@@ -151,9 +132,7 @@ fn is_host_name(h: &str) -> bool {
         && h.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
 }
 
@@ -166,19 +145,13 @@ mod tests {
     }
 
     fn net(addr: &str, prefix_len: u8) -> EndpointHost {
-        EndpointHost::Net {
-            addr: addr.parse().expect("address"),
-            prefix_len,
-        }
+        EndpointHost::Net { addr: addr.parse().expect("address"), prefix_len }
     }
 
     #[test]
     fn parses_every_form() {
         let e = ok("169.254.169.254:80");
-        assert_eq!(
-            (e.host, e.port, e.protocol),
-            (net("169.254.169.254", 32), 80, Protocol::Any)
-        );
+        assert_eq!((e.host, e.port, e.protocol), (net("169.254.169.254", 32), 80, Protocol::Any));
         let e = ok("[fd00:ec2::254]:80");
         assert_eq!((e.host, e.port), (net("fd00:ec2::254", 128), 80));
         let e = ok("fd00:ec2::254");
@@ -192,24 +165,14 @@ mod tests {
         let e = ok("*:8200");
         assert_eq!((e.host, e.port), (EndpointHost::Any, 8200));
         let e = ok("udp://:88");
-        assert_eq!(
-            (e.host, e.port, e.protocol),
-            (EndpointHost::Any, 88, Protocol::Udp)
-        );
+        assert_eq!((e.host, e.port, e.protocol), (EndpointHost::Any, 88, Protocol::Udp));
         let e = ok("tcp://STS.amazonaws.com:443");
         assert_eq!(
             (e.host, e.port, e.protocol),
-            (
-                EndpointHost::Name("sts.amazonaws.com".into()),
-                443,
-                Protocol::Tcp
-            )
+            (EndpointHost::Name("sts.amazonaws.com".into()), 443, Protocol::Tcp)
         );
         let e = ok("vault.internal");
-        assert_eq!(
-            (e.host, e.port),
-            (EndpointHost::Name("vault.internal".into()), 0)
-        );
+        assert_eq!((e.host, e.port), (EndpointHost::Name("vault.internal".into()), 0));
     }
 
     #[test]

@@ -43,11 +43,7 @@ pub struct FileId {
 
 impl FileId {
     pub fn from_metadata(meta: &Metadata) -> Self {
-        Self {
-            st_dev: meta.dev(),
-            kernel_dev: kernel_dev(meta.dev()),
-            ino: meta.ino(),
-        }
+        Self { st_dev: meta.dev(), kernel_dev: kernel_dev(meta.dev()), ino: meta.ino() }
     }
 
     /// Identity of the file at `path`, symlinks followed.
@@ -114,24 +110,14 @@ impl ResolvedFiles {
                 .filter(|(k, v)| old.files.get(k).is_none_or(|o| o.watch_id != v.watch_id))
                 .map(|(k, v)| (*k, v.clone()))
                 .collect(),
-            removed: old
-                .files
-                .keys()
-                .filter(|k| !new.files.contains_key(k))
-                .copied()
-                .collect(),
+            removed: old.files.keys().filter(|k| !new.files.contains_key(k)).copied().collect(),
             dirs_added: new
                 .dirs
                 .iter()
                 .filter(|(k, v)| old.dirs.get(k) != Some(v))
                 .map(|(k, v)| (*k, *v))
                 .collect(),
-            dirs_removed: old
-                .dirs
-                .keys()
-                .filter(|k| !new.dirs.contains_key(k))
-                .copied()
-                .collect(),
+            dirs_removed: old.dirs.keys().filter(|k| !new.dirs.contains_key(k)).copied().collect(),
         }
     }
 }
@@ -156,10 +142,7 @@ enum Kind {
 
 fn resolve(set: &WatchSet, kind: Kind) -> ResolvedFiles {
     let homes = set.homes();
-    let mut walker = Walker {
-        kind,
-        out: ResolvedFiles::default(),
-    };
+    let mut walker = Walker { kind, out: ResolvedFiles::default() };
     if set.homes_from_system() {
         // `~` means the homes in /etc/passwd: a new user calls for a re-resolution.
         walker.interest(Path::new("/etc"), "passwd".to_string());
@@ -192,10 +175,7 @@ struct Reached {
 
 impl Walker {
     fn walk(&mut self, watch_id: u32, pattern: &PathPattern, excluded: &GlobSet) {
-        let mut frontier = vec![Reached {
-            real: PathBuf::from("/"),
-            shown: PathBuf::from("/"),
-        }];
+        let mut frontier = vec![Reached { real: PathBuf::from("/"), shown: PathBuf::from("/") }];
         let count = pattern.parts.len();
         for (i, part) in pattern.parts.iter().enumerate() {
             let last = i + 1 == count;
@@ -203,10 +183,7 @@ impl Walker {
             for dir in &frontier {
                 self.interest(&dir.real, part.as_glob());
                 if last && let Ok(meta) = fs::metadata(&dir.real) {
-                    self.out
-                        .dirs
-                        .entry(FileId::from_metadata(&meta))
-                        .or_insert(watch_id);
+                    self.out.dirs.entry(FileId::from_metadata(&meta)).or_insert(watch_id);
                 }
                 for name in self.children(&dir.real, part) {
                     let shown = dir.shown.join(&name);
@@ -233,18 +210,12 @@ impl Walker {
         self.out
             .files
             .entry(FileId::from_metadata(meta))
-            .or_insert(WatchedFile {
-                watch_id,
-                path: shown,
-            });
+            .or_insert(WatchedFile { watch_id, path: shown });
         // The real file's directory, when a symlink led elsewhere (projected tokens).
         if let Some(parent) = real.parent()
             && let Ok(meta) = fs::metadata(parent)
         {
-            self.out
-                .dirs
-                .entry(FileId::from_metadata(&meta))
-                .or_insert(watch_id);
+            self.out.dirs.entry(FileId::from_metadata(&meta)).or_insert(watch_id);
         }
     }
 
@@ -323,11 +294,7 @@ impl Walker {
     }
 
     fn interest(&mut self, dir: &Path, name_glob: String) {
-        self.out
-            .watch_dirs
-            .entry(dir.to_path_buf())
-            .or_default()
-            .insert(name_glob);
+        self.out.watch_dirs.entry(dir.to_path_buf()).or_default().insert(name_glob);
     }
 }
 
@@ -394,10 +361,7 @@ pub(crate) mod tests {
         let set = set_in(
             &t,
             vec![
-                spec(
-                    "ssh-private-keys",
-                    &["~/.ssh/id_*".into(), "!~/.ssh/*.pub".into()],
-                ),
+                spec("ssh-private-keys", &["~/.ssh/id_*".into(), "!~/.ssh/*.pub".into()]),
                 spec("aws-credentials", &["~/.aws/credentials".into()]),
                 spec("token", &[format!("{}/sa/token", t.display())]),
             ],
@@ -405,18 +369,9 @@ pub(crate) mod tests {
         let r = resolve_files(&set);
         let key = FileId::of(&ssh.join("id_ed25519")).expect("stat");
         assert_eq!(r.files.get(&key).map(|f| f.watch_id), Some(0));
-        assert!(
-            !r.files
-                .contains_key(&FileId::of(&ssh.join("id_ed25519.pub")).expect("stat"))
-        );
+        assert!(!r.files.contains_key(&FileId::of(&ssh.join("id_ed25519.pub")).expect("stat")));
         let token = FileId::of(&sa.join("..2024_01_01_00_00_00.1/token")).expect("stat");
-        assert_eq!(
-            r.files.get(&token),
-            Some(&WatchedFile {
-                watch_id: 2,
-                path: sa.join("token")
-            })
-        );
+        assert_eq!(r.files.get(&token), Some(&WatchedFile { watch_id: 2, path: sa.join("token") }));
         assert_eq!(r.files.len(), 2, "{r:#?}");
 
         // Directories: the .ssh dir for the kernel; missing ~/.aws watched from its home.
@@ -424,10 +379,7 @@ pub(crate) mod tests {
         assert!(r.watch_dirs[&t.join("home/alice")].contains(".aws"));
         assert!(r.watch_dirs[&t.join("root")].contains(".aws"));
         let sa_names = &r.watch_dirs[&sa];
-        assert!(
-            sa_names.contains("token") && sa_names.contains("..data"),
-            "{sa_names:?}"
-        );
+        assert!(sa_names.contains("token") && sa_names.contains("..data"), "{sa_names:?}");
     }
 
     #[test]

@@ -14,10 +14,7 @@ use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 #[derive(Debug, Clone)]
 pub(crate) enum Part {
     Literal(OsString),
-    Glob {
-        pattern: String,
-        matcher: GlobMatcher,
-    },
+    Glob { pattern: String, matcher: GlobMatcher },
 }
 
 impl Part {
@@ -76,11 +73,7 @@ pub(crate) fn parse(raw: &str) -> Result<RawPattern, String> {
     if rest.trim_matches('/').is_empty() {
         return Err(format!("`{raw}` names a directory, not a file"));
     }
-    Ok(RawPattern {
-        exclude,
-        home_relative,
-        rest: rest.to_string(),
-    })
+    Ok(RawPattern { exclude, home_relative, rest: rest.to_string() })
 }
 
 impl RawPattern {
@@ -130,10 +123,9 @@ fn components(rest: &str) -> Vec<Part> {
         .map(|c| {
             if is_glob(c) {
                 match Glob::new(c) {
-                    Ok(glob) => Part::Glob {
-                        pattern: c.to_string(),
-                        matcher: glob.compile_matcher(),
-                    },
+                    Ok(glob) => {
+                        Part::Glob { pattern: c.to_string(), matcher: glob.compile_matcher() }
+                    }
                     // Checked by `parse`; a literal never matches a glob-looking name wrongly.
                     Err(_) => Part::Literal(c.into()),
                 }
@@ -147,11 +139,7 @@ fn components(rest: &str) -> Vec<Part> {
 /// Full-path matcher for the exclusions of one watch.
 pub(crate) fn exclusions(patterns: &[RawPattern], homes: &[PathBuf]) -> GlobSet {
     let mut builder = GlobSetBuilder::new();
-    for glob in patterns
-        .iter()
-        .filter(|p| p.exclude)
-        .flat_map(|p| p.full_globs(homes))
-    {
+    for glob in patterns.iter().filter(|p| p.exclude).flat_map(|p| p.full_globs(homes)) {
         if let Ok(glob) = GlobBuilder::new(&glob).literal_separator(true).build() {
             builder.add(glob);
         }
@@ -203,27 +191,15 @@ mod tests {
         let expanded = parse("~/.aws/credentials").expect("valid").expand(&homes);
         let rendered: Vec<String> = expanded
             .iter()
-            .map(|p| {
-                p.parts
-                    .iter()
-                    .map(Part::as_glob)
-                    .collect::<Vec<_>>()
-                    .join("/")
-            })
+            .map(|p| p.parts.iter().map(Part::as_glob).collect::<Vec<_>>().join("/"))
             .collect();
-        assert_eq!(
-            rendered,
-            ["home/alice/.aws/credentials", "root/.aws/credentials"]
-        );
+        assert_eq!(rendered, ["home/alice/.aws/credentials", "root/.aws/credentials"]);
     }
 
     #[test]
     fn excludes_public_keys() {
         let homes = [PathBuf::from("/home/a")];
-        let raw = [
-            parse("~/.ssh/id_*").expect("valid"),
-            parse("!~/.ssh/*.pub").expect("valid"),
-        ];
+        let raw = [parse("~/.ssh/id_*").expect("valid"), parse("!~/.ssh/*.pub").expect("valid")];
         let set = exclusions(&raw, &homes);
         assert!(set.is_match("/home/a/.ssh/id_ed25519.pub"));
         assert!(!set.is_match("/home/a/.ssh/id_ed25519"));

@@ -72,11 +72,7 @@ impl WatchSet {
             }
             let id = u32::try_from(watches.len()).unwrap_or(u32::MAX);
             if by_name.insert(spec.name.clone(), id).is_some() {
-                problem(
-                    "name".into(),
-                    Some(&spec.name),
-                    format!("duplicate name `{}`", spec.name),
-                );
+                problem("name".into(), Some(&spec.name), format!("duplicate name `{}`", spec.name));
             }
             if spec.is_empty() {
                 problem(
@@ -111,22 +107,12 @@ impl WatchSet {
                     Err(message) => problem(format!("endpoints[{i}]"), Some(raw), message),
                 }
             }
-            watches.push(Watch {
-                id,
-                spec,
-                endpoints,
-                paths,
-                sockets,
-            });
+            watches.push(Watch { id, spec, endpoints, paths, sockets });
         }
         if !problems.is_empty() {
             return Err(problems);
         }
-        Ok(Self {
-            watches,
-            by_name,
-            homes: None,
-        })
+        Ok(Self { watches, by_name, homes: None })
     }
 
     /// The built-in catalog alone (standalone mode).
@@ -250,10 +236,8 @@ mod tests {
             spec("only-excludes", &["!/etc/*.pub"], &[]),
         ])
         .expect_err("invalid");
-        let fields: Vec<(usize, &str)> = problems
-            .iter()
-            .map(|p| (p.index, p.field.as_str()))
-            .collect();
+        let fields: Vec<(usize, &str)> =
+            problems.iter().map(|p| (p.index, p.field.as_str())).collect();
         assert_eq!(
             fields,
             [

@@ -75,22 +75,8 @@ impl FileWatcher {
         let stream = inotify.into_event_stream(vec![0u8; 16 * 1024])?;
         let interest: Interest = Arc::default();
         let (signal, receiver) = mpsc::channel(1);
-        let task = tokio::spawn(read_events(
-            stream,
-            interest.clone(),
-            signal.clone(),
-            debounce,
-        ));
-        Ok((
-            Self {
-                watches,
-                by_path: HashMap::new(),
-                interest,
-                signal,
-                task,
-            },
-            receiver,
-        ))
+        let task = tokio::spawn(read_events(stream, interest.clone(), signal.clone(), debounce));
+        Ok((Self { watches, by_path: HashMap::new(), interest, signal, task }, receiver))
     }
 
     /// Watches exactly the directories of `resolved` (adding and removing inotify watches).
@@ -128,16 +114,11 @@ impl FileWatcher {
                     }
                 },
             };
-            names
-                .entry(wd.get_watch_descriptor_id())
-                .or_default()
-                .extend(globs.iter().cloned());
+            names.entry(wd.get_watch_descriptor_id()).or_default().extend(globs.iter().cloned());
             next.insert(dir.to_path_buf(), wd);
         }
-        let kept: HashSet<i32> = next
-            .values()
-            .map(WatchDescriptor::get_watch_descriptor_id)
-            .collect();
+        let kept: HashSet<i32> =
+            next.values().map(WatchDescriptor::get_watch_descriptor_id).collect();
         for (_, wd) in self.by_path.drain() {
             if !kept.contains(&wd.get_watch_descriptor_id()) {
                 // Fails only when the directory is already gone, which removed the watch.
@@ -145,10 +126,7 @@ impl FileWatcher {
             }
         }
         self.by_path = next;
-        let compiled = names
-            .into_iter()
-            .map(|(id, globs)| (id, name_matcher(&globs)))
-            .collect();
+        let compiled = names.into_iter().map(|(id, globs)| (id, name_matcher(&globs))).collect();
         *self.interest.lock().unwrap_or_else(|p| p.into_inner()) = compiled;
         if added > 0 || vanished {
             let _ = self.signal.try_send(());
@@ -226,9 +204,7 @@ fn is_relevant(interest: &Interest, wd: i32, mask: EventMask, name: Option<&OsSt
         return true;
     };
     let interest = interest.lock().unwrap_or_else(|p| p.into_inner());
-    interest
-        .get(&wd)
-        .is_none_or(|globs| globs.is_match(Path::new(name)))
+    interest.get(&wd).is_none_or(|globs| globs.is_match(Path::new(name)))
 }
 
 #[cfg(test)]
@@ -283,10 +259,7 @@ mod tests {
         let aws = t.join("root/.aws");
         fs::create_dir_all(&aws).expect("mkdir");
         fs::write(aws.join("credentials"), "v1").expect("write");
-        let set = set_in(
-            &t,
-            vec![spec("aws-credentials", &["~/.aws/credentials".into()])],
-        );
+        let set = set_in(&t, vec![spec("aws-credentials", &["~/.aws/credentials".into()])]);
         let (mut watcher, mut rx, mut current) = start(&set).await;
         let old = FileId::of(&aws.join("credentials")).expect("stat");
 
@@ -306,28 +279,18 @@ mod tests {
         fs::create_dir_all(&ssh).expect("mkdir");
         let set = set_in(
             &t,
-            vec![spec(
-                "ssh-private-keys",
-                &["~/.ssh/id_*".into(), "!~/.ssh/*.pub".into()],
-            )],
+            vec![spec("ssh-private-keys", &["~/.ssh/id_*".into(), "!~/.ssh/*.pub".into()])],
         );
         let (mut watcher, mut rx, mut current) = start(&set).await;
 
         // Unrelated names do not wake the resolver.
         fs::write(ssh.join("known_hosts"), "x").expect("write");
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), rx.recv())
-                .await
-                .is_err()
-        );
+        assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv()).await.is_err());
 
         fs::write(ssh.join("id_ed25519"), "key").expect("write");
         fs::write(ssh.join("id_ed25519.pub"), "pub").expect("write");
         let (added, removed) = settle(&mut watcher, &mut rx, &set, &mut current).await;
-        assert_eq!(
-            added,
-            BTreeSet::from([FileId::of(&ssh.join("id_ed25519")).expect("stat")])
-        );
+        assert_eq!(added, BTreeSet::from([FileId::of(&ssh.join("id_ed25519")).expect("stat")]));
         assert!(removed.is_empty());
     }
 
@@ -336,10 +299,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let t = tmp.path().canonicalize().expect("real tempdir");
         fs::create_dir_all(t.join("root")).expect("mkdir");
-        let set = set_in(
-            &t,
-            vec![spec("aws-credentials", &["~/.aws/credentials".into()])],
-        );
+        let set = set_in(&t, vec![spec("aws-credentials", &["~/.aws/credentials".into()])]);
         let (mut watcher, mut rx, mut current) = start(&set).await;
 
         // Slow: the directory, a re-resolution, then the file.

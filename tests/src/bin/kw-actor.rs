@@ -68,10 +68,7 @@ fn repeat(path: &str, n: u64) -> std::io::Result<()> {
 }
 
 fn openat(dir: &str, name: &str) -> std::io::Result<()> {
-    let dir = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(dir)?;
+    let dir = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir)?;
     let name =
         CString::new(Path::new(name).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     use std::os::fd::AsRawFd as _;
@@ -108,14 +105,8 @@ fn vm_readv(pid: i32) -> std::io::Result<()> {
     let start = usize::from_str_radix(line.split('-').next().unwrap_or("0"), 16)
         .map_err(std::io::Error::other)?;
     let mut buf = [0u8; 16];
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: start as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: start as *mut libc::c_void, iov_len: buf.len() };
     // SAFETY: one local buffer we own; the kernel checks the remote range.
     let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
     if n < 0 {
@@ -125,9 +116,7 @@ fn vm_readv(pid: i32) -> std::io::Result<()> {
 }
 
 fn as_user(uid: u32, program: &[String]) -> std::io::Result<()> {
-    let (prog, rest) = program
-        .split_first()
-        .ok_or_else(|| std::io::Error::other("no program"))?;
+    let (prog, rest) = program.split_first().ok_or_else(|| std::io::Error::other("no program"))?;
     // SAFETY: setgid/setuid before exec, in this single-threaded process.
     unsafe {
         if libc::setgid(uid) != 0 || libc::setuid(uid) != 0 {
