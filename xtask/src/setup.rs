@@ -6,12 +6,7 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PACKAGES: &[&str] = &[
-    "llvm-22-dev",
-    "libpolly-22-dev",
-    "zlib1g-dev",
-    "libzstd-dev",
-];
+const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev"];
 
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
@@ -23,9 +18,7 @@ pub fn run() -> anyhow::Result<()> {
 /// Runs `cmd`, echoing it, and fails naming it.
 pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
     println!("+ {}", display(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", display(cmd)))?;
+    let status = cmd.status().with_context(|| format!("cannot start {}", display(cmd)))?;
     if !status.success() {
         bail!("{} failed ({status})", display(cmd));
     }
@@ -34,9 +27,7 @@ pub fn sh(cmd: &mut Command) -> anyhow::Result<()> {
 
 fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn display(cmd: &Command) -> String {
@@ -90,28 +81,16 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 
 fn bpf_linker() -> anyhow::Result<()> {
     let current = output(Command::new("bpf-linker").arg("--version"));
-    if current
-        .as_deref()
-        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
-    {
+    if current.as_deref().is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
         println!("setup: bpf-linker {BPF_LINKER_VERSION}: present");
         return Ok(());
     }
     llvm_dev()?;
     println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (several minutes)");
-    let path = format!(
-        "/usr/lib/llvm-22/bin:{}",
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
     sh(Command::new("cargo")
         .env("PATH", path)
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-        ])
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
         .args(["--no-default-features", "--features", "llvm-22", "--force"]))
 }
 
@@ -137,10 +116,7 @@ fn llvm_dev() -> anyhow::Result<()> {
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "missing {}: run as root (apt-get install needs it)",
-            missing.join(" ")
-        );
+        bail!("missing {}: run as root (apt-get install needs it)", missing.join(" "));
     }
     println!("setup: installing {}", missing.join(" "));
     sh(Command::new("apt-get").arg("update").arg("-q"))?;

@@ -17,33 +17,14 @@ fn cargo() -> Command {
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    sh(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // The kernel programs, linted for the target they run on.
     sh(Command::new("rustup")
-        .args([
-            "run",
-            "nightly",
-            "cargo",
-            "clippy",
-            "-p",
-            "sensor-ebpf",
-            "--bins",
-        ])
+        .args(["run", "nightly", "cargo", "clippy", "-p", "sensor-ebpf", "--bins"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]))?;
-    let summary = cargo_test(
-        cargo()
-            .args(["test", "--workspace", "--no-fail-fast"])
-            .arg("--")
-            .args(extra),
-    )?;
+    let summary =
+        cargo_test(cargo().args(["test", "--workspace", "--no-fail-fast"]).arg("--").args(extra))?;
     println!(
         "summary: {} passed, {} failed, {} skipped",
         summary.passed, summary.failed, summary.ignored
@@ -99,14 +80,7 @@ fn add_result_line(summary: &mut TestSummary, rest: &str) {
 
 pub fn build() -> anyhow::Result<()> {
     setup::run()?;
-    sh(cargo().args([
-        "build",
-        "--release",
-        "--bin",
-        "keywatch-sensor",
-        "--bin",
-        "keywatch",
-    ]))
+    sh(cargo().args(["build", "--release", "--bin", "keywatch-sensor", "--bin", "keywatch"]))
 }
 
 pub fn run() -> anyhow::Result<()> {
