@@ -131,10 +131,13 @@ pub enum LoadError {
     System(#[from] SystemError),
     #[error("{0}")]
     Btf(#[from] BtfError),
-    #[error(
-        "cannot load the eBPF object: {0} (needs root, or CAP_BPF and CAP_PERFMON, on a kernel with BPF enabled)"
-    )]
+    #[error("the kernel refused the eBPF object")]
     Object(#[source] aya::EbpfError),
+    #[error(
+        "keywatch-sensor needs root, or the capabilities CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (missing: {})",
+        .0.join(", ")
+    )]
+    Privileges(Vec<&'static str>),
     #[error("{0}")]
     Pin(#[from] crate::pins::PinError),
     #[error("map {0} missing from the eBPF object")]
@@ -266,6 +269,10 @@ impl Loaded {
 }
 
 fn prepare_host() -> Result<(), LoadError> {
+    let missing = system::missing_capabilities();
+    if !missing.is_empty() {
+        return Err(LoadError::Privileges(missing));
+    }
     system::raise_memlock_limit();
     system::ensure_tracefs()?;
     system::ensure_bpffs()?;
