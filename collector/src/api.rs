@@ -11,6 +11,8 @@ use crate::{
     auth::{self, Action, Role, TokenRecord},
     clock::Clock,
     declarations::{Declaration, Kind, Objects},
+    enroll::{Enroller, NewJoinToken},
+    hosts::{HostSummary, Hosts},
     registry::{RegistryError, RegistryHandle},
     store::{AlertFilter, Store, StoreError},
     timeline::{Cursor, TimelineQuery},
@@ -21,6 +23,8 @@ pub struct Api {
     store: Arc<dyn Store>,
     registry: Arc<RegistryHandle>,
     clock: Arc<dyn Clock>,
+    enroller: Option<Arc<Enroller>>,
+    hosts: Option<Arc<Hosts>>,
 }
 
 /// The tonic server for the API.
@@ -43,6 +47,14 @@ fn store_status(e: StoreError) -> Status {
             Status::internal("internal error")
         }
     }
+}
+
+fn ns(t: chrono::DateTime<chrono::Utc>) -> u64 {
+    t.timestamp_nanos_opt().unwrap_or_default().max(0) as u64
+}
+
+fn host_info(h: &HostSummary) -> pb::HostInfo {
+    pb::HostInfo { host_id: h.host_id.clone(), json: serde_json::to_string(h).unwrap_or_default() }
 }
 
 fn registry_status(e: RegistryError) -> Status {
@@ -105,7 +117,15 @@ impl Api {
         registry: Arc<RegistryHandle>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { store, registry, clock }
+        Self { store, registry, clock, enroller: None, hosts: None }
+    }
+
+    /// Join tokens come from `enroller`; host revocation goes through `hosts` (so open streams
+    /// end at once).
+    pub fn with_enrollment(mut self, enroller: Arc<Enroller>, hosts: Arc<Hosts>) -> Self {
+        self.enroller = Some(enroller);
+        self.hosts = Some(hosts);
+        self
     }
 
     /// The caller's token, from `authorization: Bearer …`.
@@ -409,7 +429,7 @@ impl pb::api_service_server::ApiService for Api {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        self.authorized(&request, Action::CreateToken).await?;
+        let who = self.authorized(&request, Action::CreateToken).await?;
         let req = request.into_inner();
         let role = Role::parse(&req.role).ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -419,6 +439,37 @@ impl pb::api_service_server::ApiService for Api {
             ))
         })?;
         let team = Some(req.team).filter(|t| !t.is_empty());
+        if role == Role::Sensor {
+            // Sensors do not call the API: a sensor token is a join token for enrollment.
+            if team.is_some() {
+                return Err(Status::invalid_argument("only owner tokens belong to a team"));
+            }
+            let enroller = self.enroller.clone().ok_or_else(|| {
+                Status::failed_precondition("this collector has no CA; it cannot enroll sensors")
+            })?;
+            let ttl = if req.ttl_s == 0 { 3_600 } else { req.ttl_s };
+            let ttl = i64::try_from(ttl)
+                .ok()
+                .filter(|t| *t <= 366 * 86_400)
+                .ok_or_else(|| Status::invalid_argument("--ttl may be at most 366 days"))?;
+            let new = NewJoinToken {
+                labels: req.labels.into_iter().collect(),
+                ttl: chrono::Duration::seconds(ttl),
+                uses: if req.uses == 0 { 1 } else { req.uses },
+                creator: who.actor(),
+            };
+            let store = self.store.clone();
+            let (text, record) = blocking(move || enroller.create_token(store.as_ref(), new))
+                .await?
+                .map_err(store_status)?;
+            tracing::info!(token = %record.id, labels = ?record.labels, uses = record.uses_left, expires = %record.expires, creator = %record.creator, "join token created");
+            return Ok(Response::new(pb::CreateTokenResponse {
+                token: text.to_string(),
+                id: 0,
+                join_token_id: record.id,
+                expires_ns: ns(record.expires),
+            }));
+        }
         match (role, &team) {
             (Role::Owner, None) => {
                 return Err(Status::invalid_argument("an owner token needs --team"));
@@ -437,7 +488,105 @@ impl pb::api_service_server::ApiService for Api {
         let record = TokenRecord { id: 0, name, role, team, created: self.clock.now() };
         let (store, hash) = (self.store.clone(), auth::hash_secret(&secret));
         let id = blocking(move || store.put_token(&record, &hash)).await?.map_err(store_status)?;
-        Ok(Response::new(pb::CreateTokenResponse { token: secret, id }))
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: secret,
+            id,
+            join_token_id: String::new(),
+            expires_ns: 0,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.authorized(&request, Action::CreateToken).await?;
+        let store = self.store.clone();
+        let (api, join) =
+            blocking(move || Ok::<_, StoreError>((store.api_tokens()?, store.join_tokens()?)))
+                .await?
+                .map_err(store_status)?;
+        let mut tokens: Vec<pb::TokenInfo> = api
+            .into_iter()
+            .map(|(t, revoked)| pb::TokenInfo {
+                kind: "api".into(),
+                id: t.id.to_string(),
+                name: t.name,
+                role: t.role.to_string(),
+                team: t.team.unwrap_or_default(),
+                created_ns: ns(t.created),
+                revoked_ns: revoked.map(ns).unwrap_or_default(),
+                ..Default::default()
+            })
+            .collect();
+        tokens.extend(join.into_iter().map(|t| pb::TokenInfo {
+            kind: "join".into(),
+            id: t.id,
+            name: String::new(),
+            role: t.role,
+            team: String::new(),
+            created_ns: ns(t.created),
+            revoked_ns: t.revoked.map(ns).unwrap_or_default(),
+            expires_ns: ns(t.expires),
+            uses_left: t.uses_left,
+            creator: t.creator,
+            labels: t.labels.into_iter().collect(),
+        }));
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let who = self.authorized(&request, Action::CreateToken).await?;
+        let id = request.into_inner().id;
+        let (store, now) = (self.store.clone(), self.clock.now());
+        match id.parse::<i64>() {
+            Ok(n) if id.len() != 12 => {
+                if n == who.id {
+                    return Err(Status::failed_precondition(
+                        "refusing to revoke the token this request uses",
+                    ));
+                }
+                blocking(move || store.revoke_api_token(n, now)).await?.map_err(store_status)?;
+            }
+            _ => {
+                blocking(move || store.revoke_join_token(&id, now)).await?.map_err(store_status)?
+            }
+        }
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    async fn list_hosts(
+        &self,
+        request: Request<pb::ListHostsRequest>,
+    ) -> Result<Response<pb::ListHostsResponse>, Status> {
+        self.authorized(&request, Action::ReadHosts).await?;
+        let store = self.store.clone();
+        let hosts = blocking(move || store.host_summaries()).await?.map_err(store_status)?;
+        Ok(Response::new(pb::ListHostsResponse { hosts: hosts.iter().map(host_info).collect() }))
+    }
+
+    async fn revoke_host(
+        &self,
+        request: Request<pb::RevokeHostRequest>,
+    ) -> Result<Response<pb::RevokeHostResponse>, Status> {
+        let who = self.authorized(&request, Action::RevokeHost).await?;
+        let host_id = request.into_inner().host_id;
+        let hosts = self
+            .hosts
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("this collector does not enroll hosts"))?;
+        let (store, now, id) = (self.store.clone(), self.clock.now(), host_id.clone());
+        blocking(move || hosts.revoke(&id, now)).await?.map_err(store_status)?;
+        tracing::warn!(host = %host_id, by = %who.actor(), "host revoked");
+        let summary = blocking(move || store.host_summaries())
+            .await?
+            .map_err(store_status)?
+            .into_iter()
+            .find(|h| h.host_id == host_id);
+        Ok(Response::new(pb::RevokeHostResponse { host: summary.as_ref().map(host_info) }))
     }
 
     async fn who_am_i(

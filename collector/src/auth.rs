@@ -110,6 +110,10 @@ pub enum Action {
     },
     ReadTimeline,
     CreateToken,
+    /// List enrolled hosts.
+    ReadHosts,
+    /// Revoke a host (SecOps: response).
+    RevokeHost,
 }
 
 /// Why an action was refused.
@@ -134,7 +138,10 @@ pub fn authorize(who: &TokenRecord, action: &Action) -> Result<(), Denied> {
         (R::Owner, A::WriteDeclaration { kind: Kind::Workload | Kind::ApprovedChange, team }) => {
             own_team(team)
         }
-        (R::Secops | R::Responder, A::TransitionAlert { .. } | A::ReadTimeline) => true,
+        (R::Secops | R::Responder, A::TransitionAlert { .. } | A::ReadTimeline | A::ReadHosts) => {
+            true
+        }
+        (R::Secops, A::RevokeHost) => true,
         (R::Owner, A::TransitionAlert { team }) => own_team(&Some(team.clone())),
         _ => false,
     };
@@ -153,6 +160,8 @@ pub fn authorize(who: &TokenRecord, action: &Action) -> Result<(), Denied> {
             A::TransitionAlert { team } => format!("acknowledge or resolve alerts of {team}"),
             A::ReadTimeline => "read host timelines".into(),
             A::CreateToken => "create tokens".into(),
+            A::ReadHosts => "list hosts".into(),
+            A::RevokeHost => "revoke hosts".into(),
         };
         Err(Denied { role: who.role, action })
     }

@@ -213,6 +213,7 @@ impl EventKind {
         "fork",
         "privilege-change",
         "alert",
+        "gap",
     ];
 
     /// One line describing the event.

@@ -1,8 +1,9 @@
-//! Ingest: decode → dedup → correlate → detect → store, then acknowledge. The transport (plain
-//! gRPC today, mTLS later) wraps [`Ingestor::ingest`]; nothing is acknowledged before it returns.
+//! Ingest: decode → dedup → correlate → detect → store, then acknowledge. The transport (mTLS,
+//! or plaintext with `--insecure`) wraps [`Ingestor::ingest`]; nothing is acknowledged before it
+//! returns.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fs::{File, OpenOptions},
     io::Write as _,
     path::Path,
@@ -12,16 +13,19 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use keywatch_proto::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming};
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::{
     alerts::Alert,
     clock::Clock,
     convert::{self, ConvertError},
     detect::{self, Context},
+    enroll::Enroller,
     event::{Event, Host},
+    hosts::{Gap, HeartbeatRecord},
     registry::RegistryHandle,
     store::{Store, StoreError, WriteBatch, WriteOutcome},
 };
@@ -119,6 +123,26 @@ impl Ingestor {
         self.store.upsert_host(&host, self.clock.now())?;
         tracing::info!(host = %host.id, version = %hello.sensor_version, kernel = %hello.kernel, "sensor connected");
         Ok(host)
+    }
+
+    /// Stores a heartbeat and the gaps it reveals (events the sensor lost). Blocking.
+    pub fn heartbeat(&self, host: &Host, hb: &pb::Heartbeat) -> Result<Vec<Gap>, IngestError> {
+        let beat = HeartbeatRecord {
+            at: self.clock.now(),
+            uptime_s: hb.uptime_s,
+            kernel_lost: hb.kernel_lost.iter().fold(BTreeMap::new(), |mut m, l| {
+                *m.entry(l.kind.clone()).or_insert(0) += l.lost;
+                m
+            }),
+            spool_events: hb.spool_events,
+            spool_bytes: hb.spool_bytes,
+            spool_evicted: hb.spool_evicted,
+        };
+        let gaps = self.store.record_heartbeat(&host.id, &beat)?;
+        for g in &gaps {
+            tracing::warn!(host = %host.id, cause = %g.cause, lost = g.lost, "sensor lost events; gap recorded on its timeline");
+        }
+        Ok(gaps)
     }
 
     /// Decodes, deduplicates, correlates, detects and stores one batch; returns once it is
@@ -247,48 +271,145 @@ impl MatchKey {
     }
 }
 
-/// How the transport vouches for a sensor. Plaintext loopback trusts the Hello; the mTLS
-/// transport returns the host id bound to the client certificate, and a Hello claiming another
-/// id is refused.
-pub trait PeerIdentity: Send + Sync + 'static {
-    /// The host id the transport authenticated, or `None` when it authenticates nothing.
-    fn authenticated_host(&self, extensions: &tonic::Extensions) -> Result<Option<String>, Status>;
+/// A sensor the transport authenticated (mTLS: its client certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedPeer {
+    /// The host id bound to the credential (the certificate's CN).
+    pub host_id: String,
+    /// The credential's serial, to re-check it later.
+    pub serial: String,
+    /// Labels from enrollment; they win over the Hello's.
+    pub labels: BTreeMap<String, String>,
 }
 
-/// Trusts the host id in the Hello (plaintext on loopback).
+/// How the transport vouches for a sensor. Plaintext (`--insecure`) trusts the Hello; mTLS
+/// returns the host bound to the client certificate, and a Hello claiming another id is refused.
+pub trait PeerIdentity: Send + Sync + 'static {
+    /// The peer the transport authenticated, `None` when it authenticates nothing, or the status
+    /// refusing the stream.
+    fn authenticated_host(
+        &self,
+        extensions: &tonic::Extensions,
+    ) -> Result<Option<AuthenticatedPeer>, Status>;
+
+    /// Ticks when credentials may have changed (revocation, re-enrollment); open streams then
+    /// call [`PeerIdentity::recheck`].
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+
+    /// Whether an open stream of `peer` may go on; the status ends it.
+    fn recheck(&self, _peer: &AuthenticatedPeer) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+/// Trusts the host id in the Hello (plaintext, `--insecure`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TrustHello;
 
 impl PeerIdentity for TrustHello {
-    fn authenticated_host(&self, _: &tonic::Extensions) -> Result<Option<String>, Status> {
+    fn authenticated_host(
+        &self,
+        _: &tonic::Extensions,
+    ) -> Result<Option<AuthenticatedPeer>, Status> {
         Ok(None)
     }
 }
 
-/// Largest message a sensor may send.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest message a sensor may send (decoded); larger ones end the stream with
+/// `resource_exhausted`.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Batches being stored at once across all streams; further streams wait (and so their
+/// senders, through HTTP/2 flow control).
+pub const MAX_CONCURRENT_BATCHES: usize = 32;
 
 /// The `SensorService` implementation over an [`Ingestor`].
 pub struct SensorIngest {
     ingestor: Arc<Ingestor>,
     peer: Arc<dyn PeerIdentity>,
+    enroller: Option<Arc<Enroller>>,
+    shutdown: CancellationToken,
+    permits: Arc<Semaphore>,
 }
 
 impl SensorIngest {
     /// The service; wrap it in [`pb::sensor_service_server::SensorServiceServer`] (see
-    /// [`sensor_server`]).
+    /// [`SensorIngest::into_server`]).
     pub fn new(ingestor: Arc<Ingestor>, peer: Arc<dyn PeerIdentity>) -> Self {
-        Self { ingestor, peer }
+        Self {
+            ingestor,
+            peer,
+            enroller: None,
+            shutdown: CancellationToken::new(),
+            permits: Arc::new(Semaphore::new(MAX_CONCURRENT_BATCHES)),
+        }
+    }
+
+    /// Answers `Enroll` with `enroller` (without one, `Enroll` is `unimplemented`).
+    pub fn with_enroller(mut self, enroller: Arc<Enroller>) -> Self {
+        self.enroller = Some(enroller);
+        self
+    }
+
+    /// When `shutdown` is cancelled, every stream finishes the batch it is storing, acknowledges
+    /// it, and ends with `unavailable`.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// The tonic server, with the message size limit set.
+    pub fn into_server(self) -> pb::sensor_service_server::SensorServiceServer<SensorIngest> {
+        pb::sensor_service_server::SensorServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
-/// The tonic server for sensors, with message size limits set.
+/// The tonic server for sensors, with message size limits set (no enrollment).
 pub fn sensor_server(
     ingestor: Arc<Ingestor>,
     peer: Arc<dyn PeerIdentity>,
 ) -> pb::sensor_service_server::SensorServiceServer<SensorIngest> {
-    pb::sensor_service_server::SensorServiceServer::new(SensorIngest::new(ingestor, peer))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    SensorIngest::new(ingestor, peer).into_server()
+}
+
+/// The status a broken inbound stream ends with, or `None` when the sensor went away.
+fn inbound_error(status: &Status) -> Option<Status> {
+    match status.code() {
+        Code::OutOfRange if status.message().contains("too large") => {
+            Some(Status::resource_exhausted(format!(
+                "message larger than {MAX_MESSAGE_BYTES} bytes; send smaller batches"
+            )))
+        }
+        Code::Internal if status.message().contains("decode") => {
+            Some(Status::invalid_argument(format!("malformed message: {}", status.message())))
+        }
+        _ => None,
+    }
+}
+
+/// Resolves when `changes` ticks; never without one.
+async fn changed(changes: &mut Option<watch::Receiver<u64>>) {
+    match changes {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                *changes = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Everything one stream needs.
+struct StreamCtx {
+    ingestor: Arc<Ingestor>,
+    peer: Arc<dyn PeerIdentity>,
+    authenticated: Option<AuthenticatedPeer>,
+    shutdown: CancellationToken,
+    permits: Arc<Semaphore>,
 }
 
 type CollectorStream = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -327,23 +448,34 @@ fn policy(ingestor: &Ingestor) -> pb::CollectorMessage {
 }
 
 async fn run_stream(
-    ingestor: Arc<Ingestor>,
-    authenticated: Option<String>,
+    ctx: StreamCtx,
     mut inbound: Streaming<pb::SensorMessage>,
     tx: mpsc::Sender<Result<pb::CollectorMessage, Status>>,
 ) {
     use pb::sensor_message::Msg;
-    let host = match inbound.message().await {
-        Ok(Some(pb::SensorMessage { msg: Some(Msg::Hello(hello)) })) => {
-            if let Some(id) = &authenticated
-                && *id != hello.host_id
-            {
-                let _ = tx
-                    .send(Err(Status::permission_denied(
-                        "the Hello names another host than the certificate",
-                    )))
-                    .await;
-                return;
+    let StreamCtx { ingestor, peer, authenticated, shutdown, permits } = ctx;
+    let mut changes = authenticated.as_ref().and_then(|_| peer.changes());
+    let first = tokio::select! {
+        () = shutdown.cancelled() => {
+            let _ = tx.send(Err(Status::unavailable("collector shutting down"))).await;
+            return;
+        }
+        m = inbound.message() => m,
+    };
+    let host = match first {
+        Ok(Some(pb::SensorMessage { msg: Some(Msg::Hello(mut hello)) })) => {
+            if let Some(p) = &authenticated {
+                if p.host_id != hello.host_id {
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "the Hello names host {} but the certificate is for {}",
+                            hello.host_id, p.host_id
+                        ))))
+                        .await;
+                    return;
+                }
+                // Enrollment labels win over the sensor's own.
+                hello.labels.extend(p.labels.clone());
             }
             let ing = ingestor.clone();
             match tokio::task::spawn_blocking(move || ing.hello(&hello)).await {
@@ -366,6 +498,9 @@ async fn run_stream(
         Ok(None) => return,
         Err(status) => {
             tracing::debug!(%status, "sensor stream ended before Hello");
+            if let Some(reply) = inbound_error(&status) {
+                let _ = tx.send(Err(reply)).await;
+            }
             return;
         }
     };
@@ -374,16 +509,41 @@ async fn run_stream(
     }
     let host = Arc::new(host);
     loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable("collector shutting down"))).await;
+                break;
+            }
+            () = changed(&mut changes) => {
+                if let Some(p) = &authenticated
+                    && let Err(status) = peer.recheck(p)
+                {
+                    tracing::warn!(host = %host.id, %status, "ending the stream of a host no longer allowed");
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+                continue;
+            }
+            m = inbound.message() => m,
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(status) => {
                 tracing::debug!(host = %host.id, %status, "sensor stream broke");
+                if let Some(reply) = inbound_error(&status) {
+                    tracing::warn!(host = %host.id, status = %reply, "sensor stream refused");
+                    let _ = tx.send(Err(reply)).await;
+                }
                 break;
             }
         };
         match msg.msg {
             Some(Msg::Batch(batch)) => {
+                let Ok(_permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
                 let (ing, h) = (ingestor.clone(), host.clone());
                 let result = tokio::task::spawn_blocking(move || ing.ingest(&h, batch))
                     .await
@@ -407,9 +567,13 @@ async fn run_stream(
                 }
             }
             Some(Msg::Heartbeat(hb)) => {
-                let lost: u64 = hb.kernel_lost.iter().map(|l| l.lost).sum();
-                if lost > 0 || hb.spool_evicted > 0 {
-                    tracing::warn!(host = %host.id, kernel_lost = lost, spool_evicted = hb.spool_evicted, "sensor reports lost events");
+                let (ing, h) = (ingestor.clone(), host.clone());
+                match tokio::task::spawn_blocking(move || ing.heartbeat(&h, &hb)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(host = %host.id, error = %e, "cannot store a heartbeat")
+                    }
+                    Err(_) => tracing::warn!(host = %host.id, "heartbeat worker failed"),
                 }
             }
             Some(Msg::Hello(_)) => {
@@ -429,9 +593,16 @@ async fn run_stream(
 impl pb::sensor_service_server::SensorService for SensorIngest {
     async fn enroll(
         &self,
-        _: Request<pb::EnrollRequest>,
+        request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {
-        Err(Status::unimplemented("enrollment is not available in this collector yet"))
+        let Some(enroller) = self.enroller.clone() else {
+            return Err(Status::unimplemented("this collector does not enroll sensors"));
+        };
+        let req = request.into_inner();
+        tokio::task::spawn_blocking(move || enroller.enroll(&req))
+            .await
+            .map_err(|_| Status::internal("internal error"))?
+            .map(Response::new)
     }
 
     type StreamStream = CollectorStream;
@@ -443,7 +614,14 @@ impl pb::sensor_service_server::SensorService for SensorIngest {
         let authenticated = self.peer.authenticated_host(request.extensions())?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_stream(self.ingestor.clone(), authenticated, inbound, tx));
+        let ctx = StreamCtx {
+            ingestor: self.ingestor.clone(),
+            peer: self.peer.clone(),
+            authenticated,
+            shutdown: self.shutdown.clone(),
+            permits: self.permits.clone(),
+        };
+        tokio::spawn(run_stream(ctx, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

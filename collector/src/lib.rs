@@ -13,13 +13,17 @@ pub mod correlate;
 pub mod declarations;
 pub mod detect;
 pub mod duration;
+pub mod enroll;
 pub mod event;
+pub mod hosts;
 pub mod ingest;
+pub mod pki;
 pub mod registry;
 pub mod rule;
 pub mod store;
 pub mod table;
 pub mod timeline;
+pub mod tls;
 
 pub mod api;
 pub mod cli;

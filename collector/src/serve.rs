@@ -1,5 +1,6 @@
-//! `keywatch serve`: the embedded collector — SQLite under the data directory, the sensor
-//! endpoint and the API endpoint, both on loopback unless told otherwise.
+//! `keywatch serve`: the embedded collector — SQLite under the data directory, the collector CA,
+//! the sensor endpoint (mTLS, enrollment) and the API endpoint (TLS), both on loopback unless
+//! told otherwise.
 
 use std::{
     net::SocketAddr,
@@ -9,16 +10,19 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     api::{Api, api_server},
     auth::{self, Role, TokenRecord},
     clock::{Clock, SystemClock},
-    ingest::{AlertLog, Ingestor, PeerIdentity, TrustHello, sensor_server},
+    enroll::Enroller,
+    hosts::{Hosts, MtlsPeers},
+    ingest::{AlertLog, Ingestor, PeerIdentity, SensorIngest, TrustHello},
+    pki::{self, Pki},
     registry::RegistryHandle,
     store::{Store, StoreError, sqlite::SqliteStore},
+    tls,
 };
 
 /// Default sensor endpoint.
@@ -31,45 +35,36 @@ pub const SENSOR_ADDR_FILE: &str = "sensor.addr";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const ALERTS_FILE: &str = "alerts.jsonl";
 
-/// TLS material for one endpoint (the enrollment/mTLS work fills this in).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// CA that client certificates must chain to (mTLS).
-    pub client_ca: Option<PathBuf>,
-}
-
-/// One listening endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listen {
-    pub addr: SocketAddr,
-    /// `None`: plaintext, allowed on loopback only unless `allow_plaintext_remote`.
-    pub tls: Option<TlsFiles>,
-}
-
 /// Everything `serve` needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
-    pub sensor: Listen,
-    pub api: Listen,
+    /// Where sensors connect (TLS unless `insecure`).
+    pub sensor_addr: SocketAddr,
+    /// Where the CLI connects (always TLS).
+    pub api_addr: SocketAddr,
     /// Events older than this are deleted (alerts are kept).
     pub retention: chrono::Duration,
-    /// Allow plaintext on non-loopback addresses (tokens and events then cross the network in clear).
+    /// Plaintext on the sensor port: no enrollment check, the Hello's host id is trusted.
+    pub insecure: bool,
+    /// With `insecure`, allow the sensor port on a non-loopback address.
     pub allow_plaintext_remote: bool,
+    /// Extra names and addresses for the server certificate (sensors dial these).
+    pub advertise: Vec<String>,
 }
 
 impl ServeConfig {
-    /// Defaults for a data directory: loopback endpoints, 30 days of events.
+    /// Defaults for a data directory: loopback endpoints, TLS, 30 days of events.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         let parse = |s: &str| s.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
         Self {
             data_dir: data_dir.into(),
-            sensor: Listen { addr: parse(DEFAULT_SENSOR_LISTEN), tls: None },
-            api: Listen { addr: parse(DEFAULT_API_LISTEN), tls: None },
+            sensor_addr: parse(DEFAULT_SENSOR_LISTEN),
+            api_addr: parse(DEFAULT_API_LISTEN),
             retention: chrono::Duration::days(30),
+            insecure: false,
             allow_plaintext_remote: false,
+            advertise: Vec::new(),
         }
     }
 }
@@ -84,11 +79,13 @@ pub enum ServeError {
     #[error("cannot write {0}")]
     Write(PathBuf, #[source] std::io::Error),
     #[error(
-        "{0} is not a loopback address and TLS is not configured; pass --allow-plaintext-remote to accept that risk"
+        "{0} is not a loopback address and --insecure turns TLS off; pass --allow-plaintext-remote to accept that risk"
     )]
     PlaintextRemote(SocketAddr),
-    #[error("TLS on {0} is not available in this build yet")]
-    TlsUnavailable(SocketAddr),
+    #[error("cannot set up the collector CA or server certificate")]
+    Pki(#[from] crate::pki::PkiError),
+    #[error("cannot set up TLS")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("server error")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -98,6 +95,7 @@ pub struct Collector {
     pub store: Arc<dyn Store>,
     pub registry: Arc<RegistryHandle>,
     pub ingestor: Arc<Ingestor>,
+    pub hosts: Arc<Hosts>,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -113,12 +111,17 @@ impl Collector {
             Ingestor::new(store.clone(), registry.clone(), clock.clone(), Some(log))
                 .map_err(err)?,
         );
-        Ok(Self { store, registry, ingestor, clock })
+        let hosts = Arc::new(Hosts::load(store.clone()).map_err(err)?);
+        Ok(Self { store, registry, ingestor, hosts, clock })
     }
 
-    /// The API service over this collector.
-    pub fn api(&self) -> Api {
-        Api::new(self.store.clone(), self.registry.clone(), self.clock.clone())
+    /// The API service over this collector (join tokens and host revocation through `enroller`).
+    pub fn api(&self, enroller: Option<Arc<Enroller>>) -> Api {
+        let api = Api::new(self.store.clone(), self.registry.clone(), self.clock.clone());
+        match enroller {
+            Some(e) => api.with_enrollment(e, self.hosts.clone()),
+            None => api,
+        }
     }
 
     /// Makes sure `DATA/admin.token` holds a valid admin token; creates one when it does not.
@@ -157,16 +160,6 @@ fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn check_listen(l: &Listen, allow_remote: bool) -> Result<(), ServeError> {
-    if l.tls.is_some() {
-        return Err(ServeError::TlsUnavailable(l.addr));
-    }
-    if !l.addr.ip().is_loopback() && !allow_remote {
-        return Err(ServeError::PlaintextRemote(l.addr));
-    }
-    Ok(())
-}
-
 /// Resolves when SIGINT or SIGTERM arrives.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -187,32 +180,84 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// A collector that is running: where it listens, and its parts (tests reach into them).
+pub struct Running {
+    pub sensor_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub store: Arc<dyn Store>,
+    pub hosts: Arc<Hosts>,
+    pub enroller: Arc<Enroller>,
+    pub pki: Arc<Pki>,
+    done: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Running {
+    /// Waits until the collector has stopped (after `shutdown` is cancelled, or a listener failed).
+    pub async fn wait(self) -> Result<(), ServeError> {
+        self.done
+            .await
+            .map_err(|e| ServeError::Write(PathBuf::from("."), std::io::Error::other(e)))?
+    }
+}
+
+/// The address clients should dial for a listening address (loopback for a wildcard).
+fn dial_addr(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
+    }
+}
+
 /// Runs the collector until `shutdown` is cancelled. Prints where everything is.
 pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
-    check_listen(&config.sensor, config.allow_plaintext_remote)?;
-    check_listen(&config.api, config.allow_plaintext_remote)?;
+    start(config, shutdown).await?.wait().await
+}
+
+/// Starts the collector: opens the store, the CA and both listeners, and returns once they
+/// accept connections. It runs until `shutdown` is cancelled.
+pub async fn start(
+    config: ServeConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, ServeError> {
+    if config.insecure && !config.sensor_addr.ip().is_loopback() && !config.allow_plaintext_remote {
+        return Err(ServeError::PlaintextRemote(config.sensor_addr));
+    }
     let data = config.data_dir.clone();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let collector = {
-        let (data, clock) = (data.clone(), clock.clone());
-        tokio::task::spawn_blocking(move || Collector::open(&data, clock))
-            .await
-            .map_err(|e| ServeError::Write(config.data_dir.clone(), std::io::Error::other(e)))??
+    let (collector, pki) = {
+        let (data, clock, advertise) = (data.clone(), clock.clone(), config.advertise.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+            let collector = Collector::open(&data, clock)?;
+            let pki = Pki::load_or_create(&data, &advertise)?;
+            Ok((collector, Arc::new(pki)))
+        })
+        .await
+        .map_err(|e| ServeError::Write(config.data_dir.clone(), std::io::Error::other(e)))??
     };
     let created = collector.ensure_admin_token(&data)?;
+    let enroller =
+        Arc::new(Enroller::new(pki.clone(), collector.hosts.clone(), collector.clock.clone()));
 
-    let sensor_listener = TcpListener::bind(config.sensor.addr)
+    let sensor_listener = TcpListener::bind(config.sensor_addr)
         .await
-        .map_err(|e| ServeError::Bind(config.sensor.addr, e))?;
-    let api_listener = TcpListener::bind(config.api.addr)
+        .map_err(|e| ServeError::Bind(config.sensor_addr, e))?;
+    let api_listener = TcpListener::bind(config.api_addr)
         .await
-        .map_err(|e| ServeError::Bind(config.api.addr, e))?;
+        .map_err(|e| ServeError::Bind(config.api_addr, e))?;
     let sensor_addr =
-        sensor_listener.local_addr().map_err(|e| ServeError::Bind(config.sensor.addr, e))?;
-    let api_addr = api_listener.local_addr().map_err(|e| ServeError::Bind(config.api.addr, e))?;
-    for (file, addr) in [(API_ADDR_FILE, api_addr), (SENSOR_ADDR_FILE, sensor_addr)] {
+        sensor_listener.local_addr().map_err(|e| ServeError::Bind(config.sensor_addr, e))?;
+    let api_addr = api_listener.local_addr().map_err(|e| ServeError::Bind(config.api_addr, e))?;
+    let sensor_scheme = if config.insecure { "http" } else { "https" };
+    for (file, scheme, addr) in
+        [(API_ADDR_FILE, "https", api_addr), (SENSOR_ADDR_FILE, sensor_scheme, sensor_addr)]
+    {
         let path = data.join(file);
-        std::fs::write(&path, format!("http://{addr}\n"))
+        std::fs::write(&path, format!("{scheme}://{}\n", dial_addr(addr)))
             .map_err(|e| ServeError::Write(path, e))?;
     }
 
@@ -222,9 +267,22 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
         data.display(),
         config.retention.num_days()
     );
-    println!("  sensors      http://{sensor_addr}  (plaintext; TLS and enrollment not configured)");
     println!(
-        "  api          http://{api_addr}  (written to {})",
+        "  CA           {} (sha256 {})",
+        data.join(pki::CA_DIR).join(pki::CA_CERT_FILE).display(),
+        pki.ca_fingerprint()
+    );
+    if config.insecure {
+        println!(
+            "  sensors      http://{sensor_addr}  (PLAINTEXT: --insecure; no enrollment check)"
+        );
+    } else {
+        println!(
+            "  sensors      https://{sensor_addr}  (mTLS; enroll with `keywatch token create --role sensor`)"
+        );
+    }
+    println!(
+        "  api          https://{api_addr}  (written to {})",
         data.join(API_ADDR_FILE).display()
     );
     println!(
@@ -235,33 +293,76 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
     println!("  alerts       {} (one JSON line per new alert)", data.join(ALERTS_FILE).display());
 
     let tracker = TaskTracker::new();
-    let peer: Arc<dyn PeerIdentity> = Arc::new(TrustHello);
-    let sensor_svc = sensor_server(collector.ingestor.clone(), peer);
-    let api_svc = api_server(collector.api());
-    let stop = shutdown.clone();
-    let sensor_task = tracker.spawn(
+    let peer: Arc<dyn PeerIdentity> = if config.insecure {
+        Arc::new(TrustHello)
+    } else {
+        Arc::new(MtlsPeers::new(collector.hosts.clone()))
+    };
+    let sensor_svc = SensorIngest::new(collector.ingestor.clone(), peer)
+        .with_enroller(enroller.clone())
+        .with_shutdown(shutdown.clone())
+        .into_server();
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<SensorServer>().await;
+    let api_svc = api_server(collector.api(Some(enroller.clone())));
+    let builder = || {
         tonic::transport::Server::builder()
-            .add_service(sensor_svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(sensor_listener), async move {
-                stop.cancelled().await
-            }),
-    );
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    };
     let stop = shutdown.clone();
+    let sensor_router = builder().add_service(health_svc.clone()).add_service(sensor_svc);
+    let sensor_task = if config.insecure {
+        tracing::warn!(addr = %sensor_addr, "INSECURE: the sensor port is plaintext; host ids are not authenticated and events travel in clear");
+        let stop2 = shutdown.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    () = stop2.cancelled() => break,
+                    _ = tick.tick() => tracing::warn!(addr = %sensor_addr, "INSECURE: the sensor port is still plaintext (--insecure)"),
+                }
+            }
+        });
+        let incoming = tls::plain_incoming(sensor_listener, shutdown.clone());
+        tracker.spawn(
+            sensor_router
+                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+        )
+    } else {
+        let incoming =
+            tls::incoming(sensor_listener, tls::server_config(&pki, true)?, shutdown.clone());
+        tracker.spawn(
+            sensor_router
+                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }),
+        )
+    };
+    let stop = shutdown.clone();
+    let api_incoming =
+        tls::incoming(api_listener, tls::server_config(&pki, false)?, shutdown.clone());
     let api_task = tracker.spawn(
-        tonic::transport::Server::builder()
+        builder()
+            .add_service(health_svc)
             .add_service(api_svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(api_listener), async move {
-                stop.cancelled().await
-            }),
+            .serve_with_incoming_shutdown(api_incoming, async move { stop.cancelled().await }),
     );
     let (store, stop, retention) = (collector.store.clone(), shutdown.clone(), config.retention);
-    let clock2 = clock.clone();
+    let (clock2, hosts) = (clock.clone(), collector.hosts.clone());
     tracker.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(3_600));
+        let mut prune = tokio::time::interval(Duration::from_secs(3_600));
+        // Another replica sharing the store may have enrolled or revoked hosts.
+        let mut refresh = tokio::time::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
-                _ = tick.tick() => {
+                _ = refresh.tick() => {
+                    let hosts = hosts.clone();
+                    if let Ok(Err(e)) = tokio::task::spawn_blocking(move || hosts.refresh()).await {
+                        tracing::warn!(error = %e, "cannot re-read enrollments");
+                    }
+                }
+                _ = prune.tick() => {
                     let (store, cutoff) = (store.clone(), clock2.now() - retention);
                     match tokio::task::spawn_blocking(move || store.prune(cutoff)).await {
                         Ok(Ok(n)) if n > 0 => tracing::info!(deleted = n, "retention: pruned old events"),
@@ -273,14 +374,24 @@ pub async fn serve(config: ServeConfig, shutdown: CancellationToken) -> Result<(
         }
     });
     tracker.close();
-    let result = tokio::select! {
-        r = sensor_task => r,
-        r = api_task => r,
-    };
-    shutdown.cancel();
-    tracker.wait().await;
-    match result {
-        Ok(r) => Ok(r?),
-        Err(e) => Err(ServeError::Write(data, std::io::Error::other(e))),
-    }
+    let (store, hosts) = (collector.store.clone(), collector.hosts.clone());
+    let done = tokio::spawn(async move {
+        let result = tokio::select! {
+            r = sensor_task => r,
+            r = api_task => r,
+        };
+        health.set_not_serving::<SensorServer>().await;
+        shutdown.cancel();
+        // Streams finish the batch they are storing; give them a bounded time.
+        if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
+            tracing::warn!("some connections did not close within 30 s");
+        }
+        match result {
+            Ok(r) => Ok(r?),
+            Err(e) => Err(ServeError::Write(data, std::io::Error::other(e))),
+        }
+    });
+    Ok(Running { sensor_addr, api_addr, store, hosts, enroller, pki, done })
 }
+
+type SensorServer = keywatch_proto::v1::sensor_service_server::SensorServiceServer<SensorIngest>;

@@ -1,6 +1,7 @@
 //! Per-host timelines: events and alerts in time order, with each process's ancestry.
 //!
-//! Order is `(time, source, id)` where events sort before alerts at the same instant; the
+//! Order is `(time, source, id)` where events sort before alerts, and alerts before gaps (events
+//! a sensor reported lost), at the same instant; the
 //! cursor carries all three, so pages are stable even when many entries share a timestamp.
 
 use std::{fmt, str::FromStr};
@@ -14,7 +15,7 @@ use crate::{event::Process, table};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Cursor {
     pub time_ns: i64,
-    /// 0 for events, 1 for alerts.
+    /// 0 for events, 1 for alerts, 2 for gaps.
     pub source: u8,
     pub id: i64,
 }
@@ -42,7 +43,7 @@ impl FromStr for Cursor {
             source: next()?.parse().map_err(|_| bad())?,
             id: next()?.parse().map_err(|_| bad())?,
         };
-        if parts.next().is_some() || c.source > 1 {
+        if parts.next().is_some() || c.source > 2 {
             return Err(bad());
         }
         Ok(c)
@@ -58,7 +59,7 @@ pub struct TimelineQuery {
     /// Exclusive.
     pub to: DateTime<Utc>,
     pub pid: Option<u32>,
-    /// Event kind names (`file-access`, `exec`, … and `alert`); empty: all.
+    /// Event kind names (`file-access`, `exec`, …, `alert` and `gap`); empty: all.
     pub kinds: Vec<String>,
     pub after: Option<Cursor>,
     pub limit: usize,
@@ -68,11 +69,11 @@ pub struct TimelineQuery {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelineEntry {
     pub time: DateTime<Utc>,
-    /// `event` or `alert`.
+    /// `event`, `alert` or `gap`.
     pub source: String,
-    /// Event row id or alert id.
+    /// Event row id, alert id or gap id.
     pub id: i64,
-    /// Event kind, or `alert`.
+    /// Event kind, `alert` or `gap`.
     pub kind: String,
     pub pid: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -80,7 +81,10 @@ pub struct TimelineEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
     pub summary: String,
-    /// The process and its ancestry.
+    /// Events lost, for a gap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
+    /// The process and its ancestry (empty for a gap).
     pub process: Process,
 }
 

@@ -19,11 +19,12 @@ use collector::{
     correlate::RevisionRef,
     declarations::Kind,
     event::Host,
+    hosts::{Enrollment, Gap, HeartbeatRecord, HostSummary, JoinToken},
     ingest::{Ingestor, TrustHello, sensor_server},
     registry::RegistryHandle,
     store::{
-        AlertFilter, DeclarationChange, Store, StoreError, StoredDeclaration, WriteBatch,
-        WriteOutcome, sqlite::SqliteStore,
+        AlertFilter, ApiTokenRow, DeclarationChange, Store, StoreError, StoredDeclaration,
+        WriteBatch, WriteOutcome, sqlite::SqliteStore,
     },
     timeline::{TimelinePage, TimelineQuery},
 };
@@ -114,6 +115,43 @@ impl Store for GatedStore {
     }
     fn token(&self, h: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.inner.token(h)
+    }
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError> {
+        self.inner.api_tokens()
+    }
+    fn revoke_api_token(&self, id: i64, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.revoke_api_token(id, at)
+    }
+    fn put_join_token(&self, t: &JoinToken, h: &str) -> Result<(), StoreError> {
+        self.inner.put_join_token(t, h)
+    }
+    fn join_tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+        self.inner.join_tokens()
+    }
+    fn revoke_join_token(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.revoke_join_token(id, at)
+    }
+    fn enroll(
+        &self,
+        t: &str,
+        h: &str,
+        host: &str,
+        serial: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Enrollment, StoreError> {
+        self.inner.enroll(t, h, host, serial, at)
+    }
+    fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError> {
+        self.inner.enrollments()
+    }
+    fn revoke_host(&self, host: &str, at: DateTime<Utc>) -> Result<Enrollment, StoreError> {
+        self.inner.revoke_host(host, at)
+    }
+    fn record_heartbeat(&self, host: &str, b: &HeartbeatRecord) -> Result<Vec<Gap>, StoreError> {
+        self.inner.record_heartbeat(host, b)
+    }
+    fn host_summaries(&self) -> Result<Vec<HostSummary>, StoreError> {
+        self.inner.host_summaries()
     }
     fn prune(&self, b: DateTime<Utc>) -> Result<u64, StoreError> {
         self.inner.prune(b)
@@ -290,6 +328,7 @@ async fn the_api_checks_tokens_and_roles() {
                 role: "owner".into(),
                 team: "team-payments".into(),
                 name: "pat".into(),
+                ..Default::default()
             },
         ))
         .await
@@ -386,6 +425,7 @@ async fn the_api_checks_tokens_and_roles() {
                 role: "owner".into(),
                 team: "team-web".into(),
                 name: "wes".into(),
+                ..Default::default()
             },
         ))
         .await

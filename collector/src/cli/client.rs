@@ -7,10 +7,13 @@ use keywatch_proto::v1::api_service_client::ApiServiceClient;
 use tonic::{
     metadata::MetadataValue,
     service::{Interceptor, interceptor::InterceptedService},
-    transport::Channel,
+    transport::{Certificate, Channel, ClientTlsConfig},
 };
 
-use crate::serve::{ADMIN_TOKEN_FILE, API_ADDR_FILE};
+use crate::{
+    pki::{CA_CERT_FILE, CA_DIR},
+    serve::{ADMIN_TOKEN_FILE, API_ADDR_FILE},
+};
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
@@ -34,12 +37,16 @@ pub type Client = ApiServiceClient<InterceptedService<Channel, Bearer>>;
 pub struct Target {
     pub server: String,
     pub token: String,
+    /// CA certificate to trust for an https:// server.
+    pub ca: Option<PathBuf>,
 }
 
-/// `--server` or `DATA/api.addr`; `--token`/`KEYWATCH_TOKEN` or `DATA/admin.token`.
+/// `--server` or `DATA/api.addr`; `--token`/`KEYWATCH_TOKEN` or `DATA/admin.token`;
+/// `--ca`/`KEYWATCH_CA` or `DATA/ca/ca.pem` when it exists.
 pub fn resolve(
     server: Option<String>,
     token: Option<String>,
+    ca: Option<PathBuf>,
     data: &Path,
 ) -> anyhow::Result<Target> {
     let read = |file: &str| -> anyhow::Result<String> {
@@ -64,21 +71,30 @@ pub fn resolve(
     if token.is_empty() {
         bail!("the token is empty");
     }
-    Ok(Target { server, token })
+    let ca = ca.or_else(|| Some(data.join(CA_DIR).join(CA_CERT_FILE)).filter(|p| p.exists()));
+    Ok(Target { server, token, ca })
 }
 
 /// Connects to the API.
 pub async fn connect(target: &Target) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(target.server.clone())
-        .with_context(|| format!("invalid server address {:?}", target.server))?
-        .connect()
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the collector at {} (is `keywatch serve` running?)",
+    let mut endpoint = Channel::from_shared(target.server.clone())
+        .with_context(|| format!("invalid server address {:?}", target.server))?;
+    if target.server.starts_with("https://") {
+        let Some(ca) = &target.ca else {
+            bail!(
+                "{} uses TLS: pass --ca FILE (the collector's DATA/ca/ca.pem) or --data DIR",
                 target.server
-            )
-        })?;
+            );
+        };
+        let pem = std::fs::read_to_string(ca)
+            .with_context(|| format!("cannot read the CA certificate {}", ca.display()))?;
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .context("TLS configuration")?;
+    }
+    let channel = endpoint.connect().await.with_context(|| {
+        format!("cannot reach the collector at {} (is `keywatch serve` running?)", target.server)
+    })?;
     let value: MetadataValue<_> = format!("Bearer {}", target.token)
         .parse()
         .context("the token contains characters not allowed in a header")?;

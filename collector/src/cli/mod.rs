@@ -48,6 +48,9 @@ pub struct Global {
     /// API token (default: DATA/admin.token).
     #[arg(long, global = true, env = "KEYWATCH_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// CA certificate to trust for the API (default: DATA/ca/ca.pem).
+    #[arg(long, global = true, env = "KEYWATCH_CA")]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,9 +82,11 @@ pub enum Command {
     /// Examples: keywatch timeline --host web-1 --since 2h;
     /// keywatch timeline --host web-1 --from 2026-12-01T10:00:00Z --to 2026-12-01T11:00:00Z --pid 4242 --json
     Timeline(TimelineArgs),
-    /// Manage API tokens.
+    /// Manage API tokens and sensor join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// List enrolled hosts, or revoke one: keywatch hosts; keywatch hosts revoke web-1.
+    Hosts(HostsArgs),
     /// Show who the current token belongs to.
     Whoami,
     /// Print the version and the gRPC schema this keywatch speaks.
@@ -99,9 +104,16 @@ pub struct ServeArgs {
     /// How long events are kept (alerts are kept); e.g. 30d, 12h.
     #[arg(long, default_value = "30d")]
     pub retention: HumanDuration,
-    /// Accept plaintext on non-loopback addresses (tokens and events travel unencrypted).
+    /// Plaintext sensor port: no TLS, no enrollment; the sensor's Hello is trusted. Logged
+    /// loudly at start and every minute.
     #[arg(long)]
+    pub insecure: bool,
+    /// With --insecure, accept a non-loopback sensor address (events travel unencrypted).
+    #[arg(long, requires = "insecure")]
     pub allow_plaintext_remote: bool,
+    /// A name or address sensors dial, added to the server certificate (repeatable).
+    #[arg(long = "advertise", value_name = "NAME|IP")]
+    pub advertise: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -221,9 +233,12 @@ pub struct TimelineArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Create a token; it is printed once (only its hash is stored).
+    /// Create a token; it is printed once on stdout (only its hash is stored), details on stderr.
+    ///
+    /// `--role sensor` creates a join token for `keywatch-sensor run --join-token`:
+    /// TOKEN=$(keywatch token create --role sensor --labels env=prod --ttl 1h --uses 1)
     Create {
-        /// admin, iam, secops, owner, responder or sensor.
+        /// admin, iam, secops, owner, responder or sensor (a join token).
         #[arg(long)]
         role: String,
         /// The team, for owner tokens.
@@ -232,13 +247,57 @@ pub enum TokenCommand {
         /// Who holds it (recorded as the author of their changes).
         #[arg(long)]
         name: Option<String>,
+        /// Join tokens: labels every host enrolled with it gets, k=v,k=v.
+        #[arg(long)]
+        labels: Option<String>,
+        /// Join tokens: how long it can be used.
+        #[arg(long, default_value = "1h")]
+        ttl: HumanDuration,
+        /// Join tokens: how many hosts can enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
     },
+    /// List API tokens and join tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: a number for an API token, 12 hex characters for a join token.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HostsArgs {
+    #[command(subcommand)]
+    pub command: Option<HostsCommand>,
+    /// JSON lines, one host per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostsCommand {
+    /// Revoke a host: its open streams end within a second, new ones are refused. Enroll it
+    /// again with a new join token to let it back in.
+    Revoke { host: String },
+}
+
+/// Parses `k=v,k=v`.
+fn parse_labels(s: &str) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
+            _ => bail!("--labels: expected k=v,k=v, got {p:?}"),
+        })
+        .collect()
 }
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
-    let target = || client::resolve(g.server.clone(), g.token.clone(), &g.data);
+    let target = || client::resolve(g.server.clone(), g.token.clone(), g.ca.clone(), &g.data);
     match cli.command {
         Command::Version => {
             println!("keywatch {} (keywatch.v1)", env!("CARGO_PKG_VERSION"));
@@ -246,10 +305,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve(a) => {
             let mut config = ServeConfig::new(&g.data);
-            config.sensor.addr = a.sensor_listen;
-            config.api.addr = a.api_listen;
+            config.sensor_addr = a.sensor_listen;
+            config.api_addr = a.api_listen;
             config.retention = a.retention.0;
+            config.insecure = a.insecure;
             config.allow_plaintext_remote = a.allow_plaintext_remote;
+            config.advertise = a.advertise;
             let shutdown = tokio_util::sync::CancellationToken::new();
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -302,20 +363,64 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             transition(&mut client::connect(&target()?).await?, a, "resolved").await
         }
         Command::Timeline(a) => timeline_cmd(&mut client::connect(&target()?).await?, a).await,
-        Command::Token(TokenCommand::Create { role, team, name }) => {
+        Command::Token(TokenCommand::Create { role, team, name, labels, ttl, uses }) => {
+            let labels = labels.as_deref().map(parse_labels).transpose()?.unwrap_or_default();
             let mut c = client::connect(&target()?).await?;
             let r = c
                 .create_token(pb::CreateTokenRequest {
-                    role,
+                    role: role.clone(),
                     team: team.unwrap_or_default(),
                     name: name.unwrap_or_default(),
+                    labels,
+                    ttl_s: ttl.0.num_seconds().max(1) as u64,
+                    uses,
                 })
                 .await
                 .map_err(client::explain)?
                 .into_inner();
-            eprintln!("token {} created; it is shown only this once:", r.id);
+            if r.join_token_id.is_empty() {
+                eprintln!("token {} created; it is shown only this once:", r.id);
+            } else {
+                let expires = DateTime::from_timestamp_nanos(r.expires_ns as i64);
+                eprintln!(
+                    "join token {} created: {uses} use(s), expires {}; it is shown only this once:",
+                    r.join_token_id,
+                    expires.to_rfc3339()
+                );
+            }
             println!("{}", r.token);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Token(TokenCommand::List { json }) => {
+            let mut c = client::connect(&target()?).await?;
+            let r = c
+                .list_tokens(pb::ListTokensRequest {})
+                .await
+                .map_err(client::explain)?
+                .into_inner();
+            tokens_out(&r.tokens, json)
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            let mut c = client::connect(&target()?).await?;
+            c.revoke_token(pb::RevokeTokenRequest { id: id.clone() })
+                .await
+                .map_err(client::explain)?;
+            println!("token {id} revoked");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Hosts(HostsArgs { command: Some(HostsCommand::Revoke { host }), .. }) => {
+            let mut c = client::connect(&target()?).await?;
+            c.revoke_host(pb::RevokeHostRequest { host_id: host.clone() })
+                .await
+                .map_err(client::explain)?;
+            println!("host {host} revoked; its streams are ended and new ones refused");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Hosts(HostsArgs { command: None, json }) => {
+            let mut c = client::connect(&target()?).await?;
+            let r =
+                c.list_hosts(pb::ListHostsRequest {}).await.map_err(client::explain)?.into_inner();
+            hosts_out(&r.hosts, json)
         }
         Command::Whoami => {
             let mut c = client::connect(&target()?).await?;
@@ -326,6 +431,119 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn when(ns: u64) -> String {
+    if ns == 0 {
+        "-".into()
+    } else {
+        DateTime::from_timestamp_nanos(ns as i64).format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    }
+}
+
+fn labels_text<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    let mut v: Vec<String> = labels.into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.sort();
+    if v.is_empty() { "-".into() } else { v.join(",") }
+}
+
+fn tokens_out(tokens: &[pb::TokenInfo], json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        for t in tokens {
+            let v = serde_json::json!({
+                "kind": t.kind, "id": t.id, "name": t.name, "role": t.role, "team": t.team,
+                "created": when(t.created_ns), "revoked": (t.revoked_ns != 0).then(|| when(t.revoked_ns)),
+                "expires": (t.expires_ns != 0).then(|| when(t.expires_ns)),
+                "uses_left": t.uses_left, "creator": t.creator, "labels": t.labels,
+            });
+            println!("{v}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            let detail = if t.kind == "join" {
+                format!(
+                    "uses left {}, expires {}, labels {}, by {}",
+                    t.uses_left,
+                    when(t.expires_ns),
+                    labels_text(&t.labels),
+                    t.creator
+                )
+            } else {
+                format!(
+                    "{}{}",
+                    t.name,
+                    if t.team.is_empty() { String::new() } else { format!(" (team {})", t.team) }
+                )
+            };
+            vec![
+                t.kind.clone(),
+                t.id.clone(),
+                t.role.clone(),
+                when(t.created_ns),
+                when(t.revoked_ns),
+                detail,
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["KIND", "ID", "ROLE", "CREATED", "REVOKED", "DETAIL"], &rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hosts_out(hosts: &[pb::HostInfo], json: bool) -> anyhow::Result<ExitCode> {
+    let list: Vec<crate::hosts::HostSummary> = hosts
+        .iter()
+        .map(|h| serde_json::from_str(&h.json).context("decoding a host"))
+        .collect::<anyhow::Result<_>>()?;
+    if json {
+        for h in &list {
+            println!("{}", serde_json::to_string(h)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if list.is_empty() {
+        eprintln!("no hosts enrolled or connected yet");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let t = |d: Option<DateTime<Utc>>| {
+        d.map_or_else(|| "-".into(), |d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
+    };
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|h| {
+            let hb = h.heartbeat.as_ref().map_or_else(
+                || "-".into(),
+                |b| {
+                    format!(
+                        "{} ev / {} B, evicted {}, kernel lost {}",
+                        b.spool_events,
+                        b.spool_bytes,
+                        b.spool_evicted,
+                        b.kernel_lost_total()
+                    )
+                },
+            );
+            vec![
+                h.host_id.clone(),
+                labels_text(&h.labels),
+                t(h.enrolled_at),
+                t(h.last_seen),
+                h.revoked.map_or_else(|| "no".into(), |r| format!("yes ({})", t(Some(r)))),
+                h.cert_serial.clone().unwrap_or_else(|| "- (not enrolled)".into()),
+                hb,
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table::render(
+            &["HOST", "LABELS", "ENROLLED", "LAST SEEN", "REVOKED", "CERT SERIAL", "SPOOL / LOSS"],
+            &rows
+        )
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Collects YAML files: files as given, directories walked in name order.

@@ -16,6 +16,7 @@ use crate::{
     correlate::RevisionRef,
     declarations::{Declaration, Kind},
     event::{Event, Host},
+    hosts::{Enrollment, Gap, HeartbeatRecord, HostSummary, JoinRefusal, JoinToken},
     timeline::{TimelinePage, TimelineQuery},
 };
 
@@ -36,6 +37,8 @@ pub enum StoreError {
     Conflict(String),
     #[error("cannot create the data directory")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    JoinRefused(#[from] JoinRefusal),
 }
 
 /// A declaration in force and its current revision.
@@ -88,6 +91,9 @@ pub struct AlertFilter {
     /// At most this many, newest first (0: 1000).
     pub limit: usize,
 }
+
+/// An API token and when it was revoked, if it was.
+pub type ApiTokenRow = (TokenRecord, Option<DateTime<Utc>>);
 
 /// The storage interface.
 pub trait Store: Send + Sync + 'static {
@@ -145,6 +151,43 @@ pub trait Store: Send + Sync + 'static {
     fn put_token(&self, record: &TokenRecord, hash: &str) -> Result<i64, StoreError>;
     /// The token whose secret hashes to `hash`.
     fn token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+
+    /// API tokens, revoked ones included (with when).
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError>;
+    /// Revokes an API token.
+    fn revoke_api_token(&self, id: i64, at: DateTime<Utc>) -> Result<(), StoreError>;
+
+    /// Stores a join token by the hash of its secret.
+    fn put_join_token(&self, token: &JoinToken, hash: &str) -> Result<(), StoreError>;
+    /// Every join token, newest first.
+    fn join_tokens(&self) -> Result<Vec<JoinToken>, StoreError>;
+    /// Revokes a join token.
+    fn revoke_join_token(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// In one transaction: checks the join token (`hash` of its secret, expiry, uses, revocation),
+    /// consumes one use, and records `host_id` as enrolled with certificate `serial` and the
+    /// token's labels (replacing an earlier enrollment of that host). A refused token is
+    /// [`StoreError::JoinRefused`].
+    fn enroll(
+        &self,
+        token_id: &str,
+        hash: &str,
+        host_id: &str,
+        serial: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Enrollment, StoreError>;
+    /// Every enrollment.
+    fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError>;
+    /// Marks an enrolled host revoked.
+    fn revoke_host(&self, host_id: &str, at: DateTime<Utc>) -> Result<Enrollment, StoreError>;
+    /// Stores a host's heartbeat and records the gaps it reveals (see
+    /// [`crate::hosts::gaps_between`]); returns them.
+    fn record_heartbeat(
+        &self,
+        host_id: &str,
+        beat: &HeartbeatRecord,
+    ) -> Result<Vec<Gap>, StoreError>;
+    /// Enrolled hosts and hosts that connected, with their last heartbeat.
+    fn host_summaries(&self) -> Result<Vec<HostSummary>, StoreError>;
 
     /// Deletes events before `before` (retention); returns how many.
     fn prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;

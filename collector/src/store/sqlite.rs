@@ -13,7 +13,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{
-    AlertFilter, DeclarationChange, Store, StoreError, StoredDeclaration, WriteBatch, WriteOutcome,
+    AlertFilter, ApiTokenRow, DeclarationChange, Store, StoreError, StoredDeclaration, WriteBatch,
+    WriteOutcome,
 };
 use crate::{
     alerts::{Alert, AlertStatus, Transition},
@@ -21,6 +22,7 @@ use crate::{
     correlate::RevisionRef,
     declarations::Kind,
     event::{Event, Host},
+    hosts::{self, Enrollment, Gap, HeartbeatRecord, HostSummary, JoinRefusal, JoinToken},
     timeline::{Cursor, TimelineEntry, TimelinePage, TimelineQuery},
 };
 
@@ -58,6 +60,22 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE tokens (
         id INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, name TEXT NOT NULL, role TEXT NOT NULL,
         team TEXT, created_ns INTEGER NOT NULL, revoked_ns INTEGER);
+    ",
+    // 2: enrollment (join tokens, enrolled hosts), heartbeats and gaps.
+    "
+    CREATE TABLE join_tokens (
+        id TEXT PRIMARY KEY, hash TEXT NOT NULL, role TEXT NOT NULL, labels TEXT NOT NULL,
+        created_ns INTEGER NOT NULL, expires_ns INTEGER NOT NULL, uses_left INTEGER NOT NULL,
+        creator TEXT NOT NULL, revoked_ns INTEGER);
+    CREATE TABLE enrollments (
+        host_id TEXT PRIMARY KEY, serial TEXT NOT NULL, labels TEXT NOT NULL,
+        enrolled_ns INTEGER NOT NULL, enrolled_by TEXT NOT NULL, revoked_ns INTEGER);
+    CREATE TABLE heartbeats (
+        host_id TEXT PRIMARY KEY, time_ns INTEGER NOT NULL, body TEXT NOT NULL);
+    CREATE TABLE gaps (
+        id INTEGER PRIMARY KEY, host_id TEXT NOT NULL, time_ns INTEGER NOT NULL,
+        cause TEXT NOT NULL, lost INTEGER NOT NULL);
+    CREATE INDEX gaps_by_host_time ON gaps (host_id, time_ns, id);
     ",
 ];
 
@@ -273,6 +291,41 @@ fn get_alert(conn: &Connection, id: i64) -> Result<Option<Alert>, StoreError> {
         .query_row(&format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = ?1"), [id], alert_row)
         .optional()?;
     row.map(|row| decode_alert(conn, row, true)).transpose()
+}
+
+const ENROLLMENT_SELECT: &str =
+    "SELECT host_id, serial, labels, enrolled_ns, enrolled_by, revoked_ns FROM enrollments";
+
+/// An enrollment and its labels still as JSON.
+fn enrollment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Enrollment, String)> {
+    Ok((
+        Enrollment {
+            host_id: r.get(0)?,
+            serial: r.get(1)?,
+            labels: Default::default(),
+            enrolled_at: from_ns(r.get(3)?),
+            enrolled_by: r.get(4)?,
+            revoked: r.get::<_, Option<i64>>(5)?.map(from_ns),
+        },
+        r.get(2)?,
+    ))
+}
+
+/// A join token and its labels still as JSON.
+fn join_token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JoinToken, String)> {
+    Ok((
+        JoinToken {
+            id: r.get(0)?,
+            role: r.get(1)?,
+            labels: Default::default(),
+            created: from_ns(r.get(3)?),
+            expires: from_ns(r.get(4)?),
+            uses_left: u32::try_from(r.get::<_, i64>(5)?.max(0)).unwrap_or(u32::MAX),
+            creator: r.get(6)?,
+            revoked: r.get::<_, Option<i64>>(7)?.map(from_ns),
+        },
+        r.get(2)?,
+    ))
 }
 
 impl Store for SqliteStore {
@@ -586,7 +639,8 @@ impl Store for SqliteStore {
     fn timeline(&self, q: &TimelineQuery) -> Result<TimelinePage, StoreError> {
         self.read(|conn| {
             let want = |k: &str| q.kinds.is_empty() || q.kinds.iter().any(|x| x == k);
-            let event_kinds: Vec<&String> = q.kinds.iter().filter(|k| k.as_str() != "alert").collect();
+            let event_kinds: Vec<&String> =
+                q.kinds.iter().filter(|k| k.as_str() != "alert" && k.as_str() != "gap").collect();
             let include_events = q.kinds.is_empty() || !event_kinds.is_empty();
             let after = q.after.unwrap_or(Cursor { time_ns: i64::MIN, source: 0, id: i64::MIN });
             let limit = q.limit.clamp(1, 10_000);
@@ -612,6 +666,16 @@ impl Store for SqliteStore {
                        AND (first_seen_ns, 1, id) > (?4, ?5, ?6)"
                 ));
             }
+            // Gaps belong to no process: a --pid filter leaves them out.
+            if want("gap") && q.pid.is_none() {
+                parts.push(
+                    "SELECT time_ns, 2 AS src, id, 'gap' AS kind, NULL AS workload,
+                            json_object('cause', cause, 'lost', lost) AS body FROM gaps
+                     WHERE host_id = ?1 AND time_ns >= ?2 AND time_ns < ?3
+                       AND (time_ns, 2, id) > (?4, ?5, ?6)"
+                        .to_owned(),
+                );
+            }
             if parts.is_empty() {
                 return Ok(TimelinePage::default());
             }
@@ -636,7 +700,27 @@ impl Store for SqliteStore {
             let more = rows.len() > limit;
             let mut entries = Vec::with_capacity(rows.len().min(limit));
             for (time_ns, src, id, kind, workload, body) in rows.into_iter().take(limit) {
-                entries.push(if src == 0 {
+                entries.push(if src == 2 {
+                    #[derive(serde::Deserialize)]
+                    struct GapBody {
+                        cause: String,
+                        lost: u64,
+                    }
+                    let g: GapBody = serde_json::from_str(&body)?;
+                    let gap = Gap { host_id: q.host_id.clone(), time: from_ns(time_ns), cause: g.cause, lost: g.lost };
+                    TimelineEntry {
+                        time: gap.time,
+                        source: "gap".into(),
+                        id,
+                        kind,
+                        pid: 0,
+                        seq: None,
+                        workload,
+                        summary: gap.summary(),
+                        lost: Some(gap.lost),
+                        process: crate::event::Process::default(),
+                    }
+                } else if src == 0 {
                     let e: Event = serde_json::from_str(&body)?;
                     TimelineEntry {
                         time: from_ns(time_ns),
@@ -647,6 +731,7 @@ impl Store for SqliteStore {
                         seq: Some(e.seq),
                         workload,
                         summary: e.kind.summary(),
+                        lost: None,
                         process: e.process,
                     }
                 } else {
@@ -660,13 +745,19 @@ impl Store for SqliteStore {
                         seq: Some(a.first_event_seq),
                         workload,
                         summary: format!("#{id} {} [{}] {}", a.rule, a.severity, a.summary),
+                        lost: None,
                         process: a.process,
                     }
                 });
             }
             let next = if more {
                 entries.last().map(|e| {
-                    Cursor { time_ns: ns(e.time), source: u8::from(e.source == "alert"), id: e.id }.to_string()
+                    let source = match e.source.as_str() {
+                        "alert" => 1,
+                        "gap" => 2,
+                        _ => 0,
+                    };
+                    Cursor { time_ns: ns(e.time), source, id: e.id }.to_string()
                 })
             } else {
                 None
@@ -704,6 +795,271 @@ impl Store for SqliteStore {
                     },
                 )
                 .optional()?)
+        })
+    }
+
+    fn api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, name, role, team, created_ns, revoked_ns FROM tokens ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let role: String = r.get(2)?;
+                Ok((
+                    TokenRecord {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        role: Role::parse(&role).unwrap_or(Role::Sensor),
+                        team: r.get(3)?,
+                        created: from_ns(r.get(4)?),
+                    },
+                    r.get::<_, Option<i64>>(5)?.map(from_ns),
+                ))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn revoke_api_token(&self, id: i64, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            let n = conn.execute(
+                "UPDATE tokens SET revoked_ns = coalesce(revoked_ns, ?2) WHERE id = ?1",
+                params![id, ns(at)],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("API token {id}")));
+            }
+            Ok(())
+        })
+    }
+
+    fn put_join_token(&self, token: &JoinToken, hash: &str) -> Result<(), StoreError> {
+        let (t, hash) = (token.clone(), hash.to_owned());
+        let labels = serde_json::to_string(&t.labels)?;
+        self.write(move |conn| {
+            conn.execute(
+                "INSERT INTO join_tokens (id, hash, role, labels, created_ns, expires_ns, uses_left, creator, revoked_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, NULL)",
+                params![t.id, hash, t.role, labels, ns(t.created), ns(t.expires), t.uses_left, t.creator],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn join_tokens(&self) -> Result<Vec<JoinToken>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, role, labels, created_ns, expires_ns, uses_left, creator, revoked_ns
+                 FROM join_tokens ORDER BY created_ns DESC, id",
+            )?;
+            let rows: Vec<(JoinToken, String)> =
+                stmt.query_map([], join_token_row)?.collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(mut t, labels)| {
+                    t.labels = serde_json::from_str(&labels)?;
+                    Ok(t)
+                })
+                .collect()
+        })
+    }
+
+    fn revoke_join_token(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let n = conn.execute(
+                "UPDATE join_tokens SET revoked_ns = coalesce(revoked_ns, ?2) WHERE id = ?1",
+                params![id, ns(at)],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("join token {id}")));
+            }
+            Ok(())
+        })
+    }
+
+    fn enroll(
+        &self,
+        token_id: &str,
+        hash: &str,
+        host_id: &str,
+        serial: &str,
+        at: DateTime<Utc>,
+    ) -> Result<Enrollment, StoreError> {
+        let (token_id, hash, host_id, serial) =
+            (token_id.to_owned(), hash.to_owned(), host_id.to_owned(), serial.to_owned());
+        self.write(move |conn| {
+            let row = conn
+                .query_row(
+                    "SELECT hash, labels, expires_ns, uses_left, revoked_ns FROM join_tokens WHERE id = ?1",
+                    [&token_id],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, Option<i64>>(4)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            let Some((stored, labels, expires, uses_left, revoked)) = row else {
+                return Err(JoinRefusal::Unknown(token_id).into());
+            };
+            use subtle::ConstantTimeEq as _;
+            if !bool::from(stored.as_bytes().ct_eq(hash.as_bytes())) {
+                return Err(JoinRefusal::Forged(token_id).into());
+            }
+            if revoked.is_some() {
+                return Err(JoinRefusal::Revoked(token_id).into());
+            }
+            if ns(at) >= expires {
+                return Err(JoinRefusal::Expired(token_id, from_ns(expires).to_rfc3339()).into());
+            }
+            if uses_left <= 0 {
+                return Err(JoinRefusal::UsedUp(token_id).into());
+            }
+            conn.execute(
+                "UPDATE join_tokens SET uses_left = uses_left - 1 WHERE id = ?1",
+                [&token_id],
+            )?;
+            conn.execute(
+                "INSERT INTO enrollments (host_id, serial, labels, enrolled_ns, enrolled_by, revoked_ns)
+                 VALUES (?1, ?2, ?3, ?4, ?5, NULL)
+                 ON CONFLICT (host_id) DO UPDATE SET serial = excluded.serial, labels = excluded.labels,
+                   enrolled_ns = excluded.enrolled_ns, enrolled_by = excluded.enrolled_by, revoked_ns = NULL",
+                params![host_id, serial, labels, ns(at), token_id],
+            )?;
+            Ok(Enrollment {
+                host_id,
+                serial,
+                labels: serde_json::from_str(&labels)?,
+                enrolled_at: at,
+                enrolled_by: token_id,
+                revoked: None,
+            })
+        })
+    }
+
+    fn enrollments(&self) -> Result<Vec<Enrollment>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&format!("{ENROLLMENT_SELECT} ORDER BY host_id"))?;
+            let rows: Vec<(Enrollment, String)> =
+                stmt.query_map([], enrollment_row)?.collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(mut e, labels)| {
+                    e.labels = serde_json::from_str(&labels)?;
+                    Ok(e)
+                })
+                .collect()
+        })
+    }
+
+    fn revoke_host(&self, host_id: &str, at: DateTime<Utc>) -> Result<Enrollment, StoreError> {
+        let host_id = host_id.to_owned();
+        self.write(move |conn| {
+            let n = conn.execute(
+                "UPDATE enrollments SET revoked_ns = coalesce(revoked_ns, ?2) WHERE host_id = ?1",
+                params![host_id, ns(at)],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("enrolled host {host_id}")));
+            }
+            let (mut e, labels) = conn.query_row(
+                &format!("{ENROLLMENT_SELECT} WHERE host_id = ?1"),
+                [&host_id],
+                enrollment_row,
+            )?;
+            e.labels = serde_json::from_str(&labels)?;
+            Ok(e)
+        })
+    }
+
+    fn record_heartbeat(
+        &self,
+        host_id: &str,
+        beat: &HeartbeatRecord,
+    ) -> Result<Vec<Gap>, StoreError> {
+        let (host_id, beat) = (host_id.to_owned(), beat.clone());
+        let body = serde_json::to_string(&beat)?;
+        self.write(move |conn| {
+            let previous: Option<String> = conn
+                .query_row("SELECT body FROM heartbeats WHERE host_id = ?1", [&host_id], |r| r.get(0))
+                .optional()?;
+            let previous: Option<HeartbeatRecord> =
+                previous.map(|b| serde_json::from_str(&b)).transpose()?;
+            let gaps = hosts::gaps_between(&host_id, previous.as_ref(), &beat);
+            conn.execute(
+                "INSERT INTO heartbeats (host_id, time_ns, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (host_id) DO UPDATE SET time_ns = excluded.time_ns, body = excluded.body",
+                params![host_id, ns(beat.at), body],
+            )?;
+            conn.execute(
+                "UPDATE hosts SET last_seen_ns = max(last_seen_ns, ?2) WHERE id = ?1",
+                params![host_id, ns(beat.at)],
+            )?;
+            let mut insert = conn.prepare_cached(
+                "INSERT INTO gaps (host_id, time_ns, cause, lost) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for g in &gaps {
+                insert.execute(params![g.host_id, ns(g.time), g.cause, g.lost as i64])?;
+            }
+            Ok(gaps)
+        })
+    }
+
+    fn host_summaries(&self) -> Result<Vec<HostSummary>, StoreError> {
+        let enrolled = self.enrollments()?;
+        self.read(|conn| {
+            let mut out: std::collections::BTreeMap<String, HostSummary> = Default::default();
+            let blank = |id: &str| HostSummary {
+                host_id: id.to_owned(),
+                labels: Default::default(),
+                enrolled_at: None,
+                enrolled_by: None,
+                cert_serial: None,
+                revoked: None,
+                last_seen: None,
+                sensor_version: String::new(),
+                heartbeat: None,
+            };
+            let mut stmt =
+                conn.prepare("SELECT id, labels, sensor_version, last_seen_ns FROM hosts")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })?;
+            for row in rows {
+                let (id, labels, version, last) = row?;
+                let mut s = blank(&id);
+                s.labels = serde_json::from_str(&labels)?;
+                s.sensor_version = version;
+                s.last_seen = Some(from_ns(last));
+                out.insert(id, s);
+            }
+            for e in enrolled {
+                let s = out.entry(e.host_id.clone()).or_insert_with(|| blank(&e.host_id));
+                s.labels.extend(e.labels);
+                s.enrolled_at = Some(e.enrolled_at);
+                s.enrolled_by = Some(e.enrolled_by);
+                s.cert_serial = Some(e.serial);
+                s.revoked = e.revoked;
+            }
+            let mut stmt = conn.prepare("SELECT host_id, body FROM heartbeats")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            for row in rows {
+                let (id, body) = row?;
+                let beat: HeartbeatRecord = serde_json::from_str(&body)?;
+                let s = out.entry(id.clone()).or_insert_with(|| blank(&id));
+                s.last_seen = s.last_seen.max(Some(beat.at));
+                s.heartbeat = Some(beat);
+            }
+            Ok(out.into_values().collect())
         })
     }
 
