@@ -170,13 +170,7 @@ fn run() -> anyhow::Result<()> {
     let overhead = overhead_rounds(&sensor, &bench, &plan)?;
     let delivery = delivery_sweep(&sensor, &bench, &plan)?;
     let resources = resources(&sensor, &bench, &plan)?;
-    let report = Report {
-        rounds: plan.rounds,
-        overhead,
-        delivery,
-        resources,
-        seconds: started.elapsed().as_secs_f64(),
-    };
+    let report = Report { overhead, delivery, resources, seconds: started.elapsed().as_secs_f64() };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {
@@ -285,7 +279,9 @@ impl SensorProcess {
     fn start(sensor: &Path, config: Option<&Path>, bench: &Workspace) -> anyhow::Result<Self> {
         let started = Instant::now();
         let mut cmd = Command::new(sensor);
-        cmd.args(["run", "--stdout"]);
+        // Unpinned: a stopped sensor must leave nothing attached, or the detached rounds would
+        // measure pinned programs.
+        cmd.args(["run", "--stdout", "--no-pin"]);
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
         }
@@ -418,10 +414,29 @@ fn leading_u64(bytes: &[u8]) -> Option<u64> {
     std::str::from_utf8(&bytes[..digits]).ok()?.parse().ok()
 }
 
-/// `name=123` anywhere in a log line.
+/// `name=123` anywhere in a log line, colours or not.
 fn field_u64(line: &str, name: &str) -> Option<u64> {
-    let at = line.find(name)?;
-    leading_u64(&line.as_bytes()[at + name.len()..])
+    let plain = strip_ansi(line);
+    let at = plain.find(name)?;
+    leading_u64(&plain.as_bytes()[at + name.len()..])
+}
+
+/// `line` without ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -638,6 +653,60 @@ impl Listener {
 struct Overhead {
     samples: Vec<(Workload, Vec<(f64, f64)>)>,
     sensor_start_ms: Vec<f64>,
+    /// Most keywatch file programs loaded by others at any measurement (0 for a clean run).
+    foreign: usize,
+    /// Per round: no other sensor was loaded while it ran.
+    clean: Vec<bool>,
+}
+
+impl Overhead {
+    /// The rounds the figures come from: the clean ones when there are at least two.
+    fn used(&self) -> Vec<bool> {
+        if self.clean.iter().filter(|&&c| c).count() >= 2 {
+            self.clean.clone()
+        } else {
+            vec![true; self.clean.len()]
+        }
+    }
+}
+
+/// How many loaded BPF programs carry `name` (the kernel keeps the first 15 bytes).
+fn loaded_programs_named(name: &[u8]) -> usize {
+    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    /// `struct bpf_prog_info`: `name[16]` starts at byte 64.
+    const INFO_NAME: usize = 64;
+    let bpf = |cmd: libc::c_long, attr: &mut [u32; 8]| {
+        // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the size passed.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 32usize) }
+    };
+    let name = &name[..name.len().min(15)];
+    let mut found = 0;
+    let mut id = 0u32;
+    loop {
+        let mut attr = [id, 0, 0, 0, 0, 0, 0, 0];
+        if bpf(BPF_PROG_GET_NEXT_ID, &mut attr) != 0 {
+            return found;
+        }
+        id = attr[1];
+        let mut attr = [id, 0, 0, 0, 0, 0, 0, 0];
+        let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr);
+        if fd < 0 {
+            continue;
+        }
+        let mut info = [0u8; 256];
+        let ptr = info.as_mut_ptr() as u64;
+        let mut attr = [fd as u32, info.len() as u32, ptr as u32, (ptr >> 32) as u32, 0, 0, 0, 0];
+        let ok = bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) == 0;
+        // SAFETY: closing the fd just obtained.
+        unsafe { libc::close(fd as i32) };
+        let prog_name = &info[INFO_NAME..INFO_NAME + 16];
+        let len = prog_name.iter().position(|&b| b == 0).unwrap_or(16);
+        if ok && &prog_name[..len] == name {
+            found += 1;
+        }
+    }
 }
 
 fn overhead_rounds(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Result<Overhead> {
@@ -646,7 +715,13 @@ fn overhead_rounds(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Res
         Workload::ALL.iter().map(|&w| (w, Vec::new())).collect();
     let mut running: Option<SensorProcess> = None;
     let mut sensor_start_ms = Vec::new();
-    for round in 0..plan.rounds {
+    let mut foreign = 0;
+    let mut clean = Vec::new();
+    let mut round = 0;
+    // A round during which another sensor was loaded is kept but not used while there are
+    // clean ones; up to as many extra rounds again are run to collect enough clean ones.
+    while clean.iter().filter(|&&c| c).count() < plan.rounds && round < 2 * plan.rounds {
+        let mut others_seen = 0;
         // Alternate the order (D A, A D, D A, …): the sensor starts once per two rounds and
         // slow drift on the machine lands on both sides alike.
         let order = if round % 2 == 0 { [false, true] } else { [true, false] };
@@ -667,14 +742,29 @@ fn overhead_rounds(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Res
             progress!(
                 "round {}/{}: sensor {}",
                 round + 1,
-                plan.rounds,
+                plan.rounds.max(round + 1),
                 if on { "attached" } else { "detached" }
             );
+            // Any other sensor loaded on this host (a test, a pinned leftover) taxes both
+            // sides and shrinks every ratio: say so rather than print a quiet wrong figure.
+            let others =
+                || loaded_programs_named(b"sys_exit_openat").saturating_sub(usize::from(on));
+            others_seen = others_seen.max(others());
             let into = if on { &mut attached } else { &mut detached };
             for (i, &w) in Workload::ALL.iter().enumerate() {
                 into[i] = workloads.measure(w)?;
             }
+            others_seen = others_seen.max(others());
         }
+        if others_seen > 0 {
+            progress!(
+                "round {}: {others_seen} other keywatch sensor(s) loaded meanwhile",
+                round + 1
+            );
+        }
+        foreign = foreign.max(others_seen);
+        clean.push(others_seen == 0);
+        round += 1;
         for (i, (_, per_round)) in samples.iter_mut().enumerate() {
             per_round.push((detached[i], attached[i]));
         }
@@ -682,7 +772,7 @@ fn overhead_rounds(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Res
     if let Some(s) = running {
         s.stop()?;
     }
-    Ok(Overhead { samples, sensor_start_ms })
+    Ok(Overhead { samples, sensor_start_ms, foreign, clean })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1015,7 +1105,6 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 // The report.
 
 struct Report {
-    rounds: usize,
     overhead: Overhead,
     delivery: Vec<Step>,
     resources: Vec<Usage>,
@@ -1041,9 +1130,11 @@ fn mark(ok: bool) -> &'static str {
 
 impl Report {
     fn ratios(&self, per_round: &[(f64, f64)]) -> ((f64, f64, f64), f64, f64) {
-        let ratios = stats(per_round.iter().map(|(d, a)| a / d).collect());
-        let detached = stats(per_round.iter().map(|(d, _)| *d).collect()).0;
-        let attached = stats(per_round.iter().map(|(_, a)| *a).collect()).0;
+        let used = self.overhead.used();
+        let rounds = || per_round.iter().zip(&used).filter(|(_, u)| **u).map(|(r, _)| r);
+        let ratios = stats(rounds().map(|(d, a)| a / d).collect());
+        let detached = stats(rounds().map(|(d, _)| *d).collect()).0;
+        let attached = stats(rounds().map(|(_, a)| *a).collect()).0;
         (ratios, detached, attached)
     }
 
@@ -1065,7 +1156,7 @@ impl Report {
         line(format!(
             "keywatch-sensor overhead: {} alternating rounds (detached/attached order flips each \
              round); ratio = attached / detached, median [min-max] over rounds",
-            self.rounds
+            self.overhead.clean.len()
         ));
         line(format!(
             "{:<34} {:>12} {:>12} {:>8} {:>15} {:>8}",
@@ -1082,6 +1173,22 @@ impl Report {
                 format!("{lo:.3}-{hi:.3}x"),
                 format!("<={:.2}x", w.target()),
                 mark(median <= w.target()),
+            ));
+        }
+        let used = self.overhead.used().iter().filter(|&&u| u).count();
+        let clean = self.overhead.clean.iter().filter(|&&c| c).count();
+        if clean < self.overhead.clean.len() {
+            line(format!(
+                "{} of {} rounds had another keywatch sensor loaded (up to {}); figures from {used} \
+                 round(s){}",
+                self.overhead.clean.len() - clean,
+                self.overhead.clean.len(),
+                self.overhead.foreign,
+                if clean >= 2 {
+                    " without one"
+                } else {
+                    ": WARNING, another sensor taxed both sides and the ratios understate the cost"
+                }
             ));
         }
         line(String::new());
@@ -1166,7 +1273,7 @@ impl Report {
                     "ratio_max": hi,
                     "target_max_ratio": w.target(),
                     "meets_target": median <= w.target(),
-                    "rounds": per_round.iter().map(|(d, a)| json!({"detached_ns": d, "attached_ns": a})).collect::<Vec<_>>(),
+                    "rounds": per_round.iter().zip(&self.overhead.clean).map(|((d, a), clean)| json!({"detached_ns": d, "attached_ns": a, "no_other_sensor": clean})).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -1204,8 +1311,10 @@ impl Report {
         let distinct = self.best("distinct").unwrap_or(0.0);
         let folded = self.best("one file").unwrap_or(0.0);
         json!({
-            "rounds": self.rounds,
+            "rounds": self.overhead.clean.len(),
+            "rounds_used": self.overhead.used().iter().filter(|&&u| u).count(),
             "overhead": overhead,
+            "other_sensors_loaded": self.overhead.foreign,
             "delivery": {
                 "steps": delivery,
                 "best_distinct_per_s": distinct,
@@ -1218,5 +1327,37 @@ impl Report {
             "sensor_start_ms": self.overhead.sensor_start_ms,
             "seconds": self.seconds,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_lost_records_with_or_without_colours() {
+        let plain = "2026-01-01T00:00:00Z  INFO sensor::run: sensor stopped lost_records=42";
+        let coloured = "\u{1b}[32m INFO\u{1b}[0m sensor stopped \u{1b}[3mlost_records\u{1b}[0m\u{1b}[2m=\u{1b}[0m7";
+        assert_eq!(field_u64(plain, "lost_records="), Some(42));
+        assert_eq!(field_u64(coloured, "lost_records="), Some(7));
+        assert_eq!(field_u64("sensor stopped", "lost_records="), None);
+    }
+
+    #[test]
+    fn counts_file_opens_by_path_weighted_by_count() {
+        let lines = concat!(
+            r#"{"time_ns":1,"count":3,"process":{"pid":1,"ancestors":[]},"kind":"file_open","watch":"bench-burst","path":"/b/burst/k00001"}"#,
+            "\n",
+            r#"{"time_ns":2,"count":1,"process":{"pid":1},"kind":"file_open","watch":"bench-token","path":"/b/watched/token"}"#,
+            "\n",
+            r#"{"time_ns":3,"count":5,"process":{"pid":1},"kind":"exec","filename":"/b/burst/k00001"}"#,
+            "\n",
+            r#"{"time_ns":4,"count":2,"process":{"pid":1},"kind":"file_open","watch":"x","path":"/b/watched/token2"}"#,
+            "\n",
+        );
+        let counts = Counts::default();
+        count_observations(lines.as_bytes(), &counts, b"/b/watched/token", b"/b/burst/");
+        assert_eq!(counts.burst.load(Ordering::Relaxed), 3);
+        assert_eq!(counts.watched.load(Ordering::Relaxed), 1);
     }
 }
