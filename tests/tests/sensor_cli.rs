@@ -47,3 +47,14 @@ fn without_privileges_the_sensor_refuses_and_names_what_is_missing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs root") && err.contains("CAP_BPF"), "unclear refusal: {err}");
 }
+
+#[test]
+fn the_example_watch_config_is_valid() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/sensor/watches.yaml");
+    let config = sensor::watch::load_config(&path).expect("example config parses");
+    let set = config.watch_set().expect("example config validates");
+    assert!(set.id_of("payments-db-password").is_some());
+    assert!(set.id_of("aws-credentials").is_some(), "the built-in catalog is kept");
+    assert!(set.id_of("gnupg-private-keys").is_none(), "disabled");
+}
