@@ -87,5 +87,28 @@ fn serve_then_client_commands_with_no_flags() {
     let out = keywatch(dir.path(), &["--token", "kw_wrong", "whoami"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("not authenticated"), "{}", text(&out.stderr));
+
+    // Join tokens: only the token on stdout, details on stderr; listed, revocable.
+    let out = keywatch(
+        dir.path(),
+        &["token", "create", "--role", "sensor", "--labels", "env=prod,tier=web", "--uses", "2"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let token = text(&out.stdout);
+    let parts: Vec<&str> = token.trim().split('.').collect();
+    assert_eq!(parts.len(), 4, "{token}");
+    assert_eq!((parts[0], parts[1].len(), parts[2].len(), parts[3].len()), ("kwj1", 12, 43, 64));
+    assert_eq!(token.lines().count(), 1);
+    assert!(text(&out.stderr).contains("2 use(s)"), "{}", text(&out.stderr));
+    let out = keywatch(dir.path(), &["token", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(parts[1]), "{}", text(&out.stdout));
+    let out = keywatch(dir.path(), &["token", "revoke", parts[1]]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = keywatch(dir.path(), &["hosts"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = keywatch(dir.path(), &["hosts", "revoke", "nobody"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("not found"), "{}", text(&out.stderr));
     drop(server);
 }
