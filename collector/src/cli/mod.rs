@@ -217,7 +217,7 @@ pub struct TimelineArgs {
     #[arg(long)]
     pub pid: Option<u32>,
     /// Only these kinds (repeatable): file-access, secret-access, connect, exec, exit, fork,
-    /// privilege-change, alert.
+    /// privilege-change, alert, gap (events the sensor lost).
     #[arg(long = "kind")]
     pub kinds: Vec<String>,
     /// Stop after this many entries (the last line then tells how to continue).
