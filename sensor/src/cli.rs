@@ -24,9 +24,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Attach the kernel programs and report events.
+    /// Attach the kernel programs and report events: to a collector, to stdout, or both.
     ///
-    /// Example: `keywatch-sensor run --stdout` prints one JSON object per event.
+    /// First start on a host (enrolls, then uses mTLS; the token is not needed again):
+    ///
+    ///   keywatch-sensor run --collector https://collector.example:7480 --join-token kwj1.…
+    ///
+    /// The join token comes from `keywatch token create --role sensor` on the collector.
+    /// Restarts: `keywatch-sensor run --collector https://collector.example:7480`.
+    /// Standalone: `keywatch-sensor run --stdout` prints one JSON object per event.
     Run(RunArgs),
     /// Detach the programs a stopped sensor left pinned, and free their maps.
     Uninstall {
@@ -42,10 +48,42 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("output").required(true).multiple(true).args(["stdout", "collector"])))]
 pub struct RunArgs {
-    /// Standalone mode: write events to stdout as JSON lines.
-    #[arg(long, required = true)]
+    /// Write events to stdout as JSON lines (standalone mode, or alongside --collector).
+    #[arg(long)]
     pub stdout: bool,
+    /// Send events to this collector: https://HOST:PORT (the collector's sensor port, 7480 by
+    /// default). Events are spooled on disk first and released only once the collector has
+    /// stored them, so collector outages and sensor restarts lose nothing.
+    #[arg(long, value_name = "URL", env = "KEYWATCH_COLLECTOR")]
+    pub collector: Option<String>,
+    /// One-time join token from `keywatch token create --role sensor` (kwj1.…). It pins the
+    /// collector's CA by fingerprint; the sensor enrolls with it and keeps the issued
+    /// certificate in --state-dir, so restarts need no token.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "KEYWATCH_JOIN_TOKEN",
+        hide_env_values = true,
+        requires = "collector"
+    )]
+    pub join_token: Option<crate::uplink::JoinToken>,
+    /// This host's id at the collector (bound into its certificate). Default: the hostname.
+    #[arg(long, value_name = "ID", requires = "collector")]
+    pub host_id: Option<String>,
+    /// Where the sensor keeps its key, certificate, the collector's CA, the last policy and
+    /// the event spool (created 0700; files 0600).
+    #[arg(long, value_name = "DIR", default_value = crate::uplink::DEFAULT_STATE_DIR)]
+    pub state_dir: std::path::PathBuf,
+    /// Plaintext to the collector, no enrollment, no authentication: for a lab on loopback
+    /// only. The collector must run with --insecure too. Logged loudly.
+    #[arg(long, requires = "collector")]
+    pub insecure: bool,
+    /// Most disk space the spool may use while the collector is unreachable; past it the
+    /// oldest events are dropped, counted and reported to the collector as a gap.
+    #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub spool_max_mib: u64,
     /// Accept that these programs do not attach (comma-separated names from `probe`).
     #[arg(long, value_delimiter = ',')]
     pub allow_missing: Vec<String>,
@@ -84,6 +122,43 @@ impl RunArgs {
         Ok(opts)
     }
 
+    /// The uplink's settings, when `--collector` is given.
+    pub fn uplink_options(&self) -> anyhow::Result<Option<crate::run::UplinkOptions>> {
+        use crate::uplink::{Security, Target, UplinkConfig};
+        let Some(url) = &self.collector else { return Ok(None) };
+        let target =
+            Target::parse(url, self.insecure).map_err(|e| anyhow::anyhow!("--collector {e}"))?;
+        if self.insecure && self.join_token.is_some() {
+            anyhow::bail!("--insecure does not enroll: drop --join-token, or drop --insecure");
+        }
+        let host_id = match &self.host_id {
+            Some(id) => id.clone(),
+            None => hostname()?,
+        };
+        if host_id.is_empty() || host_id.len() > 253 || host_id.chars().any(char::is_control) {
+            anyhow::bail!("host id {host_id:?} must be 1 to 253 printable characters (--host-id)");
+        }
+        let security = if self.insecure {
+            Security::Insecure
+        } else {
+            Security::Mtls { state_dir: self.state_dir.clone(), token: self.join_token.clone() }
+        };
+        if self.insecure {
+            crate::uplink::enroll::prepare_state_dir(&self.state_dir)?;
+        }
+        let hello = keywatch_proto::v1::Hello { host_id, ..Default::default() };
+        let mut config = UplinkConfig::new(target, security, hello, self.state_dir.join("spool"));
+        let max_bytes = self.spool_max_mib.saturating_mul(1024 * 1024);
+        config.spool.max_bytes = max_bytes;
+        // At least four segments, so eviction drops a small part of the spool at a time.
+        config.spool.segment_bytes = config.spool.segment_bytes.min(max_bytes / 4);
+        Ok(Some(crate::run::UplinkOptions {
+            config,
+            state_dir: self.state_dir.clone(),
+            stdout: self.stdout,
+        }))
+    }
+
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {
             allow_missing: self.allow_missing.iter().cloned().collect::<BTreeSet<_>>(),
@@ -97,7 +172,13 @@ impl RunArgs {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => crate::run::run_stdout(&args.agent_options()?).await,
+        Command::Run(args) => {
+            let agent = args.agent_options()?;
+            match args.uplink_options()? {
+                Some(uplink) => crate::run::run_uplink(&agent, uplink).await,
+                None => crate::run::run_stdout(&agent).await,
+            }
+        }
         Command::Uninstall { pin_dir } => {
             crate::pins::uninstall(&pin_dir)?;
             println!("removed the pinned programs and maps under {}", pin_dir.display());
@@ -113,6 +194,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// This machine's host name.
+fn hostname() -> anyhow::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        anyhow::bail!(
+            "cannot read the host name ({}); give --host-id",
+            std::io::Error::last_os_error()
+        );
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
 /// The probe report as an aligned table.

@@ -5,6 +5,7 @@
 
 pub mod btf;
 pub mod cli;
+pub mod convert;
 pub mod enrich;
 pub mod event;
 pub mod fold;
@@ -18,6 +19,7 @@ pub mod reader;
 pub mod run;
 pub mod spool;
 pub mod system;
+pub mod uplink;
 pub mod watch;
 pub mod watch_sync;
 

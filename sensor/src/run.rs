@@ -100,6 +100,7 @@ impl AgentOptions {
 pub struct Agent {
     observations: mpsc::Receiver<Observation>,
     view: SharedView,
+    policies: mpsc::Sender<WatchSet>,
     cancel: CancellationToken,
     // Dropped last: the kernel side outlives the stages that read from it.
     sensor: Sensor,
@@ -112,7 +113,8 @@ impl Agent {
         let maps = sensor.watch_maps.take().expect("fresh sensor has its maps");
         let (sync, view) = WatchSync::start(maps, opts.watches.clone(), opts.dns_refresh).await;
         let cancel = CancellationToken::new();
-        tokio::spawn(sync.run(cancel.clone()));
+        let (policies, policies_rx) = mpsc::channel(4);
+        tokio::spawn(sync.run(cancel.clone(), policies_rx));
 
         let mut table = ProcessTable::new(ProcFs::default());
         match table.seed_from_proc() {
@@ -136,7 +138,7 @@ impl Agent {
                 }
             })
             .expect("spawning the enricher thread");
-        Ok(Self { observations, view, cancel, sensor })
+        Ok(Self { observations, view, policies, cancel, sensor })
     }
 
     /// The next observation; `None` once the sensor has stopped.
@@ -155,6 +157,18 @@ impl Agent {
             }
         }
         None
+    }
+
+    /// Replaces the watch set (a new policy): the kernel maps are refilled and the enricher
+    /// names matches from the new set.
+    pub async fn set_watches(&self, set: WatchSet) {
+        let _ = self.policies.send(set).await;
+    }
+
+    /// Hands the observation stream to another consumer (the uplink); [`Agent::next`] then
+    /// returns `None`.
+    pub fn take_observations(&mut self) -> mpsc::Receiver<Observation> {
+        std::mem::replace(&mut self.observations, mpsc::channel(1).1)
     }
 
     /// The watch set and what it resolved to, as of now.
@@ -208,5 +222,174 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Where and how observations go to a collector (`run --collector`).
+#[derive(Debug, Clone)]
+pub struct UplinkOptions {
+    pub config: crate::uplink::UplinkConfig,
+    /// Identity, last policy and spool live here.
+    pub state_dir: std::path::PathBuf,
+    /// Also write each observation to stdout as a JSON line.
+    pub stdout: bool,
+}
+
+/// The kernel release, for the Hello.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The Hello's capability report, from the program table.
+pub fn capabilities(report: &[loader::ProgramStatus]) -> Vec<keywatch_proto::v1::Capability> {
+    report
+        .iter()
+        .map(|s| keywatch_proto::v1::Capability {
+            program: s.program.to_owned(),
+            attach: s.attach.clone(),
+            attached: s.attached,
+            reason: s.reason.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The watch set to start with: the last policy the collector sent (kept in the state
+/// directory, so a sensor that starts while the collector is away watches what it was told),
+/// else the built-in catalog or `--config`.
+fn initial_watches(state_dir: &std::path::Path, fallback: &WatchSet) -> (WatchSet, Option<u64>) {
+    let Some(policy) = crate::uplink::load_policy(state_dir) else {
+        return (fallback.clone(), None);
+    };
+    match crate::convert::policy_watch_set(&policy) {
+        Ok(set) => {
+            tracing::info!(
+                version = policy.version,
+                watches = set.len(),
+                "watching the last policy received from the collector"
+            );
+            (set, Some(policy.version))
+        }
+        Err(error) => {
+            tracing::warn!(%error, "the stored policy is not valid any more; using the local watches");
+            (fallback.clone(), None)
+        }
+    }
+}
+
+/// Collector mode: observations go through the durable spool to the collector (and to stdout
+/// too when asked) until SIGINT/SIGTERM; policies from the collector are applied live.
+pub async fn run_uplink(opts: &AgentOptions, uplink: UplinkOptions) -> anyhow::Result<()> {
+    use crate::uplink::Uplink;
+    let mut opts = opts.clone();
+    let (watches, mut policy_version) = initial_watches(&uplink.state_dir, &opts.watches);
+    opts.watches = watches;
+    let mut agent = Agent::start(&opts).await?;
+    let mut config = uplink.config;
+    config.hello.sensor_version = env!("CARGO_PKG_VERSION").to_owned();
+    config.hello.kernel = kernel_release();
+    config.hello.capabilities = capabilities(agent.sensor().report());
+    let source = agent.take_observations();
+    let observations = if uplink.stdout {
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        std::thread::Builder::new()
+            .name("stdout".into())
+            .spawn(move || tee_stdout(source, tx))
+            .expect("spawning the stdout thread");
+        rx
+    } else {
+        source
+    };
+    let uplink_handle = Uplink::start(config.clone(), observations).await?;
+    tracing::info!(
+        collector = %config.target.authority,
+        host_id = %config.hello.host_id,
+        programs = agent.sensor().report().len(),
+        watches = opts.watches.len(),
+        "sensor attached; streaming to the collector"
+    );
+    let mut policies = uplink_handle.policy();
+    let mut losses = tokio::time::interval(Duration::from_secs(5));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = losses.tick() => {
+                let lost = agent.sensor().loaded().lost_counts().unwrap_or_default();
+                uplink_handle.set_kernel_lost(lost.into_iter().map(|(k, n)| (k.name().to_owned(), n)).collect());
+            }
+            changed = policies.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let Some(policy) = policies.borrow_and_update().clone() else { continue };
+                apply_policy(&agent, &uplink.state_dir, &policy, &mut policy_version).await;
+            }
+        }
+    }
+    // Closing the observation stream makes the batcher flush; the uplink then waits briefly for
+    // the acks in flight. What the kernel still holds stays in the pinned ring for the next run.
+    drop(agent);
+    uplink_handle.shutdown().await;
+    tracing::info!("sensor stopped");
+    Ok(())
+}
+
+/// Applies a policy from the collector: a new watch set for the agent, persisted for the next
+/// start. An invalid policy is refused whole (the watches in force stay).
+async fn apply_policy(
+    agent: &Agent,
+    state_dir: &std::path::Path,
+    policy: &keywatch_proto::v1::Policy,
+    current: &mut Option<u64>,
+) {
+    if policy.watches.is_empty() {
+        // A collector with no Watch declared yet: blanking the sensor would hide everything.
+        tracing::warn!(
+            version = policy.version,
+            "the collector's policy declares no watches; keeping the watches in force"
+        );
+        return;
+    }
+    let set = match crate::convert::policy_watch_set(policy) {
+        Ok(set) => set,
+        Err(error) => {
+            tracing::error!(%error, "refusing the collector's policy; the watches in force stay");
+            return;
+        }
+    };
+    let specs: Vec<_> = set.iter().map(|w| w.spec.clone()).collect();
+    let same = {
+        let view = agent.view().read().expect("watch view");
+        *current == Some(policy.version) && view.set.iter().map(|w| &w.spec).eq(specs.iter())
+    };
+    if same {
+        return;
+    }
+    tracing::info!(
+        version = policy.version,
+        watches = set.len(),
+        "applying the collector's policy"
+    );
+    agent.set_watches(set).await;
+    *current = Some(policy.version);
+    if let Err(error) = crate::uplink::save_policy(state_dir, policy.version, &specs) {
+        tracing::warn!(%error, "cannot persist the policy; the next start uses the local watches until the collector answers");
+    }
+}
+
+/// Writes each observation to stdout and passes it on.
+fn tee_stdout(mut source: mpsc::Receiver<Observation>, tx: mpsc::Sender<Observation>) {
+    let mut stdout = std::io::stdout().lock();
+    while let Some(observation) = source.blocking_recv() {
+        if output::write_json_line(&mut stdout, &observation).and_then(|()| stdout.flush()).is_err()
+        {
+            tracing::warn!("stdout closed; observations go to the collector only");
+        }
+        if tx.blocking_send(observation).is_err() {
+            return;
+        }
     }
 }

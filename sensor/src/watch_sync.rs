@@ -257,8 +257,9 @@ impl WatchSync {
         (sync, view)
     }
 
-    /// Follows file system and DNS changes until cancelled.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    /// Follows file system and DNS changes, and takes over each new watch set from `policies`
+    /// (the collector's policy), until cancelled.
+    pub async fn run(mut self, cancel: CancellationToken, mut policies: mpsc::Receiver<WatchSet>) {
         let (mut watcher, mut changed): (Option<FileWatcher>, mpsc::Receiver<()>) =
             match FileWatcher::new(DEFAULT_DEBOUNCE) {
                 Ok((w, rx)) => (Some(w), rx),
@@ -274,6 +275,11 @@ impl WatchSync {
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return,
+                Some(set) = policies.recv() => {
+                    self.replace_set(set, watcher.as_mut()).await;
+                    let set = self.view.read().expect("watch view").set.clone();
+                    refresher = EndpointRefresher::new(set, self.refresh);
+                }
                 Some(()) = changed.recv() => self.reresolve(watcher.as_mut()).await,
                 endpoints = refresher.changed() => {
                     apply_endpoints(&mut self.maps, &self.rules, &endpoints);
@@ -287,6 +293,33 @@ impl WatchSync {
         let Some(watcher) = watcher else { return };
         let view = self.view.read().expect("watch view");
         watcher.update_dirs(view.kernel.follow.iter().map(|(d, n)| (d.as_path(), n)));
+    }
+
+    /// Switches to a new watch set: the kernel maps get the differences, and the set and what
+    /// it resolved to change together in the view, so the enricher never names a match with
+    /// the other set's ids. Host names follow with the next refresher answer.
+    async fn replace_set(&mut self, set: WatchSet, watcher: Option<&mut FileWatcher>) {
+        let kernel = resolve_blocking(&set).await;
+        let mut literal =
+            crate::watch::resolve_endpoints_with(&set, &NoNames, Duration::ZERO).await;
+        literal.unresolved.clear();
+        {
+            let mut view = self.view.write().expect("watch view");
+            apply(&mut self.maps, &view.kernel, &kernel);
+            apply_endpoints(&mut self.maps, &self.rules, &literal);
+            tracing::info!(
+                watches = set.len(),
+                files = kernel.files.len(),
+                dirs = kernel.dirs.len(),
+                sockets = kernel.sockets.len(),
+                endpoint_rules = literal.rules.len(),
+                "new watch set in force"
+            );
+            view.set = set;
+            view.kernel = kernel;
+        }
+        self.rules = literal.rules;
+        self.follow(watcher);
     }
 
     async fn reresolve(&mut self, watcher: Option<&mut FileWatcher>) {
