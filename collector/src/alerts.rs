@@ -10,7 +10,8 @@ use crate::{
     declarations::model::ApprovedChange,
     detect::{Finding, Resource},
     event::{Event, Host, Process},
-    rule::{Rule, Severity},
+    route::{self, RouteTeam, Routing},
+    rule::{Frameworks, Rule, Severity},
     table,
 };
 
@@ -146,13 +147,35 @@ pub struct Alert {
     pub last_seen: DateTime<Utc>,
     /// Events folded into this alert (sensor-folded repeats included).
     pub count: u64,
-    /// The team (and its delivery) the alert is routed to.
-    pub routed_to: String,
+    /// ATT&CK techniques and the OWASP NHI entry of the rule.
+    #[serde(default)]
+    pub frameworks: Frameworks,
+    /// The teams the alert was routed to when raised, and why (escalations add deliveries).
+    #[serde(default)]
+    pub routes: Vec<RouteTeam>,
+    /// Every delivery: team, sink, status, attempts, last error (filled from the outbox when
+    /// read; a team without a route shows as `no-route`).
+    #[serde(default, deserialize_with = "routed_to_lenient")]
+    pub routed_to: Vec<Routing>,
     /// `(host, seq)` of the first event.
     pub first_event_seq: u64,
     /// Lifecycle history, oldest first.
     #[serde(default)]
     pub transitions: Vec<Transition>,
+}
+
+/// Alerts stored before delivery tracking carried `routed_to` as one string; read it as nothing.
+fn routed_to_lenient<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Routing>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<Routing>),
+        Old(#[expect(dead_code, reason = "only accepted, not used")] String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(l) => l,
+        Either::Old(_) => Vec::new(),
+    })
 }
 
 impl Alert {
@@ -175,13 +198,7 @@ impl Alert {
             Some(w) => (w.workload.identity_type.as_str().to_owned(), w.workload.owner.clone()),
             None => (UNDECLARED.to_owned(), UNDECLARED.to_owned()),
         };
-        let routed_to = match workload.and_then(|w| reg.teams.get(&w.workload.owner)) {
-            Some(team) => match team.route.as_ref().and_then(|r| r.webhook.as_deref()) {
-                Some(hook) => format!("{} (webhook {hook})", team.name),
-                None => format!("{} (no route declared)", team.name),
-            },
-            None => DEFAULT_ROUTE.to_owned(),
-        };
+        let routes = route::alert_teams(finding.rule, workload.map(|w| w.workload.owner.as_str()));
         let name = finding.workload.clone().unwrap_or_else(|| UNDECLARED.to_owned());
         let in_force = finding.workload.as_deref().and_then(|w| reg.change_in_force(w, event.time));
         let expired = if in_force.is_none() {
@@ -220,7 +237,9 @@ impl Alert {
             first_seen: event.time,
             last_seen: event.time,
             count: u64::from(event.count.max(1)),
-            routed_to,
+            frameworks: finding.rule.frameworks(),
+            routes,
+            routed_to: Vec::new(),
             first_event_seq: event.seq,
             transitions: Vec::new(),
             workload: name,
@@ -289,7 +308,21 @@ impl Alert {
         line("first seen", self.first_seen.to_rfc3339());
         line("last seen", self.last_seen.to_rfc3339());
         line("count", self.count.to_string());
-        line("routed to", self.routed_to.clone());
+        line(
+            "frameworks",
+            format!(
+                "ATT&CK {}; OWASP {}",
+                self.frameworks.attack.join(", "),
+                self.frameworks.owasp_nhi
+            ),
+        );
+        if self.routed_to.is_empty() {
+            let teams: Vec<&str> = self.routes.iter().map(|r| r.team.as_str()).collect();
+            line("routed to", format!("{} (no delivery yet)", teams.join(", ")));
+        }
+        for r in &self.routed_to {
+            line("routed to", r.render());
+        }
         for r in &self.recent_revisions {
             line(
                 "revision",

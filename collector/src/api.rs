@@ -7,13 +7,15 @@ use keywatch_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    alerts::{Alert, AlertStatus},
+    alerts::{Alert, AlertStatus, DEFAULT_ROUTE},
+    audit::{Actor, AuditFilter, AuditRecord},
     auth::{self, Action, Role, TokenRecord},
     clock::Clock,
-    declarations::{Declaration, Kind, Objects},
+    declarations::{Declaration, Kind, Objects, diff},
     enroll::{Enroller, NewJoinToken},
     hosts::{HostSummary, Hosts},
     registry::{RegistryError, RegistryHandle},
+    route::{self, NewDelivery, Reason, TeamRoute},
     store::{AlertFilter, Store, StoreError},
     timeline::{Cursor, TimelineQuery},
 };
@@ -140,10 +142,102 @@ impl Api {
             })?;
         let hash = auth::hash_secret(secret.trim());
         let store = self.store.clone();
-        blocking(move || store.token(&hash))
+        let token = blocking(move || store.token(&hash))
             .await?
             .map_err(store_status)?
-            .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
+            .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
+        if token.expires.is_some_and(|e| e <= self.clock.now()) {
+            return Err(Status::unauthenticated("token expired"));
+        }
+        Ok(token)
+    }
+
+    /// Appends audit records; the operation has happened, so a failure is logged, not returned.
+    async fn audit(&self, records: Vec<AuditRecord>) {
+        if records.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        match blocking(move || store.append_audit(records)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot record audit records"),
+            Err(e) => tracing::error!(error = %e, "cannot record audit records"),
+        }
+    }
+
+    /// Audit records for applied or deleted declarations (with their revision and diff), and
+    /// `declaration-changed` notices to the owner and `secops` for every widened workload.
+    async fn record_changes(
+        &self,
+        who: &TokenRecord,
+        changes: &[crate::registry::ObjectChange],
+        before: &Objects,
+    ) {
+        let after = self.registry.snapshot();
+        let now = self.clock.now();
+        let mut records = Vec::new();
+        let mut notices = Vec::new();
+        for c in changes.iter().filter(|c| c.action != "unchanged" && c.revision > 0) {
+            let key = (c.kind, c.name.clone());
+            let (old, new) = (before.get(&key), after.objects.get(&key));
+            let yaml = |d: Option<&Declaration>| d.map(Declaration::to_yaml).unwrap_or_default();
+            let mut details = serde_json::json!({
+                "kind": c.kind.as_str(), "name": c.name, "action": c.action,
+                "diff": diff::line_diff(&yaml(old), &yaml(new)),
+            });
+            if let (Some(Declaration::Workload(o)), Some(Declaration::Workload(n))) = (old, new) {
+                let widened = diff::widened(o, n);
+                if !widened.is_empty() {
+                    let mut teams = vec![n.owner.clone()];
+                    if n.owner != DEFAULT_ROUTE {
+                        teams.push(DEFAULT_ROUTE.to_owned());
+                    }
+                    let change = serde_json::json!({
+                        "workload": n.name, "owner": n.owner, "revision": c.revision,
+                        "actor": Actor::token(who).render(), "time": now,
+                        "widened": widened, "diff": details["diff"],
+                    });
+                    for team in &teams {
+                        let route = after.teams.get(team).map(TeamRoute::of).unwrap_or_default();
+                        for sink in route.sinks {
+                            let delivery_id = route::new_delivery_id();
+                            let payload =
+                                route::declaration_changed_body(&delivery_id, team, &change);
+                            notices.push(NewDelivery {
+                                delivery_id,
+                                alert_id: None,
+                                team: team.clone(),
+                                reason: Reason::DeclarationChanged,
+                                sink,
+                                payload,
+                            });
+                        }
+                    }
+                    details["widened"] = serde_json::json!(widened);
+                    details["notified"] = serde_json::json!(teams);
+                }
+            }
+            let mut record = AuditRecord::new(
+                now,
+                &format!("declaration-{}", c.action),
+                Actor::token(who),
+                format!("{} {}", c.kind, c.name),
+                details,
+            );
+            record.revision = Some(c.revision);
+            records.push(record);
+        }
+        if !notices.is_empty() {
+            let store = self.store.clone();
+            match blocking(move || store.enqueue(notices, now)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot queue declaration-changed notices")
+                }
+                Err(e) => tracing::error!(error = %e, "cannot queue declaration-changed notices"),
+            }
+        }
+        self.audit(records).await;
     }
 
     /// Caller plus authorization of one action.
@@ -170,6 +264,8 @@ impl pb::api_service_server::ApiService for Api {
             req.files.into_iter().map(|f| (f.name, f.content)).collect();
         let registry = self.registry.clone();
         let before = registry.snapshot();
+        let before_objects = before.objects.clone();
+        let actor = who.clone();
         let result = blocking(move || {
             let allowed = |d: &Declaration, after: &Objects| -> Result<(), String> {
                 // Both the team that owns it now and the team that would own it must be the caller's.
@@ -186,6 +282,9 @@ impl pb::api_service_server::ApiService for Api {
             registry.apply(&files, &who.actor(), req.dry_run, &allowed)
         })
         .await?;
+        if let Ok(changes) = &result {
+            self.record_changes(&actor, changes, &before_objects).await;
+        }
         match result {
             Ok(changes) => Ok(Response::new(pb::ApplyResponse {
                 problems: Vec::new(),
@@ -252,6 +351,8 @@ impl pb::api_service_server::ApiService for Api {
         let req = request.into_inner();
         let kind = parse_kind(&req.kind)?;
         let registry = self.registry.clone();
+        let before = registry.snapshot().objects.clone();
+        let actor = who.clone();
         let change = blocking(move || {
             let allowed = |d: &Declaration, objects: &Objects| -> Result<(), String> {
                 auth::authorize(
@@ -264,6 +365,7 @@ impl pb::api_service_server::ApiService for Api {
         })
         .await?
         .map_err(registry_status)?;
+        self.record_changes(&actor, std::slice::from_ref(&change), &before).await;
         Ok(Response::new(pb::DeleteResponse { revision: change.revision }))
     }
 
@@ -296,7 +398,7 @@ impl pb::api_service_server::ApiService for Api {
         &self,
         request: Request<pb::ListAlertsRequest>,
     ) -> Result<Response<pb::ListAlertsResponse>, Status> {
-        let who = self.authorized(&request, Action::ReadAlerts).await?;
+        let who = self.authorized(&request, Action::ListAlerts).await?;
         let req = request.into_inner();
         let status = match req.status.as_str() {
             "" => None,
@@ -330,16 +432,15 @@ impl pb::api_service_server::ApiService for Api {
         &self,
         request: Request<pb::GetAlertRequest>,
     ) -> Result<Response<pb::Alert>, Status> {
-        let who = self.authorized(&request, Action::ReadAlerts).await?;
+        let who = self.caller(&request).await?;
         let id = request.into_inner().id;
         let store = self.store.clone();
         let alert = blocking(move || store.alert(id))
             .await?
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("alert {id} not found")))?;
-        if who.role == Role::Owner && who.team.as_deref() != Some(alert.owner.as_str()) {
-            return Err(Status::not_found(format!("alert {id} not found")));
-        }
+        auth::authorize(&who, &Action::ReadAlert { team: alert.owner.clone() })
+            .map_err(|d| Status::permission_denied(d.to_string()))?;
         Ok(Response::new(alert_to_proto(&alert)))
     }
 
@@ -362,9 +463,13 @@ impl pb::api_service_server::ApiService for Api {
             .map_err(|d| Status::permission_denied(d.to_string()))?;
         let (store, now) = (self.store.clone(), self.clock.now());
         let note = Some(req.note).filter(|n| !n.is_empty());
+        let (actor, details) =
+            (Actor::token(&who), serde_json::json!({"to": to.as_str(), "note": note}));
         let updated = blocking(move || store.transition(id, to, &who.actor(), note, now))
             .await?
             .map_err(store_status)?;
+        let kind = format!("alert-{}", to.as_str());
+        self.audit(vec![AuditRecord::new(now, &kind, actor, format!("alert {id}"), details)]).await;
         Ok(Response::new(alert_to_proto(&updated)))
     }
 
@@ -372,8 +477,26 @@ impl pb::api_service_server::ApiService for Api {
         &self,
         request: Request<pb::TimelineRequest>,
     ) -> Result<Response<pb::TimelineResponse>, Status> {
-        self.authorized(&request, Action::ReadTimeline).await?;
+        let who = self.caller(&request).await?;
         let req = request.into_inner();
+        let teams = if who.role == Role::Owner {
+            // The teams whose workloads the host runs (events correlated to them).
+            let (store, host) = (self.store.clone(), req.host.clone());
+            let workloads =
+                blocking(move || store.host_workloads(&host)).await?.map_err(store_status)?;
+            let reg = self.registry.snapshot();
+            let mut teams: Vec<String> = workloads
+                .iter()
+                .filter_map(|w| reg.workload(w).map(|w| w.workload.owner.clone()))
+                .collect();
+            teams.sort();
+            teams.dedup();
+            teams
+        } else {
+            Vec::new()
+        };
+        auth::authorize(&who, &Action::ReadTimeline { host: req.host.clone(), teams })
+            .map_err(|d| Status::permission_denied(d.to_string()))?;
         let to_time =
             |n: u64| chrono::DateTime::from_timestamp_nanos(i64::try_from(n).unwrap_or(i64::MAX));
         for k in &req.kinds {
@@ -429,7 +552,7 @@ impl pb::api_service_server::ApiService for Api {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let who = self.authorized(&request, Action::CreateToken).await?;
+        let who = self.authorized(&request, Action::ManageTokens).await?;
         let req = request.into_inner();
         let role = Role::parse(&req.role).ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -463,6 +586,18 @@ impl pb::api_service_server::ApiService for Api {
                 .await?
                 .map_err(store_status)?;
             tracing::info!(token = %record.id, labels = ?record.labels, uses = record.uses_left, expires = %record.expires, creator = %record.creator, "join token created");
+            let details = serde_json::json!({
+                "role": "sensor", "labels": record.labels, "uses": record.uses_left, "expires": record.expires,
+            });
+            let object = format!("join token {}", record.id);
+            let rec = AuditRecord::new(
+                self.clock.now(),
+                "join-token-created",
+                Actor::token(&who),
+                object,
+                details,
+            );
+            self.audit(vec![rec]).await;
             return Ok(Response::new(pb::CreateTokenResponse {
                 token: text.to_string(),
                 id: 0,
@@ -485,14 +620,37 @@ impl pb::api_service_server::ApiService for Api {
         }
         let name = if req.name.is_empty() { format!("{role}-token") } else { req.name };
         let secret = auth::new_secret();
-        let record = TokenRecord { id: 0, name, role, team, created: self.clock.now() };
-        let (store, hash) = (self.store.clone(), auth::hash_secret(&secret));
-        let id = blocking(move || store.put_token(&record, &hash)).await?.map_err(store_status)?;
+        let now = self.clock.now();
+        // API tokens: ttl 0 means until revoked.
+        let expires = match req.ttl_s {
+            0 => None,
+            s => Some(
+                i64::try_from(s)
+                    .ok()
+                    .filter(|s| *s <= 10 * 366 * 86_400)
+                    .map(|s| now + chrono::Duration::seconds(s))
+                    .ok_or_else(|| Status::invalid_argument("--ttl may be at most 10 years"))?,
+            ),
+        };
+        let record = TokenRecord { id: 0, name, role, team, created: now, expires };
+        let (store, hash, rec) = (self.store.clone(), auth::hash_secret(&secret), record.clone());
+        let id = blocking(move || store.put_token(&rec, &hash)).await?.map_err(store_status)?;
+        let details = serde_json::json!({
+            "name": record.name, "role": record.role.as_str(), "team": record.team, "expires": record.expires,
+        });
+        let rec = AuditRecord::new(
+            now,
+            "token-created",
+            Actor::token(&who),
+            format!("token {id}"),
+            details,
+        );
+        self.audit(vec![rec]).await;
         Ok(Response::new(pb::CreateTokenResponse {
             token: secret,
             id,
             join_token_id: String::new(),
-            expires_ns: 0,
+            expires_ns: expires.map(ns).unwrap_or_default(),
         }))
     }
 
@@ -500,7 +658,7 @@ impl pb::api_service_server::ApiService for Api {
         &self,
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        self.authorized(&request, Action::CreateToken).await?;
+        self.authorized(&request, Action::ManageTokens).await?;
         let store = self.store.clone();
         let (api, join) =
             blocking(move || Ok::<_, StoreError>((store.api_tokens()?, store.join_tokens()?)))
@@ -516,6 +674,7 @@ impl pb::api_service_server::ApiService for Api {
                 team: t.team.unwrap_or_default(),
                 created_ns: ns(t.created),
                 revoked_ns: revoked.map(ns).unwrap_or_default(),
+                expires_ns: t.expires.map(ns).unwrap_or_default(),
                 ..Default::default()
             })
             .collect();
@@ -539,9 +698,13 @@ impl pb::api_service_server::ApiService for Api {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let who = self.authorized(&request, Action::CreateToken).await?;
+        let who = self.authorized(&request, Action::ManageTokens).await?;
         let id = request.into_inner().id;
         let (store, now) = (self.store.clone(), self.clock.now());
+        let (kind, object) = match id.parse::<i64>() {
+            Ok(_) if id.len() != 12 => ("token-revoked", format!("token {id}")),
+            _ => ("join-token-revoked", format!("join token {id}")),
+        };
         match id.parse::<i64>() {
             Ok(n) if id.len() != 12 => {
                 if n == who.id {
@@ -555,6 +718,8 @@ impl pb::api_service_server::ApiService for Api {
                 blocking(move || store.revoke_join_token(&id, now)).await?.map_err(store_status)?
             }
         }
+        let rec = AuditRecord::new(now, kind, Actor::token(&who), object, serde_json::json!({}));
+        self.audit(vec![rec]).await;
         Ok(Response::new(pb::RevokeTokenResponse {}))
     }
 
@@ -581,6 +746,14 @@ impl pb::api_service_server::ApiService for Api {
         let (store, now, id) = (self.store.clone(), self.clock.now(), host_id.clone());
         blocking(move || hosts.revoke(&id, now)).await?.map_err(store_status)?;
         tracing::warn!(host = %host_id, by = %who.actor(), "host revoked");
+        let rec = AuditRecord::new(
+            now,
+            "host-revoked",
+            Actor::token(&who),
+            format!("host {host_id}"),
+            serde_json::json!({}),
+        );
+        self.audit(vec![rec]).await;
         let summary = blocking(move || store.host_summaries())
             .await?
             .map_err(store_status)?
@@ -589,11 +762,41 @@ impl pb::api_service_server::ApiService for Api {
         Ok(Response::new(pb::RevokeHostResponse { host: summary.as_ref().map(host_info) }))
     }
 
+    async fn list_audit(
+        &self,
+        request: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        self.authorized(&request, Action::ReadAudit).await?;
+        let req = request.into_inner();
+        let filter = AuditFilter {
+            since: (req.since_ns != 0).then(|| {
+                chrono::DateTime::from_timestamp_nanos(
+                    i64::try_from(req.since_ns).unwrap_or(i64::MAX),
+                )
+            }),
+            kinds: req.kinds,
+            limit: req.limit as usize,
+        };
+        let store = self.store.clone();
+        let records = blocking(move || store.audit(&filter)).await?.map_err(store_status)?;
+        Ok(Response::new(pb::ListAuditResponse {
+            records: records
+                .iter()
+                .map(|r| pb::AuditRecord {
+                    id: r.id,
+                    time_ns: ns(r.time),
+                    kind: r.kind.clone(),
+                    json: serde_json::to_string(r).unwrap_or_default(),
+                })
+                .collect(),
+        }))
+    }
+
     async fn who_am_i(
         &self,
         request: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        let who = self.caller(&request).await?;
+        let who = self.authorized(&request, Action::WhoAmI).await?;
         Ok(Response::new(pb::WhoAmIResponse {
             name: who.name,
             role: who.role.to_string(),

@@ -66,6 +66,9 @@ pub struct TokenRecord {
     /// The team, for the `owner` role.
     pub team: Option<String>,
     pub created: DateTime<Utc>,
+    /// When the token stops working; `None`: until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<DateTime<Utc>>,
 }
 
 impl TokenRecord {
@@ -94,77 +97,138 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Something an API caller wants to do.
+/// Something an API caller wants to do. Every API method maps to exactly one action.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Create or change a declaration; `team` is the owning team for workloads and changes.
-    WriteDeclaration {
-        kind: Kind,
-        team: Option<String>,
-    },
+    /// Create, change or delete a declaration; `team` is the owning team for workloads and
+    /// approved changes.
+    WriteDeclaration { kind: Kind, team: Option<String> },
+    /// Read declarations and their history.
     ReadDeclarations,
-    ReadAlerts,
+    /// List alerts (owners see their team's only).
+    ListAlerts,
+    /// Read one alert owned by `team` (`undeclared` for alerts without a workload).
+    ReadAlert { team: String },
     /// Acknowledge or resolve an alert owned by `team`.
-    TransitionAlert {
-        team: String,
-    },
-    ReadTimeline,
-    CreateToken,
+    TransitionAlert { team: String },
+    /// Read a host's timeline; `teams` own the workloads the host runs (see
+    /// [`crate::store::Store::host_workloads`]).
+    ReadTimeline { host: String, teams: Vec<String> },
+    /// Create, list or revoke API and join tokens.
+    ManageTokens,
     /// List enrolled hosts.
     ReadHosts,
     /// Revoke a host (SecOps: response).
     RevokeHost,
+    /// Read the audit trail.
+    ReadAudit,
+    /// Ask who the token belongs to.
+    WhoAmI,
 }
 
-/// Why an action was refused.
+impl Action {
+    fn describe(&self) -> String {
+        match self {
+            Self::WriteDeclaration { kind, team } => format!(
+                "change {kind} declarations{}",
+                team.as_ref().map(|t| format!(" of team {t}")).unwrap_or_default()
+            ),
+            Self::ReadDeclarations => "read declarations".into(),
+            Self::ListAlerts => "list alerts".into(),
+            Self::ReadAlert { team } => format!("read alerts of {team}"),
+            Self::TransitionAlert { team } => format!("acknowledge or resolve alerts of {team}"),
+            Self::ReadTimeline { host, .. } => format!("read the timeline of host {host}"),
+            Self::ManageTokens => "manage tokens".into(),
+            Self::ReadHosts => "list hosts".into(),
+            Self::RevokeHost => "revoke hosts".into(),
+            Self::ReadAudit => "read the audit trail".into(),
+            Self::WhoAmI => "call the API".into(),
+        }
+    }
+
+    /// The owning teams the action concerns (an owner token of one of them may be allowed).
+    fn teams(&self) -> Vec<String> {
+        match self {
+            Self::WriteDeclaration { team, .. } => team.iter().cloned().collect(),
+            Self::ReadAlert { team } | Self::TransitionAlert { team } => vec![team.clone()],
+            Self::ReadTimeline { teams, .. } => teams.clone(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Why an action was refused, naming the roles that would be allowed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("role {role} may not {action}")]
+#[error("role {role} may not {action}; needs role {needed}")]
 pub struct Denied {
-    pub role: Role,
+    /// The caller's role (with its team for owners).
+    pub role: String,
     pub action: String,
+    /// `owner of team-a, secops or admin`.
+    pub needed: String,
 }
 
-/// The authorization matrix. Every API method calls this and nothing else decides.
-pub fn authorize(who: &TokenRecord, action: &Action) -> Result<(), Denied> {
+fn allowed(role: Role, team: Option<&str>, action: &Action) -> bool {
     use Action as A;
     use Role as R;
-    let own_team = |team: &Option<String>| team.is_some() && who.team.as_ref() == team.as_ref();
-    let allowed = match (who.role, action) {
+    let own = |t: &str| team == Some(t);
+    match (role, action) {
         (R::Admin, _) => true,
         (R::Sensor, _) => false,
-        (_, A::ReadDeclarations | A::ReadAlerts) => true,
+        (_, A::WhoAmI | A::ReadDeclarations) => true,
+        (R::Iam | R::Secops | R::Responder, A::ListAlerts | A::ReadAlert { .. }) => true,
+        (R::Iam | R::Secops | R::Responder, A::ReadTimeline { .. } | A::ReadHosts) => true,
+        (R::Iam | R::Secops, A::ReadAudit) => true,
         (R::Iam, A::WriteDeclaration { kind: Kind::Watch, .. }) => true,
         (R::Secops, A::WriteDeclaration { kind: Kind::Team | Kind::Detections, .. }) => true,
+        (R::Secops, A::TransitionAlert { .. } | A::RevokeHost) => true,
+        (R::Owner, A::ListAlerts) => true,
         (R::Owner, A::WriteDeclaration { kind: Kind::Workload | Kind::ApprovedChange, team }) => {
-            own_team(team)
+            team.as_deref().is_some_and(own)
         }
-        (R::Secops | R::Responder, A::TransitionAlert { .. } | A::ReadTimeline | A::ReadHosts) => {
-            true
-        }
-        (R::Secops, A::RevokeHost) => true,
-        (R::Owner, A::TransitionAlert { team }) => own_team(&Some(team.clone())),
+        (R::Owner, A::ReadAlert { team } | A::TransitionAlert { team }) => own(team),
+        (R::Owner, A::ReadTimeline { teams, .. }) => teams.iter().any(|t| own(t)),
         _ => false,
-    };
-    if allowed {
-        Ok(())
-    } else {
-        let action = match action {
-            A::WriteDeclaration { kind, team } => {
-                format!(
-                    "change {kind} declarations{}",
-                    team.as_ref().map(|t| format!(" of team {t}")).unwrap_or_default()
-                )
-            }
-            A::ReadDeclarations => "read declarations".into(),
-            A::ReadAlerts => "read alerts".into(),
-            A::TransitionAlert { team } => format!("acknowledge or resolve alerts of {team}"),
-            A::ReadTimeline => "read host timelines".into(),
-            A::CreateToken => "create tokens".into(),
-            A::ReadHosts => "list hosts".into(),
-            A::RevokeHost => "revoke hosts".into(),
-        };
-        Err(Denied { role: who.role, action })
     }
+}
+
+/// The authorization matrix (the table in the collector README). Every API method calls this
+/// and nothing else decides.
+pub fn authorize(who: &TokenRecord, action: &Action) -> Result<(), Denied> {
+    let team = if who.role == Role::Owner { who.team.as_deref() } else { None };
+    if allowed(who.role, team, action) {
+        return Ok(());
+    }
+    let mut needed: Vec<String> = Vec::new();
+    for role in Role::ALL {
+        if role == Role::Owner {
+            let teams = action.teams();
+            let ok: Vec<&String> =
+                teams.iter().filter(|t| allowed(role, Some(t.as_str()), action)).collect();
+            match ok.as_slice() {
+                [] => {}
+                [t] => needed.push(format!("owner of {t}")),
+                _ => needed.push(format!(
+                    "owner of one of {}",
+                    ok.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(", ")
+                )),
+            }
+        } else if allowed(role, None, action) {
+            needed.push(role.as_str().to_owned());
+        }
+    }
+    // admin last: "secops or admin".
+    needed.sort_by_key(|r| r == "admin");
+    let needed = match needed.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "admin".into(),
+    };
+    let role = match &who.team {
+        Some(t) if who.role == Role::Owner => format!("owner (team {t})"),
+        _ => who.role.to_string(),
+    };
+    Err(Denied { role, action: action.describe(), needed })
 }
 
 #[cfg(test)]
@@ -178,30 +242,37 @@ mod tests {
             role,
             team: team.map(Into::into),
             created: DateTime::UNIX_EPOCH,
+            expires: None,
         }
     }
 
     #[test]
-    fn matrix() {
+    fn refusals_name_the_roles_needed() {
         let wl =
             |team: &str| Action::WriteDeclaration { kind: Kind::Workload, team: Some(team.into()) };
-        assert!(authorize(&token(Role::Admin, None), &Action::CreateToken).is_ok());
+        assert!(authorize(&token(Role::Admin, None), &Action::ManageTokens).is_ok());
         assert!(authorize(&token(Role::Owner, Some("pay")), &wl("pay")).is_ok());
         let denied = authorize(&token(Role::Owner, Some("pay")), &wl("web")).unwrap_err();
         assert_eq!(
             denied.to_string(),
-            "role owner may not change Workload declarations of team web"
+            "role owner (team pay) may not change Workload declarations of team web; needs role owner of web or admin"
         );
-        assert!(
-            authorize(
-                &token(Role::Iam, None),
-                &Action::WriteDeclaration { kind: Kind::Watch, team: None }
-            )
-            .is_ok()
+        let watch = Action::WriteDeclaration { kind: Kind::Watch, team: None };
+        assert!(authorize(&token(Role::Iam, None), &watch).is_ok());
+        assert_eq!(
+            authorize(&token(Role::Secops, None), &watch).unwrap_err().to_string(),
+            "role secops may not change Watch declarations; needs role iam or admin"
         );
-        assert!(authorize(&token(Role::Iam, None), &wl("pay")).is_err());
-        assert!(authorize(&token(Role::Sensor, None), &Action::ReadAlerts).is_err());
-        assert!(authorize(&token(Role::Responder, None), &Action::ReadTimeline).is_ok());
-        assert!(authorize(&token(Role::Secops, None), &Action::CreateToken).is_err());
+        let ack = Action::TransitionAlert { team: "web".into() };
+        assert_eq!(
+            authorize(&token(Role::Responder, None), &ack).unwrap_err().needed,
+            "secops, owner of web or admin"
+        );
+        assert!(authorize(&token(Role::Sensor, None), &Action::ListAlerts).is_err());
+        assert!(authorize(&token(Role::Responder, None), &Action::ReadHosts).is_ok());
+        assert_eq!(
+            authorize(&token(Role::Secops, None), &Action::ManageTokens).unwrap_err().needed,
+            "admin"
+        );
     }
 }

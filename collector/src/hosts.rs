@@ -193,6 +193,23 @@ impl Hosts {
     ) -> Result<Enrollment, StoreError> {
         let e = self.store.enroll(token_id, secret_hash, host_id, serial, at)?;
         self.set(e.clone());
+        let actor = crate::audit::Actor {
+            token_id: None,
+            name: format!("join token {token_id}"),
+            role: "sensor".into(),
+            team: None,
+        };
+        let details = serde_json::json!({"serial": e.serial, "labels": e.labels});
+        let record = crate::audit::AuditRecord::new(
+            at,
+            "host-enrolled",
+            actor,
+            format!("host {host_id}"),
+            details,
+        );
+        if let Err(err) = self.store.append_audit(vec![record]) {
+            tracing::error!(error = %err, "cannot record the enrollment in the audit trail");
+        }
         Ok(e)
     }
 

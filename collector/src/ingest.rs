@@ -232,11 +232,14 @@ impl Ingestor {
             }
             stored.push((event, name));
         }
+        let alerts_empty = alerts.is_empty();
         WriteBatch {
             events: stored,
             activity: activity.into_iter().collect(),
             alerts,
             grouping_window: registry.settings.grouping_window(),
+            routes: if alerts_empty { HashMap::new() } else { crate::route::routes(&registry) },
+            now: self.clock.now(),
         }
     }
 }

@@ -6,6 +6,7 @@
 //! [`store`] (one trait; SQLite today). People drive it through [`cli`] → [`api`].
 
 pub mod alerts;
+pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod convert;
@@ -17,8 +18,10 @@ pub mod enroll;
 pub mod event;
 pub mod hosts;
 pub mod ingest;
+pub mod outbox;
 pub mod pki;
 pub mod registry;
+pub mod route;
 pub mod rule;
 pub mod store;
 pub mod table;

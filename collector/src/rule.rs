@@ -61,6 +61,75 @@ impl Rule {
         }
     }
 
+    /// MITRE ATT&CK techniques the rule detects use of: `(id, name)`.
+    pub fn attack(self) -> &'static [(&'static str, &'static str)] {
+        const FILES: (&str, &str) = ("T1552.001", "Unsecured Credentials: Credentials In Files");
+        const VALID: (&str, &str) = ("T1078", "Valid Accounts");
+        match self {
+            Self::UnknownIdentity => &[FILES, VALID, ("T1528", "Steal Application Access Token")],
+            Self::OutOfPattern => {
+                &[FILES, VALID, ("T1550", "Use Alternate Authentication Material")]
+            }
+            Self::OutOfWindow => &[VALID, FILES],
+            Self::SecretMisuse => &[
+                ("T1552", "Unsecured Credentials"),
+                ("T1003", "OS Credential Dumping"),
+                ("T1055", "Process Injection"),
+            ],
+            Self::PrivilegeEscalation => &[
+                ("T1068", "Exploitation for Privilege Escalation"),
+                ("T1548", "Abuse Elevation Control Mechanism"),
+            ],
+            Self::DormantIdentity => &[VALID],
+            Self::HumanUseOfNhi => &[VALID],
+        }
+    }
+
+    /// The OWASP Non-Human Identities Top 10 (2025) entry the rule relates to: `(id, name)`.
+    pub fn owasp_nhi(self) -> (&'static str, &'static str) {
+        match self {
+            Self::UnknownIdentity => ("NHI2", "Secret Leakage"),
+            Self::OutOfPattern => ("NHI9", "NHI Reuse"),
+            Self::OutOfWindow => ("NHI7", "Long-Lived Secrets"),
+            Self::SecretMisuse => ("NHI2", "Secret Leakage"),
+            Self::PrivilegeEscalation => ("NHI5", "Overprivileged NHI"),
+            Self::DormantIdentity => ("NHI1", "Improper Offboarding"),
+            Self::HumanUseOfNhi => ("NHI10", "Human Use of NHI"),
+        }
+    }
+
+    /// The framework tags alerts of this rule carry.
+    pub fn frameworks(self) -> Frameworks {
+        let (id, name) = self.owasp_nhi();
+        Frameworks {
+            attack: self.attack().iter().map(|(id, _)| (*id).to_owned()).collect(),
+            owasp_nhi: format!("{id} {name}"),
+        }
+    }
+
+    /// One line per rule: what fires it.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::UnknownIdentity => {
+                "a watched credential, secret or endpoint used by a process matching no workload"
+            }
+            Self::OutOfPattern => "a workload uses a watch it does not declare",
+            Self::OutOfWindow => {
+                "declared use outside every window and every covering approved change"
+            }
+            Self::SecretMisuse => {
+                "a cross-process secret read or secret-socket connect not declared"
+            }
+            Self::PrivilegeEscalation => {
+                "uid/euid becomes 0 or capabilities are gained, not declared by the workload"
+            }
+            Self::DormantIdentity => "a workload silent longer than its dormancy period is used",
+            Self::HumanUseOfNhi => {
+                "a service-account or workload credential used from an interactive session"
+            }
+        }
+    }
+
     /// Parses a stable rule name.
     pub fn parse(s: &str) -> Option<Rule> {
         Self::ALL.into_iter().find(|r| r.as_str() == s)
@@ -71,6 +140,15 @@ impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// Framework tags on an alert, for coverage reports.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Frameworks {
+    /// MITRE ATT&CK technique ids, e.g. `T1552.001`.
+    pub attack: Vec<String>,
+    /// OWASP Non-Human Identities Top 10 (2025) entry, e.g. `NHI10 Human Use of NHI`.
+    pub owasp_nhi: String,
 }
 
 /// How urgent an alert is.

@@ -19,6 +19,7 @@ use crate::{
     enroll::Enroller,
     hosts::{Hosts, MtlsPeers},
     ingest::{AlertLog, Ingestor, PeerIdentity, SensorIngest, TrustHello},
+    outbox::{Dispatcher, OutboxConfig},
     pki::{self, Pki},
     registry::RegistryHandle,
     store::{Store, StoreError, sqlite::SqliteStore},
@@ -51,6 +52,8 @@ pub struct ServeConfig {
     pub allow_plaintext_remote: bool,
     /// Extra names and addresses for the server certificate (sensors dial these).
     pub advertise: Vec<String>,
+    /// Timing of alert deliveries and escalations.
+    pub outbox: OutboxConfig,
 }
 
 impl ServeConfig {
@@ -65,6 +68,7 @@ impl ServeConfig {
             insecure: false,
             allow_plaintext_remote: false,
             advertise: Vec::new(),
+            outbox: OutboxConfig::default(),
         }
     }
 }
@@ -88,6 +92,8 @@ pub enum ServeError {
     Tls(#[from] crate::tls::TlsError),
     #[error("server error")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Http(#[from] crate::outbox::HttpClientError),
 }
 
 /// The collector's parts, wired together; tests build this in-process.
@@ -124,6 +130,11 @@ impl Collector {
         }
     }
 
+    /// The delivery worker over this collector's outbox.
+    pub fn dispatcher(&self, config: OutboxConfig) -> Result<Dispatcher, ServeError> {
+        Ok(Dispatcher::new(self.store.clone(), self.registry.clone(), self.clock.clone(), config)?)
+    }
+
     /// Makes sure `DATA/admin.token` holds a valid admin token; creates one when it does not.
     /// Returns whether a new token was created.
     pub fn ensure_admin_token(&self, data_dir: &Path) -> Result<bool, ServeError> {
@@ -140,6 +151,7 @@ impl Collector {
             role: Role::Admin,
             team: None,
             created: self.clock.now(),
+            expires: None,
         };
         self.store
             .put_token(&record, &auth::hash_secret(&secret))
@@ -347,6 +359,8 @@ pub async fn start(
             .add_service(api_svc)
             .serve_with_incoming_shutdown(api_incoming, async move { stop.cancelled().await }),
     );
+    // Deliveries and escalation timers; what a stop interrupts stays in the outbox.
+    tracker.spawn(collector.dispatcher(config.outbox.clone())?.run(shutdown.clone()));
     let (store, stop, retention) = (collector.store.clone(), shutdown.clone(), config.retention);
     let (clock2, hosts) = (clock.clone(), collector.hosts.clone());
     tracker.spawn(async move {

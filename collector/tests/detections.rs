@@ -322,7 +322,14 @@ fn an_approved_change_covers_only_its_interval_mid_burst() {
     assert_eq!(alert.local_time.as_deref(), Some("Sat 2026-12-05 10:40:00 GMT (Europe/London)"));
     assert_eq!(alert.owner, "team-payments");
     assert_eq!(alert.identity_type, "service-account");
-    assert_eq!(alert.routed_to, "team-payments (webhook https://hooks.example.com/payments)");
+    assert_eq!(
+        alert.routes,
+        vec![collector::route::RouteTeam {
+            team: "team-payments".into(),
+            reason: collector::route::Reason::Owner
+        }]
+    );
+    assert_eq!(alert.frameworks.owasp_nhi, "NHI7 Long-Lived Secrets");
     assert_eq!(alert.resource.watch.as_deref(), Some("aws-credentials"));
     assert_eq!(alert.resource.path.as_deref(), Some("/srv/payments/.aws/credentials"));
     assert_eq!(alert.host.labels.get("env").map(String::as_str), Some("prod"));
@@ -344,7 +351,9 @@ fn undeclared_alerts_say_so() {
         ("undeclared", "undeclared", "undeclared")
     );
     assert_eq!(alert.severity, Severity::High);
-    assert_eq!(alert.routed_to, "secops");
+    assert_eq!(alert.routes[0].team, "secops");
+    assert_eq!(alert.routes[0].reason, collector::route::Reason::Undeclared);
+    assert_eq!(alert.frameworks.attack, vec!["T1552.001", "T1078", "T1528"]);
 }
 
 #[test]

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use collector::{
     alerts::{Alert, AlertStatus},
     api::{Api, api_server},
+    audit::{AuditFilter, AuditRecord},
     auth::TokenRecord,
     clock::{Clock, ManualClock},
     correlate::RevisionRef,
@@ -22,9 +23,10 @@ use collector::{
     hosts::{Enrollment, Gap, HeartbeatRecord, HostSummary, JoinToken},
     ingest::{Ingestor, TrustHello, sensor_server},
     registry::RegistryHandle,
+    route::{NewDelivery, Sink},
     store::{
-        AlertFilter, ApiTokenRow, DeclarationChange, Store, StoreError, StoredDeclaration,
-        WriteBatch, WriteOutcome, sqlite::SqliteStore,
+        AlertFilter, ApiTokenRow, ClaimedDelivery, DeclarationChange, DueEscalation, Store,
+        StoreError, StoredDeclaration, WriteBatch, WriteOutcome, sqlite::SqliteStore,
     },
     timeline::{TimelinePage, TimelineQuery},
 };
@@ -156,6 +158,51 @@ impl Store for GatedStore {
     fn prune(&self, b: DateTime<Utc>) -> Result<u64, StoreError> {
         self.inner.prune(b)
     }
+    fn host_workloads(&self, h: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.host_workloads(h)
+    }
+    fn append_audit(&self, r: Vec<AuditRecord>) -> Result<(), StoreError> {
+        self.inner.append_audit(r)
+    }
+    fn audit(&self, f: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        self.inner.audit(f)
+    }
+    fn enqueue(&self, d: Vec<NewDelivery>, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.inner.enqueue(d, at)
+    }
+    fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+        limit: usize,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        self.inner.claim_deliveries(now, lease, limit)
+    }
+    fn finish_delivery(
+        &self,
+        id: i64,
+        e: Option<String>,
+        at: DateTime<Utc>,
+        retry: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.inner.finish_delivery(id, e, at, retry)
+    }
+    fn due_escalations(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueEscalation>, StoreError> {
+        self.inner.due_escalations(now, limit)
+    }
+    fn fire_escalation(
+        &self,
+        e: &DueEscalation,
+        sinks: Vec<Sink>,
+        next: Option<(chrono::Duration, String)>,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        self.inner.fire_escalation(e, sinks, next, at)
+    }
 }
 
 struct Running {
@@ -190,6 +237,7 @@ async fn start() -> Running {
         role: collector::auth::Role::Admin,
         team: None,
         created: clock.now(),
+        expires: None,
     };
     store.put_token(&record, &collector::auth::hash_secret(&admin)).expect("token");
 
@@ -356,7 +404,10 @@ async fn the_api_checks_tokens_and_roles() {
         .into_inner();
     assert_eq!(resp.problems.len(), 1, "{:?}", resp.problems);
     assert_eq!(resp.problems[0].document, 1);
-    assert_eq!(resp.problems[0].message, "role owner may not change Watch declarations");
+    assert_eq!(
+        resp.problems[0].message,
+        "role owner (team team-payments) may not change Watch declarations; needs role iam or admin"
+    );
     let resp = api
         .apply(with_token(
             &owner,
@@ -492,12 +543,26 @@ async fn the_api_checks_tokens_and_roles() {
         .await
         .expect_err("unknown host");
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    // Owners read timelines of hosts their workloads run on (events correlated to them).
     let owner_timeline = api
         .timeline(with_token(
             &owner,
             pb::TimelineRequest { host: "web-1".into(), ..Default::default() },
         ))
         .await
-        .expect_err("owners do not read timelines");
-    assert_eq!(owner_timeline.code(), tonic::Code::PermissionDenied);
+        .expect("payments-api runs on web-1")
+        .into_inner();
+    assert_eq!(owner_timeline.entries.len(), 2);
+    let other = api
+        .timeline(with_token(
+            &web_owner,
+            pb::TimelineRequest { host: "web-1".into(), ..Default::default() },
+        ))
+        .await
+        .expect_err("no team-web workload runs on web-1");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied);
+    assert_eq!(
+        other.message(),
+        "role owner (team team-web) may not read the timeline of host web-1; needs role iam, secops, owner of team-payments, responder or admin"
+    );
 }

@@ -162,6 +162,7 @@ fn restart_keeps_everything() {
             role: Role::Owner,
             team: Some("team-payments".into()),
             created: clock.now_for_test(),
+            expires: None,
         };
         c.store.put_token(&token, "abc123").expect("token");
     }

@@ -89,6 +89,17 @@ pub enum Command {
     Hosts(HostsArgs),
     /// Show who the current token belongs to.
     Whoami,
+    /// The audit trail: declaration changes, token operations, acks, resolutions, escalations,
+    /// host enrollment and revocation — who, when, what.
+    ///
+    /// Examples: keywatch audit --since 1d; keywatch audit --kind declaration --json
+    Audit(AuditArgs),
+    /// The detection rules: default severity, MITRE ATT&CK techniques, OWASP NHI Top 10 entry.
+    Rules {
+        /// One JSON object per rule.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version and the gRPC schema this keywatch speaks.
     Version,
 }
@@ -200,6 +211,23 @@ pub struct TransitionArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only records newer than this, e.g. 1h, 7d.
+    #[arg(long)]
+    pub since: Option<HumanDuration>,
+    /// Only these kinds or kind prefixes (repeatable): declaration, token, join-token, alert,
+    /// alert-escalated, host…
+    #[arg(long = "kind")]
+    pub kinds: Vec<String>,
+    /// At most the newest this many.
+    #[arg(long, default_value_t = 1_000)]
+    pub limit: u32,
+    /// JSON lines, one record per line (with diffs).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct TimelineArgs {
     /// Host id as its sensor reports it.
     #[arg(long)]
@@ -250,9 +278,10 @@ pub enum TokenCommand {
         /// Join tokens: labels every host enrolled with it gets, k=v,k=v.
         #[arg(long)]
         labels: Option<String>,
-        /// Join tokens: how long it can be used.
-        #[arg(long, default_value = "1h")]
-        ttl: HumanDuration,
+        /// How long the token works, e.g. 90d (API tokens: until revoked when left out; join
+        /// tokens: 1h when left out).
+        #[arg(long)]
+        ttl: Option<HumanDuration>,
         /// Join tokens: how many hosts can enroll with it.
         #[arg(long, default_value_t = 1)]
         uses: u32,
@@ -372,14 +401,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     team: team.unwrap_or_default(),
                     name: name.unwrap_or_default(),
                     labels,
-                    ttl_s: ttl.0.num_seconds().max(1) as u64,
+                    ttl_s: ttl.map_or(0, |t| t.0.num_seconds().max(1) as u64),
                     uses,
                 })
                 .await
                 .map_err(client::explain)?
                 .into_inner();
             if r.join_token_id.is_empty() {
-                eprintln!("token {} created; it is shown only this once:", r.id);
+                let expires = if r.expires_ns == 0 {
+                    "until revoked".to_owned()
+                } else {
+                    format!("expires {}", when(r.expires_ns))
+                };
+                eprintln!("token {} created ({expires}); it is shown only this once:", r.id);
             } else {
                 let expires = DateTime::from_timestamp_nanos(r.expires_ns as i64);
                 eprintln!(
@@ -422,6 +456,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 c.list_hosts(pb::ListHostsRequest {}).await.map_err(client::explain)?.into_inner();
             hosts_out(&r.hosts, json)
         }
+        Command::Rules { json } => rules_out(json),
+        Command::Audit(a) => {
+            let mut c = client::connect(&target()?).await?;
+            let since = a.since.map(|d| Utc::now() - d.0);
+            let r = c
+                .list_audit(pb::ListAuditRequest {
+                    since_ns: since
+                        .map_or(0, |t| t.timestamp_nanos_opt().unwrap_or_default().max(0) as u64),
+                    kinds: a.kinds,
+                    limit: a.limit,
+                })
+                .await
+                .map_err(client::explain)?
+                .into_inner();
+            let records: Vec<crate::audit::AuditRecord> = r
+                .records
+                .iter()
+                .map(|r| serde_json::from_str(&r.json).context("decoding an audit record"))
+                .collect::<anyhow::Result<_>>()?;
+            if a.json {
+                for rec in &records {
+                    println!("{}", serde_json::to_string(rec)?);
+                }
+            } else if records.is_empty() {
+                eprintln!("no audit records match");
+            } else {
+                print!("{}", crate::audit::render_table(&records));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Whoami => {
             let mut c = client::connect(&target()?).await?;
             let r = c.who_am_i(pb::WhoAmIRequest {}).await.map_err(client::explain)?.into_inner();
@@ -431,6 +495,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn rules_out(json: bool) -> anyhow::Result<ExitCode> {
+    use crate::rule::Rule;
+    if json {
+        for r in Rule::ALL {
+            let v = serde_json::json!({
+                "rule": r.as_str(),
+                "default_severity": r.default_severity().as_str(),
+                "description": r.description(),
+                "attack": r.attack().iter().map(|(id, name)| serde_json::json!({"id": id, "name": name})).collect::<Vec<_>>(),
+                "owasp_nhi": {"id": r.owasp_nhi().0, "name": r.owasp_nhi().1},
+            });
+            println!("{v}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = Rule::ALL
+        .iter()
+        .map(|r| {
+            vec![
+                r.as_str().to_owned(),
+                r.default_severity().to_string(),
+                r.attack().iter().map(|(id, _)| *id).collect::<Vec<_>>().join(", "),
+                format!("{} {}", r.owasp_nhi().0, r.owasp_nhi().1),
+                r.description().to_owned(),
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["RULE", "SEVERITY", "ATT&CK", "OWASP NHI", "FIRES WHEN"], &rows));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn when(ns: u64) -> String {
@@ -672,7 +767,20 @@ fn describe(d: &Declaration) -> String {
                     (Some(a), Some(t)) => format!(", escalate to {t} after {a}"),
                     _ => String::new(),
                 };
-                format!("webhook {}{esc}", r.webhook.as_deref().unwrap_or("-"))
+                let team = crate::declarations::model::Team {
+                    name: t.name.clone(),
+                    route: Some(r.clone()),
+                    description: None,
+                };
+                let sinks: Vec<String> = crate::route::TeamRoute::of(&team)
+                    .sinks
+                    .iter()
+                    .map(crate::route::Sink::describe)
+                    .collect();
+                format!(
+                    "{}{esc}",
+                    if sinks.is_empty() { "no sinks".into() } else { sinks.join(", ") }
+                )
             })
             .unwrap_or_else(|| "no route".into()),
         Declaration::Workload(w) => format!("{} owned by {}", w.identity_type.as_str(), w.owner),

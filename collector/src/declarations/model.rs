@@ -162,19 +162,43 @@ pub struct Team {
     pub description: Option<String>,
 }
 
-/// Delivery and escalation of a team's alerts.
+/// Delivery and escalation of a team's alerts. Every sink given receives every notice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
-    /// `http://` or `https://` URL that receives each alert as JSON.
+    /// `http://` or `https://` URL that receives each notice as the generic JSON body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<String>,
+    /// Slack incoming-webhook URL (`https://hooks.slack.com/services/…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slack_webhook: Option<String>,
+    /// PagerDuty Events API v2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pagerduty: Option<PagerDuty>,
+    /// Absolute path of a file on the collector; one JSON notice per line is appended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsonl: Option<String>,
     /// An alert still open this long after it was raised escalates. Needs `escalate_to`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalate_after: Option<HumanDuration>,
     /// The team that receives escalations; must be a declared Team.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escalate_to: Option<String>,
+}
+
+/// A PagerDuty Events API v2 destination.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PagerDuty {
+    /// The enqueue endpoint (default `https://events.pagerduty.com/v2/enqueue`).
+    #[serde(default = "default_pagerduty_url")]
+    pub url: String,
+    /// The integration's routing key.
+    pub routing_key: String,
+}
+
+fn default_pagerduty_url() -> String {
+    "https://events.pagerduty.com/v2/enqueue".into()
 }
 
 /// What kind of identity a workload is.

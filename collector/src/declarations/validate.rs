@@ -226,16 +226,59 @@ fn team_exists(all: &Objects, name: &str) -> bool {
     all.contains_key(&(Kind::Team, name.to_owned()))
 }
 
+/// Checks an `http://` or `https://` URL with a host.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    let host = rest.map(|r| r.split(['/', '?', '#']).next().unwrap_or(""));
+    match host {
+        Some(h) if !h.is_empty() && !h.contains(char::is_whitespace) && !url.contains(' ') => {
+            Ok(())
+        }
+        _ => Err(format!("expected an http:// or https:// URL with a host, got {url:?}")),
+    }
+}
+
+/// The escalation chain starting at `team`, when it comes back to a team already in it.
+fn escalation_cycle(all: &Objects, team: &str) -> Option<Vec<String>> {
+    let mut chain = vec![team.to_owned()];
+    let mut at = team.to_owned();
+    loop {
+        let next = match all.get(&(Kind::Team, at.clone())) {
+            Some(Declaration::Team(t)) => t.route.as_ref().and_then(|r| r.escalate_to.clone()),
+            _ => None,
+        }?;
+        if let Some(i) = chain.iter().position(|t| *t == next) {
+            chain.push(next);
+            return (i == 0).then_some(chain);
+        }
+        chain.push(next.clone());
+        at = next;
+    }
+}
+
 fn check_team(t: &Team, all: &Objects, found: &mut Found) {
     let Some(route) = &t.route else { return };
-    if let Some(hook) = &route.webhook {
-        let rest = hook.strip_prefix("https://").or_else(|| hook.strip_prefix("http://"));
-        if rest.is_none_or(|r| r.is_empty() || r.starts_with('/')) {
-            found.push((
-                "route.webhook".into(),
-                format!("expected an http:// or https:// URL, got {hook:?}"),
-            ));
+    for (field, url) in [
+        ("route.webhook", route.webhook.as_ref()),
+        ("route.slack_webhook", route.slack_webhook.as_ref()),
+        ("route.pagerduty.url", route.pagerduty.as_ref().map(|p| &p.url)),
+    ] {
+        if let Some(Err(e)) = url.map(|u| check_url(u)) {
+            found.push((field.into(), e));
         }
+    }
+    if let Some(pd) = &route.pagerduty
+        && pd.routing_key.trim().is_empty()
+    {
+        found.push(("route.pagerduty.routing_key".into(), "empty routing key".into()));
+    }
+    if let Some(path) = &route.jsonl
+        && (!path.starts_with('/') || path.ends_with('/'))
+    {
+        found.push((
+            "route.jsonl".into(),
+            format!("expected the absolute path of a file on the collector, got {path:?}"),
+        ));
     }
     match (&route.escalate_after, &route.escalate_to) {
         (Some(_), None) => found.push((
@@ -246,6 +289,9 @@ fn check_team(t: &Team, all: &Objects, found: &mut Found) {
             "route.escalate_after".into(),
             "`escalate_to` is set; say after how long (e.g. 15m)".into(),
         )),
+        (Some(after), Some(_)) if after.0 <= chrono::Duration::zero() => {
+            found.push(("route.escalate_after".into(), "must be longer than zero".into()))
+        }
         _ => {}
     }
     if let Some(to) = &route.escalate_to {
@@ -255,6 +301,11 @@ fn check_team(t: &Team, all: &Objects, found: &mut Found) {
             found.push((
                 "route.escalate_to".into(),
                 format!("team {to:?} is not declared; declare it as a Team first"),
+            ));
+        } else if let Some(cycle) = escalation_cycle(all, &t.name) {
+            found.push((
+                "route.escalate_to".into(),
+                format!("escalation loop: {}; an escalation chain must end", cycle.join(" -> ")),
             ));
         }
     }

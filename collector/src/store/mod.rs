@@ -12,11 +12,13 @@ use chrono::{DateTime, Utc};
 
 use crate::{
     alerts::{Alert, AlertStatus},
+    audit::{AuditFilter, AuditRecord},
     auth::TokenRecord,
     correlate::RevisionRef,
     declarations::{Declaration, Kind},
     event::{Event, Host},
     hosts::{Enrollment, Gap, HeartbeatRecord, HostSummary, JoinRefusal, JoinToken},
+    route::{NewDelivery, Sink, TeamRoute},
     timeline::{TimelinePage, TimelineQuery},
 };
 
@@ -68,6 +70,34 @@ pub struct WriteBatch {
     /// group key that is not resolved and was last seen within `grouping_window` of it.
     pub alerts: Vec<Alert>,
     pub grouping_window: chrono::Duration,
+    /// Every team's route: each new alert gets an outbox row per sink of each team it is routed
+    /// to, and an escalation timer when its first team's route escalates.
+    pub routes: HashMap<String, TeamRoute>,
+    /// The collector's clock when the batch was evaluated (outbox and escalation times).
+    pub now: DateTime<Utc>,
+}
+
+/// A delivery claimed from the outbox: due, and leased to the caller for a while.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedDelivery {
+    pub id: i64,
+    pub delivery_id: String,
+    pub team: String,
+    pub sink: Sink,
+    pub payload: serde_json::Value,
+    /// Attempts before this one.
+    pub attempts: u32,
+}
+
+/// An escalation timer that is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueEscalation {
+    pub id: i64,
+    pub alert_id: i64,
+    pub from_team: String,
+    pub to_team: String,
+    /// 1 for the first escalation of an alert, 2 for the next in a chain…
+    pub level: u32,
 }
 
 /// What a batch did.
@@ -191,4 +221,49 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes events before `before` (retention); returns how many.
     fn prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// Workloads a host runs: those its stored events were correlated to (within retention).
+    fn host_workloads(&self, host_id: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Appends audit records.
+    fn append_audit(&self, records: Vec<AuditRecord>) -> Result<(), StoreError>;
+    /// Audit records, oldest first (the newest `limit`).
+    fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Puts deliveries in the outbox, due at `at`.
+    fn enqueue(&self, deliveries: Vec<NewDelivery>, at: DateTime<Utc>) -> Result<(), StoreError>;
+    /// Claims up to `limit` pending deliveries due at `now`; they are not due again before
+    /// `now + lease` (so a crashed worker's claims come back).
+    fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+        limit: usize,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError>;
+    /// Records one attempt: delivered (`error: None`), or failed and due again at `retry_at`.
+    fn finish_delivery(
+        &self,
+        id: i64,
+        error: Option<String>,
+        at: DateTime<Utc>,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
+
+    /// Escalation timers due at `now`.
+    fn due_escalations(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueEscalation>, StoreError>;
+    /// In one transaction: if the alert is still open, puts an escalation delivery per sink in
+    /// the outbox, records the escalation (audit, by the collector), marks the timer fired and
+    /// starts `next` (the receiving team's own escalation); otherwise cancels the timer.
+    /// Returns whether it escalated.
+    fn fire_escalation(
+        &self,
+        escalation: &DueEscalation,
+        sinks: Vec<Sink>,
+        next: Option<(chrono::Duration, String)>,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError>;
 }

@@ -13,16 +13,18 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::{
-    AlertFilter, ApiTokenRow, DeclarationChange, Store, StoreError, StoredDeclaration, WriteBatch,
-    WriteOutcome,
+    AlertFilter, ApiTokenRow, ClaimedDelivery, DeclarationChange, DueEscalation, Store, StoreError,
+    StoredDeclaration, WriteBatch, WriteOutcome,
 };
 use crate::{
     alerts::{Alert, AlertStatus, Transition},
+    audit::{Actor, AuditFilter, AuditRecord},
     auth::{Role, TokenRecord},
     correlate::RevisionRef,
     declarations::Kind,
     event::{Event, Host},
     hosts::{self, Enrollment, Gap, HeartbeatRecord, HostSummary, JoinRefusal, JoinToken},
+    route::{self, NewDelivery, Reason, Routing, Sink},
     timeline::{Cursor, TimelineEntry, TimelinePage, TimelineQuery},
 };
 
@@ -77,7 +79,123 @@ const MIGRATIONS: &[&str] = &[
         cause TEXT NOT NULL, lost INTEGER NOT NULL);
     CREATE INDEX gaps_by_host_time ON gaps (host_id, time_ns, id);
     ",
+    // 3: token expiry, audit trail, delivery outbox, escalation timers.
+    "
+    ALTER TABLE tokens ADD COLUMN expires_ns INTEGER;
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL, kind TEXT NOT NULL, actor TEXT NOT NULL,
+        object TEXT NOT NULL, revision INTEGER, details TEXT NOT NULL);
+    CREATE INDEX audit_by_time ON audit (time_ns, id);
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY, delivery_id TEXT NOT NULL UNIQUE, alert_id INTEGER, team TEXT NOT NULL,
+        reason TEXT NOT NULL, sink TEXT NOT NULL, payload TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'delivered')),
+        attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, next_attempt_ns INTEGER NOT NULL,
+        created_ns INTEGER NOT NULL, delivered_ns INTEGER);
+    CREATE INDEX deliveries_due ON deliveries (state, next_attempt_ns);
+    CREATE INDEX deliveries_by_alert ON deliveries (alert_id, id);
+    CREATE TABLE escalations (
+        id INTEGER PRIMARY KEY, alert_id INTEGER NOT NULL REFERENCES alerts (id),
+        from_team TEXT NOT NULL, to_team TEXT NOT NULL, level INTEGER NOT NULL,
+        due_ns INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'fired', 'cancelled')), done_ns INTEGER);
+    CREATE INDEX escalations_due ON escalations (state, due_ns);
+    CREATE INDEX events_by_host_workload ON events (host_id, workload);
+    ",
 ];
+
+/// Escalation chains longer than this stop (loops are refused at apply; this is a backstop).
+const MAX_ESCALATION_LEVEL: u32 = 16;
+
+fn insert_delivery(
+    conn: &Connection,
+    d: &NewDelivery,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO deliveries (delivery_id, alert_id, team, reason, sink, payload, state, next_attempt_ns, created_ns)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
+    )?
+    .execute(params![
+        d.delivery_id,
+        d.alert_id,
+        d.team,
+        d.reason.as_str(),
+        serde_json::to_string(&d.sink)?,
+        serde_json::to_string(&d.payload)?,
+        ns(at)
+    ])?;
+    Ok(())
+}
+
+fn insert_audit(conn: &Connection, r: &AuditRecord) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO audit (time_ns, kind, actor, object, revision, details) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        ns(r.time),
+        r.kind,
+        serde_json::to_string(&r.actor)?,
+        r.object,
+        r.revision,
+        serde_json::to_string(&r.details)?
+    ])?;
+    Ok(())
+}
+
+/// Outbox rows of an alert, plus its teams without a route, as the alert shows them.
+fn routing(conn: &Connection, alert: &Alert) -> Result<Vec<Routing>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT team, reason, sink, state, attempts, last_error, delivered_ns, next_attempt_ns, delivery_id
+         FROM deliveries WHERE alert_id = ?1 ORDER BY id",
+    )?;
+    let rows = stmt.query_map([alert.id], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, Option<i64>>(6)?,
+            r.get::<_, i64>(7)?,
+            r.get::<_, String>(8)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (team, reason, sink, state, attempts, last_error, delivered, next, delivery_id) = row?;
+        let sink: Sink = serde_json::from_str(&sink)?;
+        let pending = state == "pending";
+        out.push(Routing {
+            team,
+            reason: Reason::parse(&reason).unwrap_or(Reason::Owner),
+            target: sink.describe(),
+            status: state,
+            attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+            last_error,
+            delivered_at: delivered.map(from_ns),
+            next_attempt_at: pending.then(|| from_ns(next)),
+            delivery_id: Some(delivery_id),
+        });
+    }
+    for rt in &alert.routes {
+        if !out.iter().any(|r| r.team == rt.team) {
+            out.push(Routing {
+                team: rt.team.clone(),
+                reason: rt.reason,
+                target: "none".into(),
+                status: "no-route".into(),
+                attempts: 0,
+                last_error: None,
+                delivered_at: None,
+                next_attempt_at: None,
+                delivery_id: None,
+            });
+        }
+    }
+    Ok(out)
+}
 
 /// Writes waiting longer than this many jobs per transaction start a new one.
 const MAX_JOBS_PER_TRANSACTION: usize = 64;
@@ -267,6 +385,7 @@ fn decode_alert(
     alert.first_seen = from_ns(first);
     alert.last_seen = from_ns(last);
     alert.count = count as u64;
+    alert.routed_to = routing(conn, &alert)?;
     if with_transitions {
         let mut stmt = conn.prepare_cached(
             "SELECT time_ns, actor, from_status, to_status, note FROM alert_transitions WHERE alert_id = ?1 ORDER BY id",
@@ -498,6 +617,7 @@ impl Store for SqliteStore {
             .collect::<Result<_, _>>()?;
         let window = ns(DateTime::UNIX_EPOCH + batch.grouping_window);
         let activity = batch.activity;
+        let (routes, now) = (batch.routes, batch.now);
         self.write(move |conn| {
             let mut outcome = WriteOutcome::default();
             {
@@ -562,6 +682,28 @@ impl Store for SqliteStore {
                             body
                         ])?;
                         alert.id = conn.last_insert_rowid();
+                        for rt in &alert.routes {
+                            for sink in routes.get(&rt.team).map(|r| r.sinks.as_slice()).unwrap_or_default() {
+                                let delivery_id = route::new_delivery_id();
+                                let payload = route::alert_body(&delivery_id, &rt.team, rt.reason, &alert, None);
+                                let d = NewDelivery {
+                                    delivery_id,
+                                    alert_id: Some(alert.id),
+                                    team: rt.team.clone(),
+                                    reason: rt.reason,
+                                    sink: sink.clone(),
+                                    payload,
+                                };
+                                insert_delivery(conn, &d, now)?;
+                            }
+                        }
+                        let first = alert.routes.first().map(|r| r.team.as_str()).unwrap_or_default();
+                        if let Some((after, to)) = routes.get(first).and_then(|r| r.escalate.as_ref()) {
+                            conn.prepare_cached(
+                                "INSERT INTO escalations (alert_id, from_team, to_team, level, due_ns, state) VALUES (?1, ?2, ?3, 1, ?4, 'pending')",
+                            )?
+                            .execute(params![alert.id, first, to, ns(now + *after)])?;
+                        }
                         outcome.new_alerts.push(alert);
                     }
                 }
@@ -770,8 +912,8 @@ impl Store for SqliteStore {
         let (record, hash) = (record.clone(), hash.to_owned());
         self.write(move |conn| {
             conn.execute(
-                "INSERT INTO tokens (hash, name, role, team, created_ns) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![hash, record.name, record.role.as_str(), record.team, ns(record.created)],
+                "INSERT INTO tokens (hash, name, role, team, created_ns, expires_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![hash, record.name, record.role.as_str(), record.team, ns(record.created), record.expires.map(ns)],
             )?;
             Ok(conn.last_insert_rowid())
         })
@@ -781,7 +923,7 @@ impl Store for SqliteStore {
         self.read(|conn| {
             Ok(conn
                 .query_row(
-                    "SELECT id, name, role, team, created_ns FROM tokens WHERE hash = ?1 AND revoked_ns IS NULL",
+                    "SELECT id, name, role, team, created_ns, expires_ns FROM tokens WHERE hash = ?1 AND revoked_ns IS NULL",
                     [hash],
                     |r| {
                         let role: String = r.get(2)?;
@@ -791,6 +933,7 @@ impl Store for SqliteStore {
                             role: Role::parse(&role).unwrap_or(Role::Sensor),
                             team: r.get(3)?,
                             created: from_ns(r.get(4)?),
+                            expires: r.get::<_, Option<i64>>(5)?.map(from_ns),
                         })
                     },
                 )
@@ -801,7 +944,7 @@ impl Store for SqliteStore {
     fn api_tokens(&self) -> Result<Vec<ApiTokenRow>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT id, name, role, team, created_ns, revoked_ns FROM tokens ORDER BY id",
+                "SELECT id, name, role, team, created_ns, revoked_ns, expires_ns FROM tokens ORDER BY id",
             )?;
             let rows = stmt.query_map([], |r| {
                 let role: String = r.get(2)?;
@@ -812,6 +955,7 @@ impl Store for SqliteStore {
                         role: Role::parse(&role).unwrap_or(Role::Sensor),
                         team: r.get(3)?,
                         created: from_ns(r.get(4)?),
+                        expires: r.get::<_, Option<i64>>(6)?.map(from_ns),
                     },
                     r.get::<_, Option<i64>>(5)?.map(from_ns),
                 ))
@@ -1066,6 +1210,229 @@ impl Store for SqliteStore {
     fn prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         self.write(move |conn| {
             Ok(conn.execute("DELETE FROM events WHERE time_ns < ?1", [ns(before)])? as u64)
+        })
+    }
+
+    fn host_workloads(&self, host_id: &str) -> Result<Vec<String>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT workload FROM events WHERE host_id = ?1 AND workload IS NOT NULL ORDER BY workload",
+            )?;
+            let rows = stmt.query_map([host_id], |r| r.get::<_, String>(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn append_audit(&self, records: Vec<AuditRecord>) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            for r in &records {
+                insert_audit(conn, r)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
+        self.read(|conn| {
+            let limit = if filter.limit == 0 { 1_000 } else { filter.limit };
+            let mut stmt = conn.prepare(
+                "SELECT id, time_ns, kind, actor, object, revision, details FROM audit
+                 WHERE time_ns >= ?1 ORDER BY id DESC",
+            )?;
+            let since = filter.since.map_or(i64::MIN, ns);
+            let rows = stmt.query_map([since], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, String>(6)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, time, kind, actor, object, revision, details) = row?;
+                if !filter.wants(&kind) {
+                    continue;
+                }
+                let actor: Actor = serde_json::from_str(&actor)?;
+                out.push(AuditRecord {
+                    id,
+                    time: from_ns(time),
+                    kind,
+                    actor,
+                    object,
+                    revision,
+                    details: serde_json::from_str(&details)?,
+                });
+                if out.len() == limit {
+                    break;
+                }
+            }
+            out.reverse();
+            Ok(out)
+        })
+    }
+
+    fn enqueue(&self, deliveries: Vec<NewDelivery>, at: DateTime<Utc>) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            for d in &deliveries {
+                insert_delivery(conn, d, at)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn claim_deliveries(
+        &self,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+        limit: usize,
+    ) -> Result<Vec<ClaimedDelivery>, StoreError> {
+        self.write(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, delivery_id, team, sink, payload, attempts FROM deliveries
+                 WHERE state = 'pending' AND next_attempt_ns <= ?1 ORDER BY next_attempt_ns, id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![ns(now), limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, delivery_id, team, sink, payload, attempts) = row?;
+                out.push(ClaimedDelivery {
+                    id,
+                    delivery_id,
+                    team,
+                    sink: serde_json::from_str(&sink)?,
+                    payload: serde_json::from_str(&payload)?,
+                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                });
+            }
+            let mut lease_stmt =
+                conn.prepare_cached("UPDATE deliveries SET next_attempt_ns = ?2 WHERE id = ?1")?;
+            for d in &out {
+                lease_stmt.execute(params![d.id, ns(now + lease)])?;
+            }
+            Ok(out)
+        })
+    }
+
+    fn finish_delivery(
+        &self,
+        id: i64,
+        error: Option<String>,
+        at: DateTime<Utc>,
+        retry_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.write(move |conn| {
+            match &error {
+                None => conn.execute(
+                    "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, delivered_ns = ?2 WHERE id = ?1",
+                    params![id, ns(at)],
+                )?,
+                Some(e) => conn.execute(
+                    "UPDATE deliveries SET attempts = attempts + 1, last_error = ?2, next_attempt_ns = ?3 WHERE id = ?1",
+                    params![id, e, ns(retry_at)],
+                )?,
+            };
+            Ok(())
+        })
+    }
+
+    fn due_escalations(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<DueEscalation>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, alert_id, from_team, to_team, level FROM escalations
+                 WHERE state = 'pending' AND due_ns <= ?1 ORDER BY due_ns, id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![ns(now), limit as i64], |r| {
+                Ok(DueEscalation {
+                    id: r.get(0)?,
+                    alert_id: r.get(1)?,
+                    from_team: r.get(2)?,
+                    to_team: r.get(3)?,
+                    level: r.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn fire_escalation(
+        &self,
+        e: &DueEscalation,
+        sinks: Vec<Sink>,
+        next: Option<(chrono::Duration, String)>,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let e = e.clone();
+        self.write(move |conn| {
+            let state: Option<String> = conn
+                .query_row("SELECT state FROM escalations WHERE id = ?1", [e.id], |r| r.get(0))
+                .optional()?;
+            if state.as_deref() != Some("pending") {
+                return Ok(false);
+            }
+            let alert = get_alert(conn, e.alert_id)?;
+            let Some(alert) = alert.filter(|a| a.status == AlertStatus::Open) else {
+                conn.execute(
+                    "UPDATE escalations SET state = 'cancelled', done_ns = ?2 WHERE id = ?1",
+                    params![e.id, ns(at)],
+                )?;
+                return Ok(false);
+            };
+            let info = serde_json::json!({
+                "from_team": e.from_team, "to_team": e.to_team, "level": e.level,
+                "open_since": alert.first_seen,
+            });
+            for sink in sinks {
+                let delivery_id = route::new_delivery_id();
+                let payload = route::alert_body(
+                    &delivery_id,
+                    &e.to_team,
+                    Reason::Escalation,
+                    &alert,
+                    Some(info.clone()),
+                );
+                let d = NewDelivery {
+                    delivery_id,
+                    alert_id: Some(alert.id),
+                    team: e.to_team.clone(),
+                    reason: Reason::Escalation,
+                    sink,
+                    payload,
+                };
+                insert_delivery(conn, &d, at)?;
+            }
+            conn.execute(
+                "UPDATE escalations SET state = 'fired', done_ns = ?2 WHERE id = ?1",
+                params![e.id, ns(at)],
+            )?;
+            if let Some((after, to)) = next.filter(|_| e.level < MAX_ESCALATION_LEVEL) {
+                conn.execute(
+                    "INSERT INTO escalations (alert_id, from_team, to_team, level, due_ns, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')",
+                    params![alert.id, e.to_team, to, e.level + 1, ns(at + after)],
+                )?;
+            }
+            insert_audit(
+                conn,
+                &AuditRecord::new(at, "alert-escalated", Actor::system(), format!("alert {}", alert.id), info),
+            )?;
+            Ok(true)
         })
     }
 }
