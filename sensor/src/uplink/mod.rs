@@ -211,6 +211,15 @@ impl Uplink {
             .map_err(|e| UplinkError::Thread(std::io::Error::other(e)))?
             .map_err(|source| UplinkError::Spool { dir: dir.clone(), source })?;
         log_open_report(&dir, &report);
+        // Heartbeats count evictions from this base: evictions a previous run could not report
+        // (the collector was away) count as new in this run's first heartbeat.
+        let unreported: u64 = spool
+            .pending_gaps()
+            .iter()
+            .filter(|g| g.cause == crate::spool::GapCause::Evicted)
+            .map(|g| g.events)
+            .sum();
+        let evicted_base = report.evicted_total.saturating_sub(unreported);
 
         let (appends_tx, appends_rx) = mpsc::channel(4);
         let spooler_opts =
@@ -238,7 +247,7 @@ impl Uplink {
             started: Instant::now(),
             counters: counters.clone(),
             identity,
-            evicted_base: report.evicted_total,
+            evicted_base,
         };
         tasks.spawn(sender.run(cancel.clone()));
         if matches!(config.security, Security::Insecure) {

@@ -7,7 +7,7 @@
 //!                [--heartbeat-ms MS] [--no-wait]
 //! ```
 //!
-//! Event `i` (0-based) is a file access to `/load/<i>` by pid `i % 60000 + 1`. Prints, as one JSON
+//! Event `i` (0-based) is a file access to `/load/<i>` by pid `i % 60000 + 1`, stamped now. Prints, as one JSON
 //! line on stdout: the seqs the events got, the acked watermark and the counters.
 
 use std::time::{Duration, Instant};
@@ -65,10 +65,10 @@ fn args() -> anyhow::Result<Args> {
     Ok(a)
 }
 
-/// Synthetic observation number `i`.
-pub fn observation(i: u64) -> Observation {
+/// Synthetic observation number `i`, stamped `now_ns` (recent: the collector prunes old events).
+pub fn observation(i: u64, now_ns: u64) -> Observation {
     Observation {
-        time_ns: 1_700_000_000_000_000_000 + i * 1000,
+        time_ns: now_ns,
         count: 1,
         process: Identity {
             pid: (i % 60_000) as u32 + 1,
@@ -132,7 +132,10 @@ async fn main() -> anyhow::Result<()> {
             let due = start + Duration::from_secs_f64(i as f64 / a.rate as f64);
             tokio::time::sleep_until(due.into()).await;
         }
-        tx.send(observation(i)).await?;
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        tx.send(observation(i, now_ns)).await?;
     }
     drop(tx);
     let last_seq = first_seq + a.events - 1;
@@ -150,6 +153,7 @@ async fn main() -> anyhow::Result<()> {
         "spool_events": stats.depth_events.load(Relaxed),
         "reconnects": uplink.counters.reconnects.load(Relaxed),
         "torn_records": uplink.open_report.torn_records,
+        "evicted_at_open": uplink.open_report.evicted_total,
     });
     // Give the heartbeat that carries the final counters a chance to go out.
     if !a.wait {
