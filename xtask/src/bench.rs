@@ -1,5 +1,6 @@
 //! Benchmarks: `cargo xtask bench sensor` (what the sensor costs the host it watches) and
-//! `cargo xtask bench spool` (the spool's append path).
+//! `cargo xtask bench spool` (the spool's append path), `cargo xtask bench uplink` (sensor →
+//! collector throughput and ack latency against a bare tonic stream).
 
 use std::{
     path::{Path, PathBuf},
@@ -31,7 +32,8 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
             .current_dir(&root)
             .args(["bench", "-p", "sensor", "--bench", "spool"])
             .args(args)),
-        other => bail!("unknown benchmark {other:?}: expected `sensor` or `spool`"),
+        "uplink" => uplink(&root, args),
+        other => bail!("unknown benchmark {other:?}: expected `sensor`, `spool` or `uplink`"),
     }
 }
 
@@ -68,6 +70,34 @@ fn sensor(root: &Path, args: &[String]) -> anyhow::Result<()> {
         .status()?;
     if !status.success() {
         bail!("kw-bench failed ({status})");
+    }
+    Ok(())
+}
+
+/// The sensor → collector uplink: release collector and bench driver, then the driver (it starts
+/// the collector itself, over loopback with mTLS).
+fn uplink(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    sh(cargo().current_dir(root).args([
+        "build",
+        "--release",
+        "-p",
+        "collector",
+        "--bin",
+        "keywatch",
+        "-p",
+        "keywatch-tests",
+        "--bin",
+        "kw-uplink-bench",
+    ]))?;
+    let bin = root.join("target/release");
+    let status = Command::new(bin.join("kw-uplink-bench"))
+        .current_dir(root)
+        .arg("--collector-bin")
+        .arg(bin.join("keywatch"))
+        .args(args)
+        .status()?;
+    if !status.success() {
+        bail!("kw-uplink-bench failed ({status})");
     }
     Ok(())
 }
