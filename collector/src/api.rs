@@ -65,6 +65,7 @@ fn registry_status(e: RegistryError) -> Status {
             Status::invalid_argument(format!("{} problem(s)", problems.len()))
         }
         RegistryError::Refused(why) => Status::failed_precondition(why),
+        RegistryError::Forbidden(why) => Status::permission_denied(why),
         RegistryError::Store(e) => store_status(e),
     }
 }
@@ -267,6 +268,7 @@ impl pb::api_service_server::ApiService for Api {
         let before_objects = before.objects.clone();
         let actor = who.clone();
         let result = blocking(move || {
+            let refused = std::sync::Mutex::new(Vec::new());
             let allowed = |d: &Declaration, after: &Objects| -> Result<(), String> {
                 // Both the team that owns it now and the team that would own it must be the caller's.
                 let mut teams = vec![owning_team(d, after)];
@@ -274,14 +276,26 @@ impl pb::api_service_server::ApiService for Api {
                     teams.push(owning_team(old, &before.objects));
                 }
                 for team in teams {
-                    auth::authorize(&who, &Action::WriteDeclaration { kind: d.kind(), team })
-                        .map_err(|e| e.to_string())?;
+                    if let Err(e) =
+                        auth::authorize(&who, &Action::WriteDeclaration { kind: d.kind(), team })
+                    {
+                        let why = format!("{} {}: {e}", d.kind(), d.name());
+                        refused.lock().unwrap_or_else(|e| e.into_inner()).push(why);
+                        return Err(e.to_string());
+                    }
                 }
                 Ok(())
             };
-            registry.apply(&files, &who.actor(), req.dry_run, &allowed)
+            let result = registry.apply(&files, &who.actor(), req.dry_run, &allowed);
+            (result, refused.into_inner().unwrap_or_else(|e| e.into_inner()))
         })
         .await?;
+        let (result, refused) = result;
+        // A declaration the caller may not change refuses the whole apply as permission_denied
+        // (the other problems, if any, are reported once the caller may apply it).
+        if !refused.is_empty() {
+            return Err(Status::permission_denied(refused.join("; ")));
+        }
         if let Ok(changes) = &result {
             self.record_changes(&actor, changes, &before_objects).await;
         }

@@ -36,6 +36,9 @@ pub enum RegistryError {
     Invalid(Vec<Problem>),
     #[error("{0}")]
     Refused(String),
+    /// The caller's role may not change the declaration.
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -166,7 +169,7 @@ impl RegistryHandle {
         let Some(old) = snapshot.objects.get(&(kind, name.to_owned())) else {
             return Err(RegistryError::Store(StoreError::NotFound(format!("{kind} {name}"))));
         };
-        allowed(old, &snapshot.objects).map_err(RegistryError::Refused)?;
+        allowed(old, &snapshot.objects).map_err(RegistryError::Forbidden)?;
         let users = referrers(&snapshot.objects, kind, name);
         if !users.is_empty() {
             return Err(RegistryError::Refused(format!(

@@ -397,16 +397,14 @@ async fn the_api_checks_tokens_and_roles() {
                 kind: ApprovedChange\nname: CHG-9\nworkload: payments-api\nfrom: 2026-12-01T10:00:00Z\n\
                 until: 2026-12-01T11:00:00Z\nreason: test\n";
     let files = vec![pb::SourceFile { name: "mixed.yaml".into(), content: yaml.into() }];
-    let resp = api
+    let denied = api
         .apply(with_token(&owner, pb::ApplyRequest { files: files.clone(), dry_run: false }))
         .await
-        .expect("apply call")
-        .into_inner();
-    assert_eq!(resp.problems.len(), 1, "{:?}", resp.problems);
-    assert_eq!(resp.problems[0].document, 1);
+        .expect_err("an owner may not change a Watch");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     assert_eq!(
-        resp.problems[0].message,
-        "role owner (team team-payments) may not change Watch declarations; needs role iam or admin"
+        denied.message(),
+        "Watch new-watch: role owner (team team-payments) may not change Watch declarations; needs role iam or admin"
     );
     let resp = api
         .apply(with_token(
