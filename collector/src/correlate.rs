@@ -14,11 +14,12 @@
 use std::{
     cmp::Reverse,
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
 };
 
 use chrono::{DateTime, Utc};
 use globset::GlobMatcher;
+
+use crate::watchspec::{Endpoint, PathSet, parse_endpoint};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -43,68 +44,29 @@ pub struct RevisionRef {
     pub diff: String,
 }
 
-/// A watch ready for matching.
+/// A watch ready for matching (the sensor's syntax: see [`crate::watchspec`]).
 #[derive(Debug, Clone)]
 pub struct CompiledWatch {
     pub watch: Watch,
-    paths: Vec<GlobMatcher>,
+    paths: PathSet,
     endpoints: Vec<Endpoint>,
-}
-
-#[derive(Debug, Clone)]
-enum Endpoint {
-    Host(String, u16),
-    Net(IpAddr, u8, u16),
-}
-
-fn parse_endpoint(ep: &str) -> Option<Endpoint> {
-    let (host, port) = match ep.strip_prefix('[') {
-        Some(rest) => rest.split_once("]:")?,
-        None => ep.rsplit_once(':')?,
-    };
-    let port = port.parse().ok()?;
-    Some(match host.split_once('/') {
-        Some((ip, prefix)) => Endpoint::Net(ip.parse().ok()?, prefix.parse().ok()?, port),
-        None => Endpoint::Host(host.to_ascii_lowercase(), port),
-    })
-}
-
-fn in_net(addr: IpAddr, net: IpAddr, prefix: u8) -> bool {
-    match (addr, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
-            u32::from(a) & mask == u32::from(n) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask =
-                if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix.min(128))) };
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
-    }
 }
 
 impl CompiledWatch {
     fn new(watch: Watch) -> Self {
-        let paths = watch.paths.iter().filter_map(|p| glob(p).ok()).collect();
-        let endpoints = watch.endpoints.iter().filter_map(|e| parse_endpoint(e)).collect();
+        let paths = PathSet::new(&watch.paths);
+        let endpoints = watch.endpoints.iter().filter_map(|e| parse_endpoint(e).ok()).collect();
         Self { watch, paths, endpoints }
     }
 
-    /// Whether `path` is one this watch guards.
+    /// Whether `path` is one this watch guards (`~/` is any home: `/root`, `/home/*`).
     pub fn covers_path(&self, path: &str) -> bool {
-        self.paths.iter().any(|g| g.is_match(path))
+        self.paths.matches(path)
     }
 
-    /// Whether `address:port` is one this watch guards.
+    /// Whether `address:port` is one this watch guards (any protocol).
     pub fn covers_endpoint(&self, address: &str, port: u16) -> bool {
-        let ip: Option<IpAddr> = address.parse().ok();
-        self.endpoints.iter().any(|e| match e {
-            Endpoint::Host(h, p) => *p == port && (h.eq_ignore_ascii_case(address)),
-            Endpoint::Net(net, prefix, p) => {
-                *p == port && ip.is_some_and(|ip| in_net(ip, *net, *prefix))
-            }
-        })
+        self.endpoints.iter().any(|e| e.covers(address, port, ""))
     }
 }
 

@@ -27,6 +27,7 @@ pub mod store;
 pub mod table;
 pub mod timeline;
 pub mod tls;
+pub mod watchspec;
 
 pub mod api;
 pub mod cli;

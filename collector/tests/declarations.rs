@@ -103,7 +103,7 @@ expect:
     assert_eq!(
         got,
         vec![
-            "multi.yaml: document 2 (Watch w): paths[0]: expected an absolute path, got \"relative\"".to_owned(),
+            "multi.yaml: document 2 (Watch w): paths[0]: `relative` must be absolute or start with `~/`".to_owned(),
             "multi.yaml: document 3 (Workload a): owner: team \"nobody\" is not declared; expected the name of a Team".to_owned(),
             "multi.yaml: document 3 (Workload a): expect.windows[0].from: expected HH:MM (00:00 to 23:59), got \"25:00\"".to_owned(),
         ],

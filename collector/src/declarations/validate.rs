@@ -174,52 +174,23 @@ fn check_watch(w: &Watch, found: &mut Found) {
             }
         }
     }
+    // The sensor's syntax: watches are sent to sensors as their policy.
+    let (mut includes, mut excludes) = (0, 0);
     for (i, path) in w.paths.iter().enumerate() {
-        if !path.starts_with('/') {
-            found.push((format!("paths[{i}]"), format!("expected an absolute path, got {path:?}")));
-        } else if let Err(e) = glob(path) {
-            found.push((format!("paths[{i}]"), format!("not a valid glob: {e}")));
+        match crate::watchspec::parse_path(path) {
+            Ok(p) if p.exclude => excludes += 1,
+            Ok(_) => includes += 1,
+            Err(e) => found.push((format!("paths[{i}]"), e)),
         }
     }
+    if includes == 0 && excludes > 0 {
+        found.push(("paths".into(), "only exclusions (`!…`); name what to watch".into()));
+    }
     for (i, ep) in w.endpoints.iter().enumerate() {
-        if let Err(msg) = check_endpoint(ep) {
+        if let Err(msg) = crate::watchspec::parse_endpoint(ep) {
             found.push((format!("endpoints[{i}]"), msg));
         }
     }
-}
-
-/// `host:port`, `ip:port`, `[v6]:port` or `cidr:port` (`10.0.0.0/8:443`, `[fd00::/8]:443`).
-pub fn check_endpoint(ep: &str) -> Result<(), String> {
-    let expected = || format!("expected host:port or cidr:port (IPv6 in brackets), got {ep:?}");
-    let (host, port) = if let Some(rest) = ep.strip_prefix('[') {
-        let (h, p) = rest.split_once("]:").ok_or_else(expected)?;
-        (h, p)
-    } else {
-        ep.rsplit_once(':').ok_or_else(expected)?
-    };
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("port {port:?} in {ep:?} is not a number from 1 to 65535"))?;
-    if port == 0 {
-        return Err(format!("port 0 in {ep:?}; expected 1 to 65535"));
-    }
-    if host.is_empty() {
-        return Err(expected());
-    }
-    if let Some((ip, prefix)) = host.split_once('/') {
-        let ip: std::net::IpAddr =
-            ip.parse().map_err(|_| format!("{ip:?} in {ep:?} is not an IP address"))?;
-        let max = if ip.is_ipv4() { 32 } else { 128 };
-        match prefix.parse::<u8>() {
-            Ok(p) if p <= max => {}
-            _ => return Err(format!("prefix /{prefix} in {ep:?} must be 0 to {max}")),
-        }
-    } else if host.parse::<std::net::IpAddr>().is_err()
-        && !host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-    {
-        return Err(format!("{host:?} in {ep:?} is neither an IP address nor a host name"));
-    }
-    Ok(())
 }
 
 fn team_exists(all: &Objects, name: &str) -> bool {
