@@ -25,6 +25,37 @@ struct Creds {
     uid: u32,
     euid: u32,
     gid: u32,
+    /// Effective capabilities, when an exec or credential record told them.
+    caps: Option<u64>,
+}
+
+impl Creds {
+    const UNKNOWN: Creds = Creds { uid: u32::MAX, euid: u32::MAX, gid: u32::MAX, caps: None };
+
+    fn ids(&self) -> (u32, u32, u32) {
+        (self.uid, self.euid, self.gid)
+    }
+
+    fn caps_gained(&self, after: &Creds) -> bool {
+        matches!((self.caps, after.caps), (Some(old), Some(new)) if new & !old != 0)
+    }
+}
+
+/// A privilege change from `before` to `after`; unknown old capabilities are reported equal to
+/// the new ones, so no gain is claimed that was not seen.
+fn privilege_change(via: &'static str, before: Creds, after: Creds) -> What {
+    let new_caps = after.caps.unwrap_or(0);
+    What::PrivilegeChange {
+        via,
+        old_uid: before.uid,
+        old_euid: before.euid,
+        new_uid: after.uid,
+        new_euid: after.euid,
+        old_gid: before.gid,
+        new_gid: after.gid,
+        old_cap_effective: before.caps.unwrap_or(new_caps),
+        new_cap_effective: new_caps,
+    }
 }
 
 pub struct Enricher {
@@ -48,7 +79,8 @@ impl Enricher {
         let before = self.creds_before(pid);
         let mut out = Vec::new();
         if !matches!(event.detail, Detail::CredChange { .. } | Detail::Exec { .. }) {
-            self.sync_creds(&event.process);
+            let egid = before.map_or(event.process.gid, |b| b.gid);
+            self.sync_creds(&event.process, egid, None);
         }
         match &event.detail {
             Detail::Fork { child_pid } => {
@@ -57,26 +89,12 @@ impl Enricher {
             }
             Detail::Exec { filename, egid, cap_effective, exe_mode, .. } => {
                 self.table.on_exec(pid, filename, event.time_ns);
-                self.sync_creds(&event.process);
+                let after = self.sync_creds(&event.process, *egid, Some(*cap_effective));
                 self.push_lifecycle(&mut out, &event, What::Exec { filename: filename.clone() });
                 let setid = exe_mode & 0o6000 != 0;
-                if let Some(old) = before
-                    .filter(|old| setid && (old.euid != event.process.euid || old.gid != *egid))
-                {
-                    out.push(self.observe(
-                        &event,
-                        What::PrivilegeChange {
-                            via: "exec-setuid",
-                            old_uid: old.uid,
-                            old_euid: old.euid,
-                            new_uid: event.process.uid,
-                            new_euid: event.process.euid,
-                            old_gid: old.gid,
-                            new_gid: *egid,
-                            old_cap_effective: 0,
-                            new_cap_effective: *cap_effective,
-                        },
-                    ));
+                if let Some(before) = before.filter(|b| setid && b.ids() != after.ids()) {
+                    let change = privilege_change("exec-setuid", before, after);
+                    out.push(self.observe(&event, change));
                 }
             }
             Detail::Exit { exit_code } => {
@@ -85,26 +103,10 @@ impl Enricher {
                 self.creds.remove(&pid);
             }
             Detail::CredChange { syscall, egid, cap_effective } => {
-                let old = before.unwrap_or(Creds { uid: u32::MAX, euid: u32::MAX, gid: u32::MAX });
-                let changed = old.uid != event.process.uid
-                    || old.euid != event.process.euid
-                    || old.gid != *egid;
-                self.sync_creds(&event.process);
-                if changed {
-                    out.push(self.observe(
-                        &event,
-                        What::PrivilegeChange {
-                            via: syscall,
-                            old_uid: old.uid,
-                            old_euid: old.euid,
-                            new_uid: event.process.uid,
-                            new_euid: event.process.euid,
-                            old_gid: old.gid,
-                            new_gid: *egid,
-                            old_cap_effective: 0,
-                            new_cap_effective: *cap_effective,
-                        },
-                    ));
+                let after = self.sync_creds(&event.process, *egid, Some(*cap_effective));
+                let before = before.unwrap_or(Creds::UNKNOWN);
+                if before.ids() != after.ids() || before.caps_gained(&after) {
+                    out.push(self.observe(&event, privilege_change(syscall, before, after)));
                 }
             }
             Detail::FileOpen { watch_id, matched, name, dev, ino, parent_ino, flags, write } => {
@@ -199,9 +201,18 @@ impl Enricher {
         }
     }
 
-    /// Remembers the ids the kernel just reported for `p`.
-    fn sync_creds(&mut self, p: &ProcessRef) {
-        self.creds.insert(p.pid, Creds { uid: p.uid, euid: p.euid, gid: p.gid });
+    /// Remembers the ids the kernel just reported for `p` (capabilities and effective gid
+    /// only come with exec and credential records; others keep what was known).
+    fn sync_creds(&mut self, p: &ProcessRef, egid: u32, caps: Option<u64>) -> Creds {
+        let known = self.creds.get(&p.pid).copied();
+        let creds = Creds {
+            uid: p.uid,
+            euid: p.euid,
+            gid: egid,
+            caps: caps.or(known.and_then(|c| c.caps)),
+        };
+        self.creds.insert(p.pid, creds);
+        creds
     }
 
     /// The ids `pid` had before this event: the kernel's last report, else the table's.
@@ -209,7 +220,12 @@ impl Enricher {
         if let Some(c) = self.creds.get(&pid) {
             return Some(*c);
         }
-        self.table.get_or_load(pid).map(|i| Creds { uid: i.uid, euid: i.euid, gid: i.gid })
+        self.table.get_or_load(pid).map(|i| Creds {
+            uid: i.uid,
+            euid: i.euid,
+            gid: i.gid,
+            caps: None,
+        })
     }
 
     fn observe(&mut self, event: &Event, what: What) -> Observation {
