@@ -93,7 +93,16 @@ fn start_collector(bin: &Path, dir: &Path) -> anyhow::Result<(Collector, String,
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = Command::new(bin)
-        .args(["--data", &data.to_string_lossy(), "token", "create", "--role", "sensor"])
+        .args([
+            "--data",
+            &data.to_string_lossy(),
+            "token",
+            "create",
+            "--role",
+            "sensor",
+            "--uses",
+            "2",
+        ])
         .output()?;
     anyhow::ensure!(out.status.success(), "token create failed");
     Ok((c, format!("https://127.0.0.1:{sp}"), String::from_utf8(out.stdout)?.trim().to_owned()))
@@ -156,7 +165,8 @@ impl pb::sensor_service_server::SensorService for Bare {
     }
 }
 
-async fn bare_baseline(events: u64) -> anyhow::Result<f64> {
+/// Starts the acking server on a free port; its URL.
+async fn spawn_bare() -> anyhow::Result<String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(
@@ -164,8 +174,12 @@ async fn bare_baseline(events: u64) -> anyhow::Result<f64> {
             .add_service(pb::sensor_service_server::SensorServiceServer::new(Bare))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let mut client =
-        pb::sensor_service_client::SensorServiceClient::connect(format!("http://{addr}")).await?;
+    Ok(format!("http://{addr}"))
+}
+
+async fn bare_baseline(events: u64) -> anyhow::Result<f64> {
+    let url = spawn_bare().await?;
+    let mut client = pb::sensor_service_client::SensorServiceClient::connect(url).await?;
     let (tx, rx) = mpsc::channel(16);
     let start = Instant::now();
     let mut acks = client.stream(ReceiverStream::new(rx)).await?.into_inner();
@@ -287,6 +301,26 @@ async fn main() -> anyhow::Result<()> {
         pct(0.50).as_secs_f64() * 1e3,
         pct(0.99).as_secs_f64() * 1e3
     );
+
+    // 1b. The uplink alone (spool, batching, stream; plaintext) against the acking server.
+    let target = Target::parse(&spawn_bare().await?, true).map_err(anyhow::Error::msg)?;
+    let hello = pb::Hello { host_id: "bench-spool".into(), ..Default::default() };
+    let config = UplinkConfig::new(target, Security::Insecure, hello, tmp.path().join("s3/spool"));
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let up = Uplink::start(config, rx).await?;
+    let first = up.open_report.next_seq;
+    let start = Instant::now();
+    for i in 0..events {
+        tx.send(observation(i)).await?;
+    }
+    let acked = up.wait_acked(first + events - 1, Duration::from_secs(600)).await;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "uplink only  spool + batching + stream, acking server:      {:>10.0} events/s",
+        (acked + 1 - first) as f64 / secs
+    );
+    drop(tx);
+    up.shutdown().await;
 
     // 3. Baseline.
     let bare = bare_baseline(events).await?;
