@@ -138,6 +138,7 @@ impl Agent {
                 }
             })
             .expect("spawning the enricher thread");
+        crate::system::release_freed_memory();
         Ok(Self { observations, view, policies, cancel, sensor })
     }
 

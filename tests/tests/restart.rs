@@ -81,8 +81,21 @@ impl SensorProcess {
     }
 
     fn kill(mut self) {
-        let _ = self.child.kill(); // SIGKILL: no cleanup of any kind
+        self.kill_now();
+    }
+
+    /// SIGKILL: no cleanup of any kind.
+    fn kill_now(&mut self) {
+        let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for SensorProcess {
+    /// A failing test must not leave a sensor running (it would hold the pins' lock and keep
+    /// its programs attached).
+    fn drop(&mut self) {
+        self.kill_now();
     }
 }
 
