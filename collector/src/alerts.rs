@@ -97,6 +97,13 @@ impl From<&ApprovedChange> for ChangeRef {
     }
 }
 
+/// A workload that declares the watch an undeclared process used, and its owning team.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredBy {
+    pub workload: String,
+    pub owner: String,
+}
+
 /// One lifecycle step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
@@ -150,6 +157,10 @@ pub struct Alert {
     /// ATT&CK techniques and the OWASP NHI entry of the rule.
     #[serde(default)]
     pub frameworks: Frameworks,
+    /// For `unknown-identity`: the workloads that declare the watch used, with their owners
+    /// (who receive the alert too). Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub declared_by: Vec<DeclaredBy>,
     /// The teams the alert was routed to when raised, and why (escalations add deliveries).
     #[serde(default)]
     pub routes: Vec<RouteTeam>,
@@ -198,7 +209,23 @@ impl Alert {
             Some(w) => (w.workload.identity_type.as_str().to_owned(), w.workload.owner.clone()),
             None => (UNDECLARED.to_owned(), UNDECLARED.to_owned()),
         };
-        let routes = route::alert_teams(finding.rule, workload.map(|w| w.workload.owner.as_str()));
+        let declared_by: Vec<DeclaredBy> = match (&finding.resource.watch, workload) {
+            (Some(watch), None) if finding.rule == Rule::UnknownIdentity => reg
+                .declaring(watch)
+                .into_iter()
+                .map(|w| DeclaredBy {
+                    workload: w.workload.name.clone(),
+                    owner: w.workload.owner.clone(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        let credential_owners: Vec<&str> = declared_by.iter().map(|d| d.owner.as_str()).collect();
+        let routes = route::alert_teams(
+            finding.rule,
+            workload.map(|w| w.workload.owner.as_str()),
+            &credential_owners,
+        );
         let name = finding.workload.clone().unwrap_or_else(|| UNDECLARED.to_owned());
         let in_force = finding.workload.as_deref().and_then(|w| reg.change_in_force(w, event.time));
         let expired = if in_force.is_none() {
@@ -239,6 +266,7 @@ impl Alert {
             count: u64::from(event.count.max(1)),
             frameworks: finding.rule.frameworks(),
             routes,
+            declared_by,
             routed_to: Vec::new(),
             first_event_seq: event.seq,
             transitions: Vec::new(),
@@ -287,6 +315,9 @@ impl Alert {
         }
         line("ancestry", p.ancestry_line());
         line("resource", format!("{} ({})", self.resource.render(), self.resource.kind));
+        for d in &self.declared_by {
+            line("declared by", format!("{} (owner {})", d.workload, d.owner));
+        }
         line(
             "expected window",
             if self.expected_windows.is_empty() {

@@ -330,22 +330,25 @@ impl Registry {
         self.changes.get(workload)?.iter().filter(|c| c.until <= t).max_by_key(|c| c.until)
     }
 
-    /// Non-human workloads that declare `watch` (the credential's owners), by name.
-    pub fn nhi_owners_of(&self, watch: &str) -> Vec<&CompiledWorkload> {
+    /// Workloads that declare `watch` among their credentials, auth endpoints or secrets, by
+    /// name.
+    pub fn declaring(&self, watch: &str) -> Vec<&CompiledWorkload> {
         let mut out: Vec<&CompiledWorkload> = self
             .workloads
             .iter()
             .filter(|w| {
                 let e = &w.workload.expect;
-                w.workload.identity_type.is_nhi()
-                    && e.credentials
-                        .iter()
-                        .chain(&e.auth_endpoints)
-                        .chain(&e.secrets)
-                        .any(|n| n == watch)
+                e.credentials.iter().chain(&e.auth_endpoints).chain(&e.secrets).any(|n| n == watch)
             })
             .collect();
         out.sort_by(|a, b| a.workload.name.cmp(&b.workload.name));
+        out
+    }
+
+    /// Non-human workloads that declare `watch` (the credential's owners), by name.
+    pub fn nhi_owners_of(&self, watch: &str) -> Vec<&CompiledWorkload> {
+        let mut out = self.declaring(watch);
+        out.retain(|w| w.workload.identity_type.is_nhi());
         out
     }
 

@@ -1,8 +1,9 @@
 //! Routing: which teams an alert goes to, the sinks of a team's route, and the body each sink
 //! receives. Deliveries themselves go through the persisted outbox ([`crate::outbox`]).
 //!
-//! Every alert goes to its owning team; alerts about undeclared identities go to `secops`;
-//! `dormant-identity` also goes to `iam`. A team route may escalate an alert that is still open
+//! Every alert goes to its owning team; alerts about undeclared identities go to `secops`, and
+//! an `unknown-identity` alert also to the owners of the workloads that declare the watch used
+//! (their credential is being used by someone else); `dormant-identity` also goes to `iam`. A team route may escalate an alert that is still open
 //! after `escalate_after` to `escalate_to` (whose own escalation then applies: chains).
 
 use std::collections::HashMap;
@@ -97,6 +98,8 @@ pub enum Reason {
     Undeclared,
     /// `dormant-identity` also goes to IAM.
     Dormant,
+    /// An undeclared process used a watch this team's workloads declare.
+    CredentialOwner,
     /// The alert was not acknowledged in time.
     Escalation,
     /// A workload declaration was widened.
@@ -110,6 +113,7 @@ impl Reason {
             Self::Owner => "owner",
             Self::Undeclared => "undeclared",
             Self::Dormant => "dormant",
+            Self::CredentialOwner => "credential-owner",
             Self::Escalation => "escalation",
             Self::DeclarationChanged => "declaration-changed",
         }
@@ -117,9 +121,16 @@ impl Reason {
 
     /// Parses a kebab-case name.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Owner, Self::Undeclared, Self::Dormant, Self::Escalation, Self::DeclarationChanged]
-            .into_iter()
-            .find(|r| r.as_str() == s)
+        [
+            Self::Owner,
+            Self::Undeclared,
+            Self::Dormant,
+            Self::CredentialOwner,
+            Self::Escalation,
+            Self::DeclarationChanged,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
     }
 }
 
@@ -130,13 +141,22 @@ pub struct RouteTeam {
     pub reason: Reason,
 }
 
-/// The teams a new alert goes to: the owner (or `secops` when undeclared), and `iam` as well
-/// for `dormant-identity`. The first one's escalation applies.
-pub fn alert_teams(rule: Rule, owner: Option<&str>) -> Vec<RouteTeam> {
+/// The teams a new alert goes to: the owner (or `secops` when undeclared); for
+/// `unknown-identity`, also `credential_owners` (the owning teams of the workloads that declare
+/// the watch used), each once; and `iam` as well for `dormant-identity`. The first one's
+/// escalation applies.
+pub fn alert_teams(rule: Rule, owner: Option<&str>, credential_owners: &[&str]) -> Vec<RouteTeam> {
     let mut out = vec![match owner {
         Some(team) => RouteTeam { team: team.to_owned(), reason: Reason::Owner },
         None => RouteTeam { team: DEFAULT_ROUTE.to_owned(), reason: Reason::Undeclared },
     }];
+    if rule == Rule::UnknownIdentity && owner.is_none() {
+        for team in credential_owners {
+            if !out.iter().any(|r| r.team == *team) {
+                out.push(RouteTeam { team: (*team).to_owned(), reason: Reason::CredentialOwner });
+            }
+        }
+    }
     if rule == Rule::DormantIdentity && out[0].team != IAM_TEAM {
         out.push(RouteTeam { team: IAM_TEAM.to_owned(), reason: Reason::Dormant });
     }
@@ -368,12 +388,26 @@ mod tests {
 
     #[test]
     fn teams_for_rules() {
-        let t = alert_teams(Rule::OutOfWindow, Some("pay"));
+        let t = alert_teams(Rule::OutOfWindow, Some("pay"), &[]);
         assert_eq!(t, vec![RouteTeam { team: "pay".into(), reason: Reason::Owner }]);
-        let t = alert_teams(Rule::UnknownIdentity, None);
+        let t = alert_teams(Rule::UnknownIdentity, None, &[]);
         assert_eq!(t, vec![RouteTeam { team: "secops".into(), reason: Reason::Undeclared }]);
-        let t = alert_teams(Rule::DormantIdentity, Some("pay"));
+        let t = alert_teams(Rule::DormantIdentity, Some("pay"), &[]);
         assert_eq!(t[1], RouteTeam { team: "iam".into(), reason: Reason::Dormant });
+        // An undeclared process using a declared credential: secops and the credential's
+        // owners, each once (secops owning a declaring workload is not told twice).
+        let t = alert_teams(Rule::UnknownIdentity, None, &["pay", "secops", "pay", "web"]);
+        assert_eq!(
+            t,
+            vec![
+                RouteTeam { team: "secops".into(), reason: Reason::Undeclared },
+                RouteTeam { team: "pay".into(), reason: Reason::CredentialOwner },
+                RouteTeam { team: "web".into(), reason: Reason::CredentialOwner },
+            ]
+        );
+        // Only unknown-identity: other rules about declared workloads keep their owner.
+        let t = alert_teams(Rule::OutOfPattern, Some("web"), &["pay"]);
+        assert_eq!(t, vec![RouteTeam { team: "web".into(), reason: Reason::Owner }]);
     }
 
     #[test]

@@ -573,6 +573,78 @@ async fn each_sink_format_reaches_a_real_receiver_with_the_alert_context() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_undeclared_use_of_a_declared_credential_reaches_secops_and_the_credential_owners() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook = format!("http://{}", listener.local_addr().expect("addr"));
+    let got = receiver(listener).await;
+    let clock = ManualClock::new(t(T0));
+    let kw = open(dir.path(), &clock);
+    let api = kw.c.api(None);
+    let jsonl = dir.path().join("team-a.jsonl");
+    // wa (team-a) and wb (team-b, no route) both declare the credential.
+    let yaml = setup_yaml(&hook, &jsonl).replace(
+        "match: {uid: 1001}",
+        "match: {uid: 1001}\nexpect: {credentials: [aws-credentials]}",
+    );
+    let yaml = yaml.replace(
+        "match: {uid: 1002}",
+        "match: {uid: 1002}\nexpect: {credentials: [aws-credentials]}",
+    );
+    apply(&api, &kw.admin, &yaml).await;
+
+    // The declared owner reading its own credential raises nothing.
+    assert!(raise(&kw.c, "web-1", vec![wa_reads(T0)]).is_empty());
+    let id = raise(&kw.c, "web-1", vec![aws(process("/usr/bin/curl", 0), T0)])[0];
+    let a = alert(&kw.c, id);
+    assert_eq!((a.rule.as_str(), a.owner.as_str()), ("unknown-identity", "undeclared"));
+    let declared: Vec<(&str, &str)> =
+        a.declared_by.iter().map(|d| (d.workload.as_str(), d.owner.as_str())).collect();
+    assert_eq!(declared, vec![("wa", "team-a"), ("wb", "team-b")]);
+    let pass = kw.dispatcher.pass().await.expect("pass");
+    // secops' webhook, and team-a's four sinks; team-b declares no route.
+    assert_eq!((pass.delivered, pass.failed), (5, 0), "{pass:?}");
+
+    let secops = bodies(&got, "/secops");
+    assert_eq!(secops.len(), 1);
+    assert_eq!(
+        (secops[0]["alert"]["id"].as_i64(), secops[0]["reason"].as_str()),
+        (Some(id), Some("undeclared"))
+    );
+    let owner = bodies(&got, "/a");
+    assert_eq!(owner.len(), 1);
+    let b = &owner[0];
+    assert_eq!(
+        (b["team"].as_str(), b["reason"].as_str(), b["alert"]["id"].as_i64()),
+        (Some("team-a"), Some("credential-owner"), Some(id))
+    );
+    assert_eq!(b["alert"]["rule"], "unknown-identity");
+    assert_eq!(b["alert"]["process"]["exe"], "/usr/bin/curl");
+    assert_eq!(b["alert"]["resource"]["watch"], "aws-credentials");
+    assert_eq!(b["alert"]["declared_by"][0]["workload"], "wa");
+    assert_eq!(b["alert"]["declared_by"][0]["owner"], "team-a");
+    assert_eq!(bodies(&got, "/a-slack").len(), 1);
+
+    let routed: Vec<(String, &str, String)> = alert(&kw.c, id)
+        .routed_to
+        .iter()
+        .map(|r| (r.team.clone(), r.reason.as_str(), r.status.clone()))
+        .collect::<Vec<_>>();
+    for expected in [
+        ("secops".to_owned(), "undeclared", "delivered".to_owned()),
+        ("team-a".to_owned(), "credential-owner", "delivered".to_owned()),
+        ("team-b".to_owned(), "credential-owner", "no-route".to_owned()),
+    ] {
+        assert!(routed.contains(&expected), "{expected:?} in {routed:?}");
+    }
+    assert!(
+        alert(&kw.c, id).render_details().contains("declared by       wa (owner team-a)"),
+        "{}",
+        alert(&kw.c, id).render_details()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_receiver_that_is_down_gets_the_alert_when_it_comes_back() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Reserve a port, then close it: connections are refused until the receiver starts.

@@ -323,6 +323,28 @@ fn parse_labels(s: &str) -> anyhow::Result<std::collections::HashMap<String, Str
         .collect()
 }
 
+/// The `keywatch` binary: parses the command line, starts logging to stderr (`info` for
+/// `serve`, `warn` otherwise; `RUST_LOG` overrides), runs the command, and turns the outcome
+/// into an exit code.
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let g = cli.global;
