@@ -1,6 +1,7 @@
 //! Project tasks. `cargo xtask setup | test | run | build | bench`.
 
 mod bench;
+mod demo;
 mod setup;
 mod tasks;
 
@@ -25,8 +26,17 @@ enum Task {
         #[arg(last = true)]
         cargo_args: Vec<String>,
     },
-    /// Setup, build, and run the sensor in standalone mode (events as JSON lines on stdout).
-    Run,
+    /// Setup, build, and run Keywatch on this host: a collector (./keywatch-demo), an enrolled
+    /// sensor, the declarations in examples/, and alerts as they arrive. Needs root; Ctrl-C
+    /// stops it. `--standalone` runs the sensor alone (observations as JSON lines).
+    Run {
+        /// The sensor alone, in standalone mode: every observation as a JSON line.
+        #[arg(long, conflicts_with = "reset")]
+        standalone: bool,
+        /// Wipe ./keywatch-demo (collector data, sensor enrollment) first.
+        #[arg(long)]
+        reset: bool,
+    },
     /// Setup, then build every binary in release mode.
     Build,
     /// Benchmarks: `sensor` (overhead of the running sensor on this host, needs root; add
@@ -44,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::Test { cargo_args } => tasks::test(&cargo_args),
-        Task::Run => tasks::run(),
+        Task::Run { standalone, reset } => tasks::run(standalone, reset),
         Task::Build => tasks::build(),
         Task::Bench { what, args } => bench::bench(&what, &args),
     }

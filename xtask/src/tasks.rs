@@ -83,8 +83,13 @@ pub fn build() -> anyhow::Result<()> {
     sh(cargo().args(["build", "--release", "--bin", "keywatch-sensor", "--bin", "keywatch"]))
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// The demo (collector, enrolled sensor, example declarations, alerts), or with `standalone`
+/// the sensor alone printing observations.
+pub fn run(standalone: bool, reset: bool) -> anyhow::Result<()> {
     build()?;
+    if !standalone {
+        return crate::demo::run(reset);
+    }
     println!("keywatch-sensor: watching this host; events follow as JSON lines (Ctrl-C stops)");
     sh(Command::new("target/release/keywatch-sensor").args(["run", "--stdout"]))
 }
