@@ -178,7 +178,7 @@ fn check_watch(w: &Watch, found: &mut Found) {
     let (mut includes, mut excludes) = (0, 0);
     for (i, path) in w.paths.iter().enumerate() {
         match crate::watchspec::parse_path(path) {
-            Ok(p) if p.exclude => excludes += 1,
+            Ok(p) if p.exclude() => excludes += 1,
             Ok(_) => includes += 1,
             Err(e) => found.push((format!("paths[{i}]"), e)),
         }

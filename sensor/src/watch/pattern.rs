@@ -9,6 +9,7 @@ use std::fs;
 use std::path::{Component, Path, PathBuf};
 
 use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use keywatch_proto::watchspec::is_glob;
 
 /// One component of a path pattern.
 #[derive(Debug, Clone)]
@@ -42,38 +43,10 @@ pub(crate) struct RawPattern {
     rest: String,
 }
 
-fn is_glob(component: &str) -> bool {
-    component.contains(['*', '?', '[', '{', '\\'])
-}
-
-/// Checks one entry of `paths` / `unix_sockets`.
+/// Checks one entry of `paths` / `unix_sockets` (the syntax the collector checks too).
 pub(crate) fn parse(raw: &str) -> Result<RawPattern, String> {
-    let (exclude, body) = match raw.strip_prefix('!') {
-        Some(rest) => (true, rest),
-        None => (false, raw),
-    };
-    let (home_relative, rest) = if let Some(rest) = body.strip_prefix("~/") {
-        (true, rest)
-    } else if body.starts_with('/') {
-        (false, body)
-    } else {
-        return Err(format!("`{raw}` must be absolute or start with `~/`"));
-    };
-    for component in rest.split('/').filter(|c| !c.is_empty()) {
-        if component.contains("**") {
-            return Err(format!("`{raw}`: `**` is not supported, name each level"));
-        }
-        if component == "." || component == ".." {
-            return Err(format!("`{raw}`: `.` and `..` components are not allowed"));
-        }
-        if is_glob(component) {
-            Glob::new(component).map_err(|e| format!("`{raw}`: {e}"))?;
-        }
-    }
-    if rest.trim_matches('/').is_empty() {
-        return Err(format!("`{raw}` names a directory, not a file"));
-    }
-    Ok(RawPattern { exclude, home_relative, rest: rest.to_string() })
+    let spec = keywatch_proto::watchspec::parse_path(raw)?;
+    Ok(RawPattern { exclude: spec.exclude, home_relative: spec.home_relative, rest: spec.rest })
 }
 
 impl RawPattern {
