@@ -266,7 +266,13 @@ mod tests {
     }
 
     fn observation(what: What) -> Observation {
-        Observation { time_ns: 1_700_000_000_123_456_789, count: 3, process: identity(), what }
+        Observation {
+            time_ns: 1_700_000_000_123_456_789,
+            count: 3,
+            process: identity(),
+            what,
+            mark: 0,
+        }
     }
 
     #[test]

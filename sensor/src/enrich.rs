@@ -73,8 +73,17 @@ impl Enricher {
     }
 
     /// Turns one event into zero, one or two observations (an exec that raised privileges
-    /// yields the exec and a privilege change).
+    /// yields the exec and a privilege change). The last observation carries the event's mark.
     pub fn enrich(&mut self, event: Event) -> Vec<Observation> {
+        let mark = event.mark;
+        let mut out = self.observations(event);
+        if let Some(last) = out.last_mut() {
+            last.mark = mark;
+        }
+        out
+    }
+
+    fn observations(&mut self, event: Event) -> Vec<Observation> {
         let pid = event.process.pid;
         let before = self.creds_before(pid);
         let mut out = Vec::new();
@@ -234,6 +243,7 @@ impl Enricher {
             count: event.count,
             process: self.identity_of(event.process.pid, Some(&event.process)),
             what,
+            mark: 0,
         }
     }
 

@@ -100,6 +100,10 @@ pub struct Event {
     /// For folded kinds: the key and the cumulative total the kernel reported.
     #[serde(skip)]
     pub fold: Option<(FoldKey, u64)>,
+    /// The reader's number for this event (see [`crate::reader::Progress`]); 0 before it is
+    /// sent.
+    #[serde(skip)]
+    pub mark: u64,
 }
 
 /// Converts kernel boot-clock stamps to Unix time.
@@ -270,6 +274,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
         process: process(&header),
         detail,
         fold,
+        mark: 0,
     })
 }
 

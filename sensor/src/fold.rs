@@ -16,8 +16,6 @@ const IN_FLIGHT_NS: u64 = 100_000_000;
 pub struct FoldTracker {
     keys: HashMap<FoldKey, Reported>,
     window_ns: u64,
-    /// Keys whose reported total changed since the last checkpoint.
-    dirty: std::collections::HashSet<FoldKey>,
 }
 
 #[derive(Debug)]
@@ -28,25 +26,18 @@ struct Reported {
 
 impl FoldTracker {
     pub fn new(window: std::time::Duration) -> Self {
-        Self {
-            keys: HashMap::new(),
-            window_ns: window.as_nanos() as u64,
-            dirty: Default::default(),
-        }
+        Self { keys: HashMap::new(), window_ns: window.as_nanos() as u64 }
     }
 
     /// Continues from the totals a previous sensor reported (its checkpoint), so occurrences
     /// it already reported are not reported again.
+    ///
+    /// The checkpoint is written by the reader only once the events carrying those totals are
+    /// durable (`event.fold` is the key and total to checkpoint), so it never runs ahead.
     pub fn seed(&mut self, reported: &[(FoldKey, u64)]) {
         for &(key, total) in reported {
             self.keys.insert(key, Reported { total, last: event_from_key(&key, 0) });
         }
-    }
-
-    /// The reported totals changed since the last call, for [`crate::kernel_maps::FoldMap::checkpoint`].
-    pub fn take_dirty(&mut self) -> Vec<(FoldKey, u64)> {
-        let dirty = std::mem::take(&mut self.dirty);
-        dirty.into_iter().filter_map(|k| self.keys.get(&k).map(|r| (k, r.total))).collect()
     }
 
     /// Sets `event.count` to the occurrences it newly accounts for; `None` when it accounts for
@@ -64,7 +55,6 @@ impl FoldTracker {
         };
         event.count = u32::try_from(delta).unwrap_or(u32::MAX);
         self.keys.insert(key, Reported { total, last: event.clone() });
-        self.dirty.insert(key);
         Some(event)
     }
 
@@ -97,7 +87,6 @@ impl FoldTracker {
             tail.time_ns = now_unix_ns;
             tail.fold = Some((key, state.total));
             self.keys.insert(key, Reported { total: state.total, last: tail.clone() });
-            self.dirty.insert(key);
             tails.push(tail);
         }
         self.keys.retain(|k, _| live.contains(k));
@@ -154,6 +143,7 @@ fn event_from_key(key: &FoldKey, now_unix_ns: u64) -> Event {
         },
         detail,
         fold: None,
+        mark: 0,
     }
 }
 
@@ -179,6 +169,7 @@ mod tests {
             },
             detail: Detail::Fork { child_pid: 0 },
             fold: Some((FoldKey::file(10, 1, 42), total)),
+            mark: 0,
         }
     }
 

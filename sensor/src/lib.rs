@@ -1,7 +1,8 @@
 //! Keywatch host sensor.
 //!
-//! Data path: kernel programs ([`loader`]) → ring buffer → [`reader`] (decode) → sink
-//! ([`output`]), joined by bounded channels so pressure propagates instead of memory growing.
+//! Data path: kernel programs ([`loader`]) → ring buffer ([`ring`]) → [`reader`] (decode) →
+//! sink ([`output`]), joined by bounded channels so pressure propagates instead of memory
+//! growing. Ring records are released only once what came of them is durable.
 
 pub mod btf;
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod output;
 pub mod pins;
 pub mod process;
 pub mod reader;
+pub mod ring;
 pub mod run;
 pub mod spool;
 pub mod system;

@@ -11,7 +11,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, Map, MapData, PerCpuArray, RingBuf},
+    maps::{Array, Map, MapData, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, RawTracePoint, TracePoint,
         links::{FdLink, PinnedLink},
@@ -240,9 +240,14 @@ impl Loaded {
         })
     }
 
-    /// The event ring buffer, handed to the reader.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoadError> {
-        self.typed("EVENTS", RingBuf::try_from)
+    /// The event ring buffer map, handed to the reader (which maps it with
+    /// [`crate::ring::Ring`]).
+    pub fn take_events(&mut self) -> Result<MapData, LoadError> {
+        self.typed("EVENTS", |map| match map {
+            Map::RingBuf(data) => Ok(data),
+            // Not a ring buffer (its type is not public on `Map`).
+            _ => Err(aya::maps::MapError::InvalidMapType { map_type: 0 }),
+        })
     }
 
     /// Records the kernel could not queue, per kind, summed over CPUs.

@@ -102,4 +102,9 @@ pub struct Observation {
     pub process: Identity,
     #[serde(flatten)]
     pub what: What,
+    /// The mark of the event this observation completes (the last observation made from an
+    /// event carries it), 0 for the others: what the sink reports durable so that the ring
+    /// record behind it can be released (see [`crate::reader::Progress`]).
+    #[serde(skip)]
+    pub mark: u64,
 }

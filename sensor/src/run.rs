@@ -4,7 +4,7 @@
 //! - [`Agent`]: a sensor plus everything that makes its events useful: watches resolved into
 //!   the kernel maps and kept current, and each event joined with the exact process identity.
 
-use std::{io::Write as _, time::Duration};
+use std::{io::Write as _, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +18,8 @@ use crate::{
     observation::Observation,
     output,
     process::{ExeHasher, ProcFs, ProcessTable},
-    reader::{self, ReaderHandle},
+    reader::{self, Progress, ReaderHandle},
+    ring::Ring,
     watch::WatchSet,
     watch_sync::{SharedView, WatchSync},
 };
@@ -27,30 +28,52 @@ use crate::{
 const CHANNEL_CAPACITY: usize = 16 * 1024;
 
 /// A started sensor. Dropping it stops the reader and detaches every program.
+///
+/// Ring records are released to the kernel only as their events are done downstream (see
+/// [`reader::Progress`]): for a bare sensor, an event is done once [`Sensor::next_event`] has
+/// returned it; an [`Agent`] hands that duty to its sink.
 pub struct Sensor {
     // Field order is drop order: stop the reader before the maps and programs go.
     reader: ReaderHandle,
     loaded: Loaded,
     events: mpsc::Receiver<Event>,
     watch_maps: Option<WatchMaps>,
+    progress: Arc<Progress>,
 }
 
 impl Sensor {
     /// Loads and attaches the kernel programs and starts draining events.
     pub fn start(opts: &LoadOptions) -> Result<Self, LoadError> {
+        Self::start_with(opts, Progress::default())
+    }
+
+    fn start_with(opts: &LoadOptions, progress: Progress) -> Result<Self, LoadError> {
         let mut loaded = loader::load(opts)?;
-        let ring = loaded.take_events()?;
+        let ring = Ring::from_map(loaded.take_events()?).map_err(|io_error| LoadError::Map {
+            name: "EVENTS",
+            source: aya::sys::SyscallError { call: "mmap", io_error }.into(),
+        })?;
         let fold_map = loaded.take_fold_map()?;
         let watch_maps = loaded.take_watch_maps()?;
         let (tx, events) = mpsc::channel(CHANNEL_CAPACITY);
         let folds = FoldTracker::new(opts.fold_window);
-        let reader = reader::spawn(ring, fold_map, folds, tx, Clock::from_system());
-        Ok(Self { reader, loaded, events, watch_maps: Some(watch_maps) })
+        let progress = Arc::new(progress);
+        let reader =
+            reader::spawn(ring, fold_map, folds, tx, Clock::from_system(), Arc::clone(&progress));
+        Ok(Self { reader, loaded, events, watch_maps: Some(watch_maps), progress })
     }
 
-    /// The next event; `None` once the reader has stopped.
+    /// The next event; `None` once the reader has stopped. Returning it makes it done: its ring
+    /// record may be released.
     pub async fn next_event(&mut self) -> Option<Event> {
-        self.events.recv().await
+        let event = self.events.recv().await?;
+        self.progress.durable(event.mark);
+        Some(event)
+    }
+
+    /// Stops reading the ring; what was read is still committed as it becomes done.
+    pub fn stop_reading(&self) {
+        self.reader.stop_reading();
     }
 
     /// The kernel's watch maps, to add or remove watched files, directories and endpoints.
@@ -97,8 +120,14 @@ impl AgentOptions {
 }
 
 /// A sensor with its watches in force and its events enriched.
+///
+/// An observation is done (its ring record may be released) once its sink says so: with
+/// [`Agent::next`], when the caller calls [`Agent::done`] or asks for the next one; after
+/// [`Agent::take_observations`], through the counter of [`Agent::durable_counter`].
 pub struct Agent {
     observations: mpsc::Receiver<Observation>,
+    /// Mark of the observation [`Agent::next`] returned last.
+    returned: Option<u64>,
     view: SharedView,
     policies: mpsc::Sender<WatchSet>,
     cancel: CancellationToken,
@@ -109,7 +138,7 @@ pub struct Agent {
 impl Agent {
     /// Attaches the programs, resolves the watches into the kernel maps and starts enriching.
     pub async fn start(opts: &AgentOptions) -> Result<Self, LoadError> {
-        let mut sensor = Sensor::start(&opts.load)?;
+        let mut sensor = Sensor::start_with(&opts.load, Progress::default().with_middle_stage())?;
         let maps = sensor.watch_maps.take().expect("fresh sensor has its maps");
         let (sync, view) = WatchSync::start(maps, opts.watches.clone(), opts.dns_refresh).await;
         let cancel = CancellationToken::new();
@@ -126,25 +155,54 @@ impl Agent {
 
         let (tx, observations) = mpsc::channel(CHANNEL_CAPACITY);
         let mut events = std::mem::replace(&mut sensor.events, mpsc::channel(1).1);
+        let progress = Arc::clone(&sensor.progress);
         std::thread::Builder::new()
             .name("enricher".into())
             .spawn(move || {
                 while let Some(event) = events.blocking_recv() {
+                    let mark = event.mark;
                     for observation in enricher.enrich(event) {
+                        let carries = observation.mark;
                         if tx.blocking_send(observation).is_err() {
                             return;
                         }
+                        if carries != 0 {
+                            progress.stage_emitted(carries);
+                        }
                     }
+                    progress.stage_seen(mark);
                 }
             })
             .expect("spawning the enricher thread");
         crate::system::release_freed_memory();
-        Ok(Self { observations, view, policies, cancel, sensor })
+        Ok(Self { observations, returned: None, view, policies, cancel, sensor })
     }
 
-    /// The next observation; `None` once the sensor has stopped.
+    /// The next observation; `None` once the sensor has stopped. Asking for the next one makes
+    /// every observation returned before it done.
     pub async fn next(&mut self) -> Option<Observation> {
-        self.observations.recv().await
+        let observation = self.observations.recv().await?;
+        if let Some(previous) = self.returned.replace(observation.mark).filter(|&m| m != 0) {
+            self.sensor.progress.durable(previous);
+        }
+        Some(observation)
+    }
+
+    /// `observation` (and everything returned before it) is durable at the caller's end.
+    pub fn done(&self, observation: &Observation) {
+        self.sensor.progress.durable(observation.mark);
+    }
+
+    /// The counter a sink that took the observations ([`Agent::take_observations`]) stores
+    /// the highest durable [`Observation::mark`] into.
+    pub fn durable_counter(&self) -> Arc<reader::DurableMark> {
+        self.sensor.progress.durable_counter()
+    }
+
+    /// Stops reading the ring: the stages drain and the observation stream ends; ring records
+    /// are still released as their observations become durable, until the agent is dropped.
+    pub fn stop_reading(&self) {
+        self.sensor.stop_reading();
     }
 
     /// The next observation for which `pred` holds, skipping the others.
@@ -186,6 +244,9 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.cancel.cancel();
+        // Whatever the sink made durable is committed by the reader as it stops; nothing more
+        // will become durable.
+        self.sensor.progress.close();
     }
 }
 
@@ -200,13 +261,19 @@ pub async fn run_stdout(opts: &AgentOptions) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut stopping = false;
     loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut shutdown, if !stopping => {
+                // Drain: what was read from the ring is written before the ring is committed.
+                agent.stop_reading();
+                stopping = true;
+            }
             observation = agent.next() => {
                 let Some(observation) = observation else { break };
                 output::write_json_line(&mut stdout, &observation)?;
                 stdout.flush()?;
+                agent.done(&observation);
             }
         }
     }
@@ -302,7 +369,8 @@ pub async fn run_uplink(opts: &AgentOptions, uplink: UplinkOptions) -> anyhow::R
     } else {
         source
     };
-    let uplink_handle = Uplink::start(config.clone(), observations).await?;
+    let uplink_handle =
+        Uplink::start_tracked(config.clone(), observations, agent.durable_counter()).await?;
     tracing::info!(
         collector = %config.target.authority,
         host_id = %config.hello.host_id,
@@ -330,10 +398,13 @@ pub async fn run_uplink(opts: &AgentOptions, uplink: UplinkOptions) -> anyhow::R
             }
         }
     }
-    // Closing the observation stream makes the batcher flush; the uplink then waits briefly for
-    // the acks in flight. What the kernel still holds stays in the pinned ring for the next run.
-    drop(agent);
+    // Stop reading: the stages drain and close the observation stream, which makes the batcher
+    // flush and the spool sync; the uplink waits briefly for the acks in flight. Dropping the
+    // agent then commits the ring up to what the spool holds; what the kernel still holds
+    // stays in the pinned ring for the next run.
+    agent.stop_reading();
     uplink_handle.shutdown().await;
+    drop(agent);
     tracing::info!("sensor stopped");
     Ok(())
 }

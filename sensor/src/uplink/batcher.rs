@@ -4,34 +4,37 @@
 
 use tokio::{sync::mpsc, time::Instant};
 
-use super::BatchLimits;
+use super::{BatchLimits, spooler::Batch};
 use crate::{convert::encode_observation, observation::Observation};
 
-/// Runs until `observations` closes (then flushes) or the spool thread is gone.
+/// Runs until `observations` closes (then flushes) or the spool thread is gone. Each batch
+/// carries the highest mark of its observations, for the spool thread to report durable.
 pub async fn run(
     mut observations: mpsc::Receiver<Observation>,
-    appends: mpsc::Sender<Vec<Vec<u8>>>,
+    appends: mpsc::Sender<Batch>,
     limits: BatchLimits,
 ) {
-    let mut batch: Vec<Vec<u8>> = Vec::with_capacity(limits.max_events);
+    let mut batch = Batch::with_capacity(limits.max_events);
     let mut bytes = 0usize;
     let mut deadline: Option<Instant> = None;
+    let add = |batch: &mut Batch, o: &Observation| {
+        let encoded = encode_observation(o);
+        batch.mark = batch.mark.max(o.mark);
+        batch.events.push(encoded);
+        batch.events.last().map_or(0, Vec::len)
+    };
     loop {
         let flush = tokio::select! {
             o = observations.recv() => match o {
                 Some(o) => {
-                    let encoded = encode_observation(&o);
-                    bytes += encoded.len();
-                    batch.push(encoded);
+                    bytes += add(&mut batch, &o);
                     deadline.get_or_insert_with(|| Instant::now() + limits.max_delay);
                     // Take whatever else is already queued without waiting.
-                    while batch.len() < limits.max_events && bytes < limits.max_bytes {
+                    while batch.events.len() < limits.max_events && bytes < limits.max_bytes {
                         let Ok(o) = observations.try_recv() else { break };
-                        let encoded = encode_observation(&o);
-                        bytes += encoded.len();
-                        batch.push(encoded);
+                        bytes += add(&mut batch, &o);
                     }
-                    batch.len() >= limits.max_events || bytes >= limits.max_bytes
+                    batch.events.len() >= limits.max_events || bytes >= limits.max_bytes
                 }
                 None => {
                     if !batch.is_empty() {
@@ -43,7 +46,7 @@ pub async fn run(
             () = sleep_until(deadline) => true,
         };
         if flush && !batch.is_empty() {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(limits.max_events));
+            let full = std::mem::replace(&mut batch, Batch::with_capacity(limits.max_events));
             bytes = 0;
             deadline = None;
             if appends.send(full).await.is_err() {
@@ -73,6 +76,7 @@ mod tests {
             count: 1,
             process: Identity { pid: i + 1, ..Default::default() },
             what: What::Fork { child_pid: i },
+            mark: u64::from(i) + 1,
         }
     }
 
@@ -88,7 +92,7 @@ mod tests {
         let start = Instant::now();
         tx.send(obs(1)).await.unwrap();
         let batch = arx.recv().await.unwrap();
-        assert_eq!(batch.len(), 1);
+        assert_eq!((batch.events.len(), batch.mark), (1, 2));
         assert_eq!(start.elapsed(), Duration::from_millis(50));
     }
 
@@ -101,11 +105,12 @@ mod tests {
         }
         tokio::spawn(run(rx, atx, limits()));
         let start = Instant::now();
-        assert_eq!(arx.recv().await.unwrap().len(), 10);
-        assert_eq!(arx.recv().await.unwrap().len(), 10);
+        let first = arx.recv().await.unwrap();
+        assert_eq!((first.events.len(), first.mark), (10, 10));
+        assert_eq!(arx.recv().await.unwrap().events.len(), 10);
         assert_eq!(start.elapsed(), Duration::ZERO);
         drop(tx);
-        assert_eq!(arx.recv().await.unwrap().len(), 5, "the rest is flushed on close");
+        assert_eq!(arx.recv().await.unwrap().events.len(), 5, "the rest is flushed on close");
         assert!(arx.recv().await.is_none());
     }
 }

@@ -9,7 +9,9 @@
 //!
 //! Every stage is joined to the next by a bounded channel: when the disk or the collector
 //! cannot keep up, the observation channel fills, the agent stops draining the ring buffer and
-//! the kernel counts what it drops (reported in heartbeats). An event is acked by the collector
+//! the kernel counts what it drops (reported in heartbeats). Once a batch is synced, the spool
+//! thread reports its highest observation mark durable, and only then does the ring reader
+//! release the records behind it (see [`crate::reader`]). An event is acked by the collector
 //! only after it is stored, and released from the spool only then; after any reconnect or
 //! restart the sender starts again at the first unacked seq.
 //!
@@ -165,6 +167,16 @@ impl Uplink {
         config: UplinkConfig,
         observations: mpsc::Receiver<Observation>,
     ) -> Result<Self, UplinkError> {
+        Self::start_tracked(config, observations, Arc::default()).await
+    }
+
+    /// [`Uplink::start`], storing in `durable_mark` the highest [`Observation::mark`] that is
+    /// in the spool and synced (everything before it is too): what the ring reader may release.
+    pub async fn start_tracked(
+        config: UplinkConfig,
+        observations: mpsc::Receiver<Observation>,
+        durable_mark: Arc<crate::reader::DurableMark>,
+    ) -> Result<Self, UplinkError> {
         let mut identity = None;
         match &config.security {
             Security::Insecure => {
@@ -224,8 +236,9 @@ impl Uplink {
         let (appends_tx, appends_rx) = mpsc::channel(4);
         let spooler_opts =
             spooler::SpoolerOptions { max_held_bytes: config.max_held_bytes, ..Default::default() };
-        let (handle, spool_thread) = spooler::spawn(spool, &report, appends_rx, spooler_opts)
-            .map_err(UplinkError::Thread)?;
+        let (handle, spool_thread) =
+            spooler::spawn(spool, &report, appends_rx, spooler_opts, durable_mark)
+                .map_err(UplinkError::Thread)?;
 
         let cancel = CancellationToken::new();
         let tasks = tokio_util::task::TaskTracker::new();

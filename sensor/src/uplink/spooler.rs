@@ -43,6 +43,28 @@ pub struct SpoolStats {
     pub acked: AtomicU64,
 }
 
+/// A batch of events encoded without their seq, and the highest mark of the observations in
+/// it (0 for none), reported durable once the batch is synced.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub events: Vec<Vec<u8>>,
+    pub mark: u64,
+}
+
+impl Batch {
+    pub fn with_capacity(n: usize) -> Self {
+        Self { events: Vec::with_capacity(n), mark: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    fn bytes(&self) -> usize {
+        self.events.iter().map(Vec::len).sum()
+    }
+}
+
 /// Requests from the sender.
 enum Request {
     Read { from: u64, max_events: usize, max_bytes: usize, reply: oneshot::Sender<ReadResult> },
@@ -127,19 +149,21 @@ impl Default for SpoolerOptions {
 
 /// Starts the spool thread; `appends` carries batches of events encoded without their seq.
 /// The thread ends once `appends` is closed (after writing what it held) and every
-/// [`SpoolHandle`] is gone.
+/// [`SpoolHandle`] is gone. The highest mark of the batches that are synced is stored in
+/// `durable_mark`.
 pub fn spawn(
     spool: Spool,
     report: &OpenReport,
-    appends: mpsc::Receiver<Vec<Vec<u8>>>,
+    appends: mpsc::Receiver<Batch>,
     opts: SpoolerOptions,
+    durable_mark: Arc<crate::reader::DurableMark>,
 ) -> std::io::Result<(SpoolHandle, std::thread::JoinHandle<()>)> {
     let (requests_tx, requests) = mpsc::channel(64);
     let (durable_tx, durable) = watch::channel(spool.durable_next_seq());
     let (acked_tx, acked) = watch::channel(spool.acked());
     let stats = Arc::new(SpoolStats::default());
     stats.evicted_total.store(report.evicted_total, Ordering::Relaxed);
-    let worker = Worker {
+    let mut worker = Worker {
         spool,
         held: VecDeque::new(),
         held_bytes: 0,
@@ -148,6 +172,8 @@ pub fn spawn(
         stats: stats.clone(),
         durable: durable_tx,
         acked: acked_tx,
+        marks: VecDeque::new(),
+        durable_mark,
     };
     worker.publish();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
@@ -160,19 +186,22 @@ pub fn spawn(
 struct Worker {
     spool: Spool,
     /// Batches that met a full disk, oldest first.
-    held: VecDeque<Vec<Vec<u8>>>,
+    held: VecDeque<Batch>,
     held_bytes: usize,
     last_retry: Instant,
     opts: SpoolerOptions,
     stats: Arc<SpoolStats>,
     durable: watch::Sender<u64>,
     acked: watch::Sender<u64>,
+    /// Marks of appended batches not yet synced: (the seq after the batch, its mark).
+    marks: VecDeque<(u64, u64)>,
+    durable_mark: Arc<crate::reader::DurableMark>,
 }
 
 impl Worker {
     async fn run(
         mut self,
-        mut appends: mpsc::Receiver<Vec<Vec<u8>>>,
+        mut appends: mpsc::Receiver<Batch>,
         mut requests: mpsc::Receiver<Request>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -219,7 +248,7 @@ impl Worker {
     }
 
     fn held_events(&self) -> u64 {
-        self.held.iter().map(|b| b.len() as u64).sum()
+        self.held.iter().map(|b| b.events.len() as u64).sum()
     }
 
     fn sync(&mut self) {
@@ -229,7 +258,7 @@ impl Worker {
         self.publish();
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let s = &self.stats;
         s.depth_events.store(self.spool.depth_events(), Ordering::Relaxed);
         s.depth_bytes.store(self.spool.depth_bytes(), Ordering::Relaxed);
@@ -237,10 +266,16 @@ impl Worker {
         s.corrupt_total.store(self.spool.corrupt_total(), Ordering::Relaxed);
         s.held_events.store(self.held_events(), Ordering::Relaxed);
         s.acked.store(self.spool.acked(), Ordering::Relaxed);
-        self.durable.send_if_modified(|v| {
-            let new = self.spool.durable_next_seq();
-            std::mem::replace(v, new) != new
-        });
+        let durable_next = self.spool.durable_next_seq();
+        self.durable.send_if_modified(|v| std::mem::replace(v, durable_next) != durable_next);
+        let mut mark = None;
+        while let Some(&(_, m)) = self.marks.front().filter(|(end, _)| *end <= durable_next) {
+            mark = Some(m);
+            self.marks.pop_front();
+        }
+        if let Some(m) = mark {
+            self.durable_mark.advance(m);
+        }
         self.acked.send_if_modified(|v| {
             let new = self.spool.acked();
             std::mem::replace(v, new) != new
@@ -273,7 +308,7 @@ impl Worker {
         }
     }
 
-    fn append_or_hold(&mut self, batch: Vec<Vec<u8>>) {
+    fn append_or_hold(&mut self, batch: Batch) {
         if batch.is_empty() {
             return;
         }
@@ -282,17 +317,17 @@ impl Worker {
             return;
         }
         if let Err(batch) = self.append(batch) {
-            self.stats.disk_full_events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            self.stats.disk_full_events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
             tracing::error!(
-                events = batch.len(),
+                events = batch.events.len(),
                 "disk full: holding events in memory until the spool can write them"
             );
             self.hold(batch);
         }
     }
 
-    fn hold(&mut self, batch: Vec<Vec<u8>>) {
-        self.held_bytes += batch.iter().map(Vec::len).sum::<usize>();
+    fn hold(&mut self, batch: Batch) {
+        self.held_bytes += batch.bytes();
         self.held.push_back(batch);
         self.stats.held_events.store(self.held_events(), Ordering::Relaxed);
     }
@@ -300,7 +335,7 @@ impl Worker {
     fn retry_held(&mut self) {
         self.last_retry = Instant::now();
         while let Some(batch) = self.held.pop_front() {
-            let bytes: usize = batch.iter().map(Vec::len).sum();
+            let bytes = batch.bytes();
             match self.append(batch) {
                 Ok(()) => self.held_bytes -= bytes,
                 Err(batch) => {
@@ -316,32 +351,44 @@ impl Worker {
     }
 
     /// Appends one batch, numbering it; gives it back when the disk is full. Other write
-    /// errors lose the batch: counted and logged.
-    fn append(&mut self, mut batch: Vec<Vec<u8>>) -> Result<(), Vec<Vec<u8>>> {
+    /// errors lose the batch: counted and logged (and its mark passes, so the ring is not held
+    /// up forever by events that are gone).
+    fn append(&mut self, mut batch: Batch) -> Result<(), Batch> {
         let base = self.spool.next_seq();
-        let lens: Vec<usize> = batch.iter().map(Vec::len).collect();
-        for (i, payload) in batch.iter_mut().enumerate() {
+        let lens: Vec<usize> = batch.events.iter().map(Vec::len).collect();
+        for (i, payload) in batch.events.iter_mut().enumerate() {
             append_seq(payload, base + i as u64);
         }
-        let refs: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
+        let refs: Vec<&[u8]> = batch.events.iter().map(Vec::as_slice).collect();
         let result = self.spool.append(&refs);
         match result {
             Ok(range) => {
                 debug_assert_eq!(*range.start(), base, "the spool numbers batches contiguously");
-                self.stats.appended_events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let events = batch.events.len() as u64;
+                self.stats.appended_events.fetch_add(events, Ordering::Relaxed);
+                self.note_mark(base + events, batch.mark);
                 Ok(())
             }
             Err(SpoolError::DiskFull { .. }) => {
-                for (payload, len) in batch.iter_mut().zip(lens) {
+                for (payload, len) in batch.events.iter_mut().zip(lens) {
                     payload.truncate(len);
                 }
                 Err(batch)
             }
             Err(error) => {
-                self.stats.write_lost_events.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                tracing::error!(%error, events = batch.len(), "spool write failed; these events are lost");
+                let events = batch.events.len();
+                self.stats.write_lost_events.fetch_add(events as u64, Ordering::Relaxed);
+                tracing::error!(%error, events, "spool write failed; these events are lost");
+                self.note_mark(self.spool.next_seq(), batch.mark);
                 Ok(())
             }
+        }
+    }
+
+    /// `mark` is durable once every seq before `end` is.
+    fn note_mark(&mut self, end: u64, mark: u64) {
+        if mark > 0 {
+            self.marks.push_back((end, mark));
         }
     }
 }

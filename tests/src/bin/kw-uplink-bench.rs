@@ -59,6 +59,7 @@ fn observation(i: u64) -> Observation {
             flags: 0,
             write: false,
         },
+        mark: 0,
     }
 }
 

@@ -94,6 +94,7 @@ pub fn observation(i: u64, now_ns: u64) -> Observation {
             flags: 0,
             write: false,
         },
+        mark: 0,
     }
 }
 
