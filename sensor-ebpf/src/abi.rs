@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -486,7 +486,42 @@ pub struct KernelOffsets {
     pub unix_path_dentry: u32,
     /// `pid.numbers[0].nr`.
     pub pid_nr: u32,
+    /// `files_struct.fdtab`, the embedded first fd table (`fdt` points at it until the table
+    /// grows).
+    pub files_fdtab: u32,
+}
+
+/// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
+pub const READ_WINDOW_MAX: u32 = 128;
+
+/// Bytes `base..base + len` of a kernel struct, covering several fields the programs need, read
+/// with one `bpf_probe_read_kernel` instead of one per field. Computed by the loader from BTF
+/// offsets: `base` is 8-aligned, every covered field sits at its natural alignment from `base`,
+/// and `len` ≤ [`READ_WINDOW_MAX`]. `len == 0` when the fields are too far apart: the programs
+/// then read the fields one by one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadWindow {
+    pub base: u32,
+    pub len: u32,
+}
+
+/// The read windows of the file-open path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadWindows {
+    /// `files_struct`: `fdt` and `fdtab.fd`.
+    pub files: ReadWindow,
+    /// `file`: `f_inode`, `f_flags`, `f_path.dentry`.
+    pub file: ReadWindow,
+    /// `inode`: `i_sb`, `i_ino`.
+    pub inode: ReadWindow,
+    /// `super_block`: `s_dev`, `s_magic`.
+    pub sb: ReadWindow,
+    /// `dentry`: `d_parent`, `d_name.name`, `d_inode`.
+    pub dentry: ReadWindow,
     pub _pad0: u32,
+    pub _pad1: u32,
 }
 
 /// Index in the `RUNTIME` array map of the sensor's own thread-group id, whose activity is never
@@ -511,6 +546,7 @@ pub struct SensorConfig {
     /// Repeats of a fold key within this many nanoseconds produce no new record.
     pub fold_window_ns: u64,
     pub offsets: KernelOffsets,
+    pub windows: ReadWindows,
 }
 
 // Layout guards: a change here is a change of ABI_VERSION.
@@ -527,7 +563,9 @@ const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 34 * 4);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 34 * 4);
+const _: () = assert!(size_of::<ReadWindow>() == 8);
+const _: () = assert!(size_of::<ReadWindows>() == 6 * 8);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 34 * 4 + 6 * 8);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -547,6 +585,8 @@ mod pod {
     unsafe impl aya::Pod for super::NameKey {}
     unsafe impl aya::Pod for super::FoldState {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::ReadWindow {}
+    unsafe impl aya::Pod for super::ReadWindows {}
     unsafe impl aya::Pod for super::SensorConfig {}
     unsafe impl aya::Pod for super::PinMeta {}
 }

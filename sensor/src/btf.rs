@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use sensor_ebpf::KernelOffsets;
+use sensor_ebpf::{KernelOffsets, READ_WINDOW_MAX, ReadWindow, ReadWindows};
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -136,9 +136,38 @@ impl KernelBtf {
             unix_peer: self.member_offset("unix_sock", "peer")?,
             unix_path_dentry: self.path_offset("unix_sock", &[("path", "path"), ("dentry", "")])?,
             pid_nr: self.path_offset("pid", &[("numbers", "upid"), ("nr", "")])?,
-            _pad0: 0,
+            files_fdtab: self.member_offset("files_struct", "fdtab")?,
         })
     }
+}
+
+/// The read windows of the file-open path for these offsets: each covers the fields the
+/// programs read from one struct, so one `bpf_probe_read_kernel` replaces one per field.
+pub fn read_windows(o: &KernelOffsets) -> ReadWindows {
+    ReadWindows {
+        files: read_window(&[(o.files_fdt, 8), (o.files_fdtab + o.fdtable_fd, 8)]),
+        file: read_window(&[(o.file_f_inode, 8), (o.file_f_flags, 4), (o.file_dentry, 8)]),
+        inode: read_window(&[(o.inode_i_sb, 8), (o.inode_i_ino, 8)]),
+        sb: read_window(&[(o.sb_s_dev, 4), (o.sb_s_magic, 8)]),
+        dentry: read_window(&[(o.dentry_d_parent, 8), (o.dentry_name, 8), (o.dentry_d_inode, 8)]),
+        _pad0: 0,
+        _pad1: 0,
+    }
+}
+
+/// The window covering `fields` (offset, size): 8-aligned base, every field naturally aligned
+/// from it, at most [`READ_WINDOW_MAX`] bytes; empty (read field by field) otherwise.
+pub fn read_window(fields: &[(u32, u32)]) -> ReadWindow {
+    let Some(start) = fields.iter().map(|&(off, _)| off).min() else {
+        return ReadWindow::default();
+    };
+    let base = start & !7;
+    let end = fields.iter().map(|&(off, size)| off + size).max().unwrap_or(base);
+    let aligned = fields.iter().all(|&(off, size)| size.is_power_of_two() && off % size == 0);
+    if end - base > READ_WINDOW_MAX || !aligned {
+        return ReadWindow::default();
+    }
+    ReadWindow { base, len: end - base }
 }
 
 #[cfg(test)]
@@ -166,6 +195,26 @@ mod tests {
         let f_path = btf.member_offset("file", "f_path").expect("file.f_path");
         let f_inode = btf.member_offset("file", "f_inode").expect("file.f_inode");
         assert_ne!(f_path, f_inode);
+    }
+
+    #[test]
+    fn windows_cover_close_fields_and_give_up_on_far_ones() {
+        assert_eq!(read_window(&[(40, 8), (64, 8)]), ReadWindow { base: 40, len: 32 });
+        assert_eq!(read_window(&[(16, 4), (96, 8)]), ReadWindow { base: 16, len: 88 });
+        assert_eq!(read_window(&[(36, 4), (44, 4)]), ReadWindow { base: 32, len: 16 });
+        assert_eq!(read_window(&[(0, 8), (200, 8)]), ReadWindow::default());
+        assert_eq!(read_window(&[(4, 8)]), ReadWindow::default(), "misaligned field");
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("skipped: no readable {VMLINUX_BTF}");
+            return;
+        };
+        let offsets = btf.kernel_offsets().expect("offsets");
+        let w = read_windows(&offsets);
+        for (name, window) in
+            [("files", w.files), ("file", w.file), ("inode", w.inode), ("dentry", w.dentry)]
+        {
+            assert!(window.len > 0 && window.len <= READ_WINDOW_MAX, "{name}: {window:?}");
+        }
     }
 
     #[test]

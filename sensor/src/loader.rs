@@ -289,7 +289,9 @@ fn open_object(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Ebpf, LoadEr
         return Err(LoadError::NoObject);
     }
     let offsets = KernelBtf::load()?.kernel_offsets()?;
-    let config = SensorConfig { fold_window_ns: opts.fold_window.as_nanos() as u64, offsets };
+    let windows = crate::btf::read_windows(&offsets);
+    let config =
+        SensorConfig { fold_window_ns: opts.fold_window.as_nanos() as u64, offsets, windows };
     let pin_paths: Vec<(&'static str, PathBuf)> = match pins {
         Some(p) => pins::MAPS.iter().map(|&name| (name, p.map_path(name))).collect(),
         None => Vec::new(),

@@ -17,7 +17,7 @@ use super::{
     fold, kread,
     maps::{
         CONNECT_FDS, EVENTS, NAME_SCRATCH, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES,
-        WATCHED_NAMES, WATCHED_SOCKETS, count_lost, offsets,
+        WATCHED_NAMES, WATCHED_SOCKETS, count_lost, offsets, windows,
     },
     task::{current_task, header},
 };
@@ -50,16 +50,24 @@ fn on_open_exit(ctx: &TracePointContext) -> u32 {
 }
 
 /// The file behind `fd` in the current task (`current->files->fdt->fd[fd]`).
+///
+/// No `max_fds` bound check: the fd was installed by this very syscall (or, for connect, was
+/// valid for it), and fd tables only grow; a stale slot reads as NULL or fails the next read.
 #[inline(always)]
-fn file_of_fd(fd: u32) -> Result<*const u8, i64> {
+fn file_of_fd(view: &mut kread::View, fd: u32) -> Result<*const u8, i64> {
     let o = offsets();
     let files = kread::ptr(current_task(), o.task_files)?;
-    let fdt = kread::ptr(files, o.files_fdt)?;
-    let max_fds: u32 = kread::at(fdt, o.fdtable_max_fds)?;
-    if fd >= max_fds {
-        return Err(-1);
-    }
-    let fds = kread::ptr(fdt, o.fdtable_fd)?;
+    let fds = {
+        // Until the table grows, `fdt` points at the table embedded in `files_struct`, whose
+        // `fd` the same window read holds.
+        let view = view.load(files, windows().files)?;
+        let fdt = view.ptr(o.files_fdt)?;
+        if fdt == files.wrapping_add(o.files_fdtab as usize) {
+            view.ptr(o.files_fdtab + o.fdtable_fd)?
+        } else {
+            kread::ptr(fdt, o.fdtable_fd)?
+        }
+    };
     kread::ptr(fds, fd.wrapping_mul(8))
 }
 
@@ -75,36 +83,47 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let o = offsets();
-    let file = file_of_fd(ret as u32)?;
-    let inode = kread::ptr(file, o.file_f_inode)?;
-    let sb = kread::ptr(inode, o.inode_i_sb)?;
-    let dev: u32 = kread::at(sb, o.sb_s_dev)?;
-    let ino: u64 = kread::at(inode, o.inode_i_ino)?;
+    let w = windows();
+    let mut view = kread::View::new();
+    let file = file_of_fd(&mut view, ret as u32)?;
+    let (inode, dentry) = {
+        let view = view.load(file, w.file)?;
+        (view.ptr(o.file_f_inode)?, view.ptr(o.file_dentry)?)
+    };
+    let (sb, ino) = {
+        let view = view.load(inode, w.inode)?;
+        (view.ptr(o.inode_i_sb)?, view.at::<u64>(o.inode_i_ino)?)
+    };
+    let (dev, magic) = {
+        let view = view.load(sb, w.sb)?;
+        (view.at::<u32>(o.sb_s_dev)?, view.at::<u64>(o.sb_s_magic)?)
+    };
     let key = FileKey { dev, _pad0: 0, ino };
 
-    let dentry = kread::ptr(file, o.file_dentry)?;
-    let parent = kread::ptr(dentry, o.dentry_d_parent)?;
+    // The file itself first: the parent directory is only walked when it is not watched.
+    if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
+        return emit_file(&mut view, file, dentry, key, None, (watch_id, FileMatch::File), tgid);
+    }
+    let (parent, name_ptr) = {
+        let view = view.load(dentry, w.dentry)?;
+        (view.ptr(o.dentry_d_parent)?, view.ptr(o.dentry_name)?)
+    };
+    if magic == PROC_SUPER_MAGIC {
+        return proc_secret(file, name_ptr, parent, pid_tgid);
+    }
     let parent_inode = kread::ptr(parent, o.dentry_d_inode)?;
     let parent_ino: u64 = kread::at(parent_inode, o.inode_i_ino)?;
-
-    if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
-        return emit_file(file, dentry, key, parent_ino, watch_id, FileMatch::File, tgid);
-    }
-    let magic: u64 = kread::at(sb, o.sb_s_magic)?;
-    if magic == PROC_SUPER_MAGIC {
-        return proc_secret(file, dentry, parent, pid_tgid);
-    }
     let dir = FileKey { dev, _pad0: 0, ino: parent_ino };
     let Some(&dir_value) = (unsafe { WATCHED_DIRS.get(dir) }) else {
         return Ok(());
     };
+    let found = Some((parent_ino, name_ptr));
     if dir_value & DIR_ANY_NAME != 0 {
         let watch_id = dir_value & !DIR_ANY_NAME;
-        return emit_file(file, dentry, key, parent_ino, watch_id, FileMatch::Dir, tgid);
+        return emit_file(&mut view, file, dentry, key, found, (watch_id, FileMatch::Dir), tgid);
     }
     // Only opens in watched directories pay for copying and hashing the name.
     let scratch = NAME_SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
-    let name_ptr = kread::ptr(dentry, o.dentry_name)?;
     // SAFETY: per-CPU scratch buffer owned by this program run; checked kernel read.
     let hash = unsafe {
         bpf_probe_read_kernel_str_bytes(name_ptr, &mut *scratch)?;
@@ -112,19 +131,22 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
     };
     let name_key = NameKey { dev, _pad0: 0, dir_ino: parent_ino, hash };
     if let Some(&watch_id) = unsafe { WATCHED_NAMES.get(name_key) } {
-        return emit_file(file, dentry, key, parent_ino, watch_id, FileMatch::Name, tgid);
+        return emit_file(&mut view, file, dentry, key, found, (watch_id, FileMatch::Name), tgid);
     }
     Ok(())
 }
 
+/// Emits (or folds) a file-open record. `found`: the parent directory's inode and the name
+/// pointer when the caller already read them; otherwise they are read only when the fold lets a
+/// record through.
 #[inline(always)]
 fn emit_file(
+    view: &mut kread::View,
     file: *const u8,
     dentry: *const u8,
     key: FileKey,
-    parent_ino: u64,
-    watch_id: u32,
-    matched: FileMatch,
+    found: Option<(u64, *const u8)>,
+    (watch_id, matched): (u32, FileMatch),
     tgid: u32,
 ) -> Result<(), i64> {
     let fold_key = FoldKey::file(tgid, key.dev, key.ino);
@@ -132,8 +154,16 @@ fn emit_file(
         return Ok(());
     };
     let o = offsets();
+    let (parent_ino, name_ptr) = match found {
+        Some(found) => found,
+        None => {
+            let view = view.load(dentry, windows().dentry)?;
+            let parent = view.ptr(o.dentry_d_parent)?;
+            let parent_inode = kread::ptr(parent, o.dentry_d_inode)?;
+            (kread::at::<u64>(parent_inode, o.inode_i_ino)?, view.ptr(o.dentry_name)?)
+        }
+    };
     let flags: u32 = kread::at(file, o.file_f_flags).unwrap_or(0);
-    let name_ptr = kread::ptr(dentry, o.dentry_name)?;
     let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {
         count_lost(EventKind::FileOpen);
         return Ok(());
@@ -165,13 +195,12 @@ fn emit_file(
 #[inline(always)]
 fn proc_secret(
     file: *const u8,
-    dentry: *const u8,
+    name_ptr: *const u8,
     parent: *const u8,
     pid_tgid: u64,
 ) -> Result<(), i64> {
     let o = offsets();
     let mut name = [0u8; 8];
-    let name_ptr = kread::ptr(dentry, o.dentry_name)?;
     // SAFETY: checked kernel read into a local buffer.
     unsafe { bpf_probe_read_kernel_str_bytes(name_ptr, &mut name)? };
     let method = if name == *b"environ\0" {
@@ -270,7 +299,7 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
     let o = offsets();
-    let file = file_of_fd(fd)?;
+    let file = file_of_fd(&mut kread::View::new(), fd)?;
     let socket = kread::ptr(file, o.file_private_data)?;
     let sk = kread::ptr(socket, o.socket_sk)?;
     let family: u16 = kread::at(sk, o.sock_family)?;

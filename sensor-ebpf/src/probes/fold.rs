@@ -7,7 +7,7 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use sensor_ebpf::{FoldKey, FoldState};
 
 use super::{
-    maps::{CONFIG, FOLD},
+    maps::{FOLD, fold_window_ns},
     task::now_ns,
 };
 
@@ -40,7 +40,7 @@ fn bump(state: *mut FoldState, now: u64) -> Option<u64> {
         );
         let total = core::ptr::read_volatile(&raw const (*state).total);
         let last = (*state).last_emit_ns;
-        if now.wrapping_sub(last) < CONFIG.load().fold_window_ns {
+        if now.wrapping_sub(last) < fold_window_ns() {
             return None;
         }
         (*state).last_emit_ns = now;

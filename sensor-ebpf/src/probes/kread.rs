@@ -1,6 +1,11 @@
 //! Checked reads of kernel memory at BTF-derived offsets.
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use core::mem::{MaybeUninit, size_of};
+
+use aya_ebpf::helpers::{
+    bpf_probe_read_kernel, generated::bpf_probe_read_kernel as bpf_probe_read_kernel_raw,
+};
+use sensor_ebpf::{READ_WINDOW_MAX, ReadWindow};
 
 /// Reads a `T` at `base + offset`; `Err` when the kernel refuses the read.
 #[inline(always)]
@@ -15,4 +20,74 @@ pub fn at<T: Copy>(base: *const u8, offset: u32) -> Result<T, i64> {
 pub fn ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
     let p: *const u8 = at(base, offset)?;
     if p.is_null() { Err(-1) } else { Ok(p) }
+}
+
+/// Several fields of one kernel struct, read with one `bpf_probe_read_kernel` of the struct's
+/// [`ReadWindow`], or field by field when the loader found no window for them.
+pub struct View {
+    base: *const u8,
+    window: ReadWindow,
+    buf: MaybeUninit<[u64; WINDOW_WORDS]>,
+}
+
+const WINDOW_WORDS: usize = READ_WINDOW_MAX as usize / 8;
+
+impl View {
+    /// An empty view; one per program run, reused for each struct (the BPF stack is small).
+    #[inline(always)]
+    pub fn new() -> Self {
+        View {
+            base: core::ptr::null(),
+            window: ReadWindow { base: 0, len: 0 },
+            buf: MaybeUninit::uninit(),
+        }
+    }
+
+    /// Reads `window` of the struct at `base` (nothing yet when the window is empty).
+    #[inline(always)]
+    pub fn load(&mut self, base: *const u8, window: ReadWindow) -> Result<&Self, i64> {
+        self.base = base;
+        self.window = window;
+        let len = window.len;
+        if len != 0 && len <= READ_WINDOW_MAX {
+            // SAFETY: the destination is this view's buffer, `len` ≤ its size; the helper
+            // validates the source and zero-fills on failure.
+            let rc = unsafe {
+                bpf_probe_read_kernel_raw(
+                    self.buf.as_mut_ptr().cast(),
+                    len,
+                    base.wrapping_add(window.base as usize).cast(),
+                )
+            };
+            if rc != 0 {
+                return Err(rc);
+            }
+        } else {
+            self.window.len = 0;
+        }
+        Ok(self)
+    }
+
+    /// The `T` at `offset` in the struct.
+    #[inline(always)]
+    pub fn at<T: Copy>(&self, offset: u32) -> Result<T, i64> {
+        if self.window.len == 0 {
+            return at(self.base, offset);
+        }
+        let size = size_of::<T>() as u64;
+        // The loader placed every field inside the window at its natural alignment from the
+        // base; the constant mask (a no-op then) lets the verifier see an aligned read inside
+        // the buffer, where a compare-and-branch may be rearranged by the compiler.
+        let mask = (READ_WINDOW_MAX as u64 - size) & !(size - 1);
+        let rel = (offset.wrapping_sub(self.window.base) as u64) & mask;
+        // SAFETY: in bounds of the buffer (masked above), filled by the window read.
+        Ok(unsafe { self.buf.as_ptr().cast::<u8>().add(rel as usize).cast::<T>().read() })
+    }
+
+    /// The non-NULL kernel pointer at `offset` in the struct.
+    #[inline(always)]
+    pub fn ptr(&self, offset: u32) -> Result<*const u8, i64> {
+        let p: *const u8 = self.at(offset)?;
+        if p.is_null() { Err(-1) } else { Ok(p) }
+    }
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use sensor_ebpf::{
     EndpointKey, EndpointValue, EventKind, FileKey, FoldKey, FoldState, KernelOffsets, NAME_LEN,
-    NameKey, PinMeta, SensorConfig,
+    NameKey, PinMeta, ReadWindow, ReadWindows, SensorConfig,
 };
 
 /// Ring buffer of event records; userspace sizes it at load time.
@@ -68,8 +68,22 @@ pub static FOLD_REPORTED: LruHashMap<FoldKey, u64> = LruHashMap::with_max_entrie
 
 /// Set by the loader before load.
 #[unsafe(no_mangle)]
-pub static CONFIG: Global<SensorConfig> =
-    Global::new(SensorConfig { fold_window_ns: 1_000_000_000, offsets: ZERO_OFFSETS });
+pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
+    fold_window_ns: 1_000_000_000,
+    offsets: ZERO_OFFSETS,
+    windows: NO_WINDOWS,
+});
+
+const NO_WINDOW: ReadWindow = ReadWindow { base: 0, len: 0 };
+const NO_WINDOWS: ReadWindows = ReadWindows {
+    files: NO_WINDOW,
+    file: NO_WINDOW,
+    inode: NO_WINDOW,
+    sb: NO_WINDOW,
+    dentry: NO_WINDOW,
+    _pad0: 0,
+    _pad1: 0,
+};
 
 const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     task_real_parent: 0,
@@ -105,13 +119,36 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     unix_peer: 0,
     unix_path_dentry: 0,
     pid_nr: 0,
-    _pad0: 0,
+    files_fdtab: 0,
 };
+
+/// The loader's configuration, read field by field where used. `Global::load` copies the whole
+/// struct with volatile loads on every call; the opaque pointer keeps the compiler from folding
+/// the (load-time overridden) initializer into the code instead.
+#[inline(always)]
+fn config() -> &'static SensorConfig {
+    let p: *const SensorConfig = core::hint::black_box((&raw const CONFIG).cast());
+    // SAFETY: `Global<T>` is a transparent wrapper of an initialized `T`, never written by the
+    // programs.
+    unsafe { &*p }
+}
 
 /// The offsets the loader found in this kernel's BTF.
 #[inline(always)]
-pub fn offsets() -> KernelOffsets {
-    CONFIG.load().offsets
+pub fn offsets() -> &'static KernelOffsets {
+    &config().offsets
+}
+
+/// The read windows the loader computed from those offsets.
+#[inline(always)]
+pub fn windows() -> &'static ReadWindows {
+    &config().windows
+}
+
+/// Repeats of a fold key within this many nanoseconds produce no new record.
+#[inline(always)]
+pub fn fold_window_ns() -> u64 {
+    config().fold_window_ns
 }
 
 /// Records are submitted without waking the reader: a wakeup per record costs several times
