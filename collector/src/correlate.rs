@@ -104,21 +104,7 @@ impl CompiledWorkload {
             .filter_map(|g| g.as_deref())
             .map(|g| g.chars().filter(|c| !"*?[]{}".contains(*c)).count())
             .sum();
-        let selectors = s.host_labels.len()
-            + [
-                &s.user,
-                &s.exe,
-                &s.exe_sha256,
-                &s.systemd_unit,
-                &s.container_id,
-                &s.container_image,
-                &s.k8s_namespace,
-                &s.k8s_pod,
-            ]
-            .iter()
-            .filter(|o| o.is_some())
-            .count()
-            + usize::from(s.uid.is_some());
+        let selectors = s.host_labels.len() + s.single_selectors();
         let windows = workload
             .expect
             .windows

@@ -289,6 +289,24 @@ pub struct Selector {
     pub k8s_pod: Option<String>,
 }
 
+impl Selector {
+    /// How many single-valued selectors are given (every one but `host_labels`): what
+    /// validation requires and what correlation's precedence counts.
+    pub fn single_selectors(&self) -> usize {
+        let strings = [
+            &self.user,
+            &self.exe,
+            &self.exe_sha256,
+            &self.systemd_unit,
+            &self.container_id,
+            &self.container_image,
+            &self.k8s_namespace,
+            &self.k8s_pod,
+        ];
+        strings.iter().filter(|o| o.is_some()).count() + usize::from(self.uid.is_some())
+    }
+}
+
 /// Declared normal behaviour.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

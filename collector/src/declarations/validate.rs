@@ -290,21 +290,7 @@ fn check_workload(w: &Workload, all: &Objects, found: &mut Found) {
         ));
     }
     let s = &w.selector;
-    let given = !s.host_labels.is_empty() as usize
-        + [
-            &s.user,
-            &s.exe,
-            &s.exe_sha256,
-            &s.systemd_unit,
-            &s.container_id,
-            &s.container_image,
-            &s.k8s_namespace,
-            &s.k8s_pod,
-        ]
-        .iter()
-        .filter(|o| o.is_some())
-        .count()
-        + s.uid.is_some() as usize;
+    let given = usize::from(!s.host_labels.is_empty()) + s.single_selectors();
     if given == 0 {
         found.push(("match".into(), "at least one selector is required (host_labels, user, uid, exe, exe_sha256, systemd_unit, container_id, container_image, k8s_namespace, k8s_pod); an empty match would claim every process".into()));
     }
