@@ -60,3 +60,32 @@ pub async fn wait_until<T>(
 ) -> Option<T> {
     tokio::time::timeout(within, fut).await.ok().flatten()
 }
+
+/// A sensor pin directory, uninstalled (programs detached, maps freed) however the test ends,
+/// so a failing test never leaves programs attached to the host.
+pub struct Pins {
+    sensor: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Pins {
+    /// `sensor` is the sensor binary that runs `uninstall`.
+    pub fn new(sensor: impl Into<std::path::PathBuf>, dir: impl Into<std::path::PathBuf>) -> Self {
+        Self { sensor: sensor.into(), dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.sensor)
+            .args(["uninstall", "--pin-dir"])
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}

@@ -17,7 +17,7 @@ use std::{
 
 use axum::{Router, body::Bytes, extract::State, http::StatusCode, http::Uri};
 use chrono::{DateTime, Utc};
-use keywatch_tests::in_ci;
+use keywatch_tests::{Pins, in_ci};
 use serde_json::Value;
 
 const ACTOR: &str = env!("CARGO_BIN_EXE_kw-actor");
@@ -288,20 +288,6 @@ fn tail(path: &Path) -> String {
 // ---------------------------------------------------------------------------------------------
 // The sensor process.
 
-/// Removes the sensor's pins when the journey ends, however it ends.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = Command::new(SENSOR)
-            .args(["uninstall", "--pin-dir"])
-            .arg(&self.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
 /// `keywatch-sensor run --collector …`, stopped with SIGTERM on drop (before its pins go).
 struct Sensor {
     child: Child,
@@ -313,7 +299,7 @@ impl Sensor {
     /// Enrolls with a join token and waits until the collector's policy is in force; `None`
     /// (outside CI, with the reason printed) when BPF cannot load here.
     fn start(dir: &Path, collector: &Collector, host: &str) -> Option<Self> {
-        let pins = Pins(PathBuf::from(format!("/sys/fs/bpf/kw-journey-{host}")));
+        let pins = Pins::new(SENSOR, PathBuf::from(format!("/sys/fs/bpf/kw-journey-{host}")));
         let token = collector.token("sensor", None);
         let log = dir.join("sensor.log");
         let mut child = Command::new(SENSOR)
@@ -321,7 +307,7 @@ impl Sensor {
             .args(["--host-id", host, "--state-dir"])
             .arg(dir.join("sensor"))
             .arg("--pin-dir")
-            .arg(&pins.0)
+            .arg(pins.dir())
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use keywatch_tests::in_ci;
+use keywatch_tests::{Pins, in_ci};
 
 /// A sensor process with its stdout parsed on a thread.
 struct SensorProcess {
@@ -99,18 +99,6 @@ impl Drop for SensorProcess {
     }
 }
 
-/// Removes the test's pins whatever happens.
-struct Pins(PathBuf);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_kw-sensor"))
-            .args(["uninstall", "--pin-dir"])
-            .arg(&self.0)
-            .status();
-    }
-}
-
 fn read(path: &Path) -> u32 {
     let mut child =
         Command::new(env!("CARGO_BIN_EXE_kw-actor")).arg("read").arg(path).spawn().unwrap();
@@ -134,9 +122,12 @@ fn reads_while_no_sensor_runs_are_delivered_once_by_the_next_sensor() {
         ),
     )
     .unwrap();
-    let pins = Pins(PathBuf::from(format!("/sys/fs/bpf/keywatch-test-{}", std::process::id())));
+    let pins = Pins::new(
+        env!("CARGO_BIN_EXE_kw-sensor"),
+        PathBuf::from(format!("/sys/fs/bpf/keywatch-test-{}", std::process::id())),
+    );
 
-    let Some(first) = SensorProcess::start(&config, &pins.0) else { return };
+    let Some(first) = SensorProcess::start(&config, pins.dir()) else { return };
     let before = read(&cred);
     assert_eq!(first.opens_by(&[before], Duration::from_secs(5)).len(), 1, "seen while running");
     first.kill();
@@ -144,7 +135,7 @@ fn reads_while_no_sensor_runs_are_delivered_once_by_the_next_sensor() {
     // No sensor process now: the pinned programs keep recording.
     let while_down = [read(&cred), read(&cred)];
 
-    let second = SensorProcess::start(&config, &pins.0).expect("restart");
+    let second = SensorProcess::start(&config, pins.dir()).expect("restart");
     let seen = second.opens_by(&[before, while_down[0], while_down[1]], Duration::from_secs(3));
     let pids: Vec<u64> = seen.iter().map(|v| v["process"]["pid"].as_u64().unwrap()).collect();
     assert_eq!(
