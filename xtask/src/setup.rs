@@ -9,6 +9,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "zlib1g-dev", "libzstd-dev"];
 
 pub fn run() -> anyhow::Result<()> {
+    disk_space();
     nightly_rust_src()?;
     bpf_linker()?;
     println!("setup: complete");
@@ -124,4 +125,34 @@ fn llvm_dev() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing))
+}
+
+/// What a clean build and test run takes in `target/` (measured: about 3 GiB), plus headroom.
+const DISK_NEEDED_GIB: u64 = 4;
+
+/// Says how much disk the build has left, loudly when it is short: a full disk otherwise shows up
+/// as a linker crash halfway through the build.
+fn disk_space() {
+    let Some(free) = free_bytes(".") else { return };
+    let gib = free / (1 << 30);
+    if gib < DISK_NEEDED_GIB {
+        println!(
+            "setup: WARNING only {gib} GiB free here; a clean build and test run needs about \
+             {DISK_NEEDED_GIB} GiB (free space or run `cargo clean`)"
+        );
+    } else {
+        println!("setup: {gib} GiB free for the build");
+    }
+}
+
+fn free_bytes(path: &str) -> Option<u64> {
+    let path = std::ffi::CString::new(path).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid C string and `st` is written by statvfs before it is read.
+    if unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
