@@ -11,9 +11,23 @@
 //! [`append`](Spool::append)s each batch of encoded `keywatch.v1.Event`s (group commit: one
 //! write and at most one fsync per call), [`read_from`](Spool::read_from) the first unacked seq
 //! to send, and calls [`ack`](Spool::ack) when the collector's `Ack` arrives. A full spool drops
-//! its oldest segment, acked or not, and keeps the [`Gap`] for [`take_evictions`]
-//! (Spool::take_evictions) until the transport confirms it with
+//! its oldest segment, acked or not, and keeps the [`Gap`] for
+//! [`take_evictions`](Spool::take_evictions) until the transport confirms it with
 //! [`gap_reported`](Spool::gap_reported).
+//!
+//! # Source checkpoints
+//!
+//! Whatever feeds the spool (the kernel ring buffer) can be told, with
+//! [`append_with_checkpoint`](Spool::append_with_checkpoint), where it stood after a batch: a
+//! [`SourceCheckpoint`] written in the same write as the batch, just before its records. A
+//! checkpoint counts only once every record of its batch is found intact, so after a crash
+//! [`last_checkpoint`](Spool::last_checkpoint) (also in [`OpenReport`]) names exactly the
+//! source position whose events are all spooled: the source skips what is at or before it and
+//! spools the rest, each event once. A checkpoint is durable with its batch (when
+//! `append_with_checkpoint` returns under [`SyncPolicy::EveryAppend`], else after the next
+//! [`sync`](Spool::sync)); only then may the source release what it names. The active segment
+//! always holds the newest checkpoint (a new segment starts with a copy of it), so deleting
+//! acked or evicted segments never loses it.
 //!
 //! # Threads
 //!
@@ -43,13 +57,13 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `KWSPOOL\0` |
-//! | 8 | 4 | format version, 1 |
+//! | 8 | 4 | format version: 2 (1 is read too) |
 //! | 12 | 4 | header length, 32 |
 //! | 16 | 8 | base seq: the seq the segment's first record gets |
 //! | 24 | 4 | reserved, 0 |
 //! | 28 | 4 | CRC-32C of bytes 0..28 |
 //!
-//! Then records, back to back:
+//! Then records of two kinds, back to back. An event record:
 //!
 //! | offset | size | field |
 //! |---|---|---|
@@ -59,8 +73,21 @@
 //! | 12 | 8 | seq |
 //! | 20 | len | payload, opaque (a prost-encoded `keywatch.v1.Event`) |
 //!
-//! A segment whose header has a valid checksum but a newer version is refused
-//! ([`SpoolError::UnsupportedVersion`]), never guessed at.
+//! A checkpoint record (version 2 only), 56 bytes, directly before the batch it belongs to:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 4 | checkpoint marker `C5 4B 57 43` |
+//! | 4 | 4 | CRC-32C of bytes 8..56 |
+//! | 8 | 4 | count: event records of the batch that follows (0: a position alone) |
+//! | 12 | 4 | reserved, 0 |
+//! | 16 | 8 | first seq of that batch (the next seq, when count is 0) |
+//! | 24 | 32 | the [`SourceCheckpoint`], opaque |
+//!
+//! Version 1 segments are version 2 without checkpoint records; this build reads them but
+//! never appends to one (open starts a new segment instead). A segment whose header has a
+//! valid checksum but a version outside 1..=2 is refused ([`SpoolError::UnsupportedVersion`]),
+//! never guessed at.
 //!
 //! CRC-32C (the `crc32c` crate) rather than the zlib CRC-32 of `crc32fast`: the Castagnoli
 //! polynomial keeps a larger Hamming distance at record sizes, which is why ext4, btrfs,
@@ -80,6 +107,22 @@
 //! (a write cut short by a crash): the file is truncated at the last good record and the
 //! report counts one torn record. A tail record that is complete and claims the next seq but
 //! fails its checksum was durable and then damaged, so its seq is retired rather than reused.
+//!
+//! Checkpoint records follow the same rules, with their batch:
+//!
+//! | found on open | what happens |
+//! |---|---|
+//! | checkpoint, then `count` intact records with seqs from its first seq on | the checkpoint is confirmed; the newest confirmed one (later segment, later offset) is [`OpenReport::last_checkpoint`] |
+//! | checkpoint whose batch is cut short by a torn tail or the end of the file | the whole batch was never synced: the segment is cut at the checkpoint (one torn record), its complete records go too and their seqs are handed out again, as the source still has the events |
+//! | that, but the tail is a complete record failing its checksum (see above) | the batch may have been durable and sent: its good records stay, the damaged seq is retired, the checkpoint is not confirmed |
+//! | damage in the middle of a batch (resynced past) | its checkpoint is not confirmed; the previous one stands; nothing is cut |
+//! | checkpoint cut short at the tail | a torn tail like any other |
+//! | checkpoint failing its checksum with valid records after it | damage: skipped (its bytes count as corrupt bytes, no seqs are lost), its batch's events are read, the checkpoint is not confirmed |
+//!
+//! An unconfirmed checkpoint only ever makes the source spool some events again; a checkpoint
+//! past what is spooled would lose them, so none is ever believed without its batch. When
+//! open starts a new active segment, it writes the newest confirmed checkpoint into it (as a
+//! count-0 checkpoint, fsynced) before deleting older segments.
 
 mod format;
 mod state;
@@ -97,8 +140,9 @@ use std::{
 };
 
 use format::{
-    MAX_PAYLOAD_LEN, Parsed, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader,
-    decode_segment_header, encode_record, encode_segment_header, parse_record, record_len, resync,
+    CHECKPOINT_LEN, Checkpoint, FORMAT_VERSION, MAX_PAYLOAD_LEN, MIN_READ_VERSION, Parsed,
+    RECORD_HEADER_LEN, SEGMENT_HEADER_LEN, SegmentHeader, decode_segment_header, encode_checkpoint,
+    encode_record, encode_segment_header, parse_entry, record_len, resync,
 };
 pub use state::{Gap, GapCause};
 use state::{MAX_PENDING_GAPS, State};
@@ -110,10 +154,17 @@ const INDEX_STRIDE: u64 = 64 * 1024;
 const READ_CHUNK: usize = 256 * 1024;
 const STATE_FILE: &str = "state";
 const STATE_TMP: &str = "state.tmp";
+/// A new segment is written here and then renamed into place.
+const SEGMENT_TMP: &str = "segment.tmp";
 const LOCK_FILE: &str = "LOCK";
 /// How long [`Spool::open`] waits for the directory lock before reporting it in use.
 const LOCK_WAIT: Duration = Duration::from_millis(500);
 const SEGMENT_SUFFIX: &str = ".seg";
+
+/// Where the source that feeds the spool stood after a batch (for the sensor, its position in
+/// the kernel ring buffer). Opaque to the spool: it stores the bytes with the batch and hands
+/// back the newest one whose batch is wholly spooled ([`Spool::last_checkpoint`]).
+pub type SourceCheckpoint = [u8; 32];
 
 /// When appended records reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,6 +227,8 @@ pub struct OpenReport {
     pub state_reset: bool,
     /// Segment files in use.
     pub segments: usize,
+    /// The newest confirmed source checkpoint (see [`Spool::last_checkpoint`]).
+    pub last_checkpoint: Option<SourceCheckpoint>,
 }
 
 /// Failures of the spool. After any of them the spool is still consistent and usable: a write
@@ -197,7 +250,10 @@ pub enum SpoolError {
     },
     #[error("spool directory {path} is in use by another process")]
     Locked { path: PathBuf },
-    #[error("segment {path} has format version {version}; this build reads version {supported}")]
+    #[error(
+        "segment {path} has format version {version}; this build reads versions {min} to {supported}",
+        min = MIN_READ_VERSION
+    )]
     UnsupportedVersion { path: PathBuf, version: u32, supported: u32 },
     #[error("invalid spool options: {reason}")]
     InvalidOptions { reason: &'static str },
@@ -226,7 +282,10 @@ struct Segment {
     path: PathBuf,
     file: File,
     base_seq: u64,
-    /// Valid records in the file; `first_seq`/`last_seq` mean nothing while it is 0.
+    /// Format version of the file; `None` when its header is damaged. Only a segment of
+    /// [`FORMAT_VERSION`] is appended to.
+    version: Option<u32>,
+    /// Valid event records in the file; `first_seq`/`last_seq` mean nothing while it is 0.
     records: u64,
     first_seq: u64,
     last_seq: u64,
@@ -238,9 +297,46 @@ struct Segment {
     skips: Vec<(u64, u64)>,
     /// Seq ranges inside `first_seq..=last_seq` with no record (damaged or retired).
     holes: Vec<(u64, u64)>,
+    /// The newest confirmed checkpoint in the file.
+    checkpoint: Option<SourceCheckpoint>,
 }
 
 impl Segment {
+    /// A segment of which nothing past the header is known yet.
+    fn new(path: PathBuf, file: File, base_seq: u64, version: Option<u32>) -> Self {
+        Self {
+            path,
+            file,
+            base_seq,
+            version,
+            records: 0,
+            first_seq: 0,
+            last_seq: 0,
+            len: SEGMENT_HEADER_LEN as u64,
+            index: Vec::new(),
+            skips: Vec::new(),
+            holes: Vec::new(),
+            checkpoint: None,
+        }
+    }
+
+    /// Forgets what a scan found, to scan the file again from its header.
+    fn clear(&mut self) {
+        self.records = 0;
+        self.first_seq = 0;
+        self.last_seq = 0;
+        self.len = SEGMENT_HEADER_LEN as u64;
+        self.index.clear();
+        self.skips.clear();
+        self.holes.clear();
+        self.checkpoint = None;
+    }
+
+    /// Whether the segment holds an event above `floor` (one not acked or evicted).
+    fn holds_live(&self, floor: u64) -> bool {
+        self.records > 0 && self.last_seq > floor
+    }
+
     /// The seq the next record appended here would naturally get.
     fn next_seq(&self) -> u64 {
         let after_holes = self.holes.iter().map(|&(_, b)| b + 1).max().unwrap_or(0);
@@ -322,6 +418,23 @@ impl ReadBuf {
         self.start = pos;
         seg.file.read_exact_at(&mut self.data, pos)
     }
+
+    /// Parses the record (of either kind) at `pos` of `seg`, reading from the file when the
+    /// window does not hold all of it: the first read learns the record's length, the second
+    /// reads it whole. A record reaching past the segment's end stays incomplete.
+    fn parse_at(&mut self, seg: &Segment, pos: u64) -> io::Result<Parsed> {
+        let mut parsed = parse_entry(self.at(seg.base_seq, pos).unwrap_or_default());
+        for _ in 0..2 {
+            match parsed {
+                Parsed::Incomplete { total, .. } if pos + total as u64 <= seg.len => {
+                    self.fill(seg, pos, total)?;
+                    parsed = parse_entry(self.at(seg.base_seq, pos).unwrap_or_default());
+                }
+                _ => break,
+            }
+        }
+        Ok(parsed)
+    }
 }
 
 /// The spool. See the module docs.
@@ -337,6 +450,9 @@ pub struct Spool {
     next_seq: u64,
     /// Records below this seq are fsynced and may be read.
     durable_next: u64,
+    /// Bytes were written to the active segment since its last fsync (a checkpoint alone
+    /// takes no seq, so `durable_next` cannot tell).
+    unsynced: bool,
     last_sync: Instant,
     total_bytes: u64,
     /// Bytes past the active segment's logical end may hold a failed write that could not be
@@ -347,6 +463,8 @@ pub struct Spool {
     cursor: Option<Cursor>,
     /// Gaps handed out by [`Spool::take_evictions`] and not yet confirmed.
     in_flight: Vec<Gap>,
+    /// The newest confirmed checkpoint; the active segment holds it.
+    last_checkpoint: Option<SourceCheckpoint>,
 }
 
 fn segment_path(dir: &Path, base_seq: u64) -> PathBuf {
@@ -383,9 +501,29 @@ fn write_state_file(dir: &Path, state: &State) -> Result<(), SpoolError> {
     sync_dir(dir)
 }
 
-/// Creates an empty segment (header only) and makes it durable, directory entry included.
-fn create_segment(dir: &Path, base_seq: u64) -> Result<Segment, SpoolError> {
+/// Size of a new segment: its header, and the copy of the newest checkpoint if there is one.
+fn fresh_segment_len(carry: Option<&SourceCheckpoint>) -> u64 {
+    (SEGMENT_HEADER_LEN + if carry.is_some() { CHECKPOINT_LEN } else { 0 }) as u64
+}
+
+/// Creates a segment holding its header and, when `carry` is set, a count-0 copy of the newest
+/// checkpoint (so deleting the older segments cannot lose it), and makes it durable, directory
+/// entry included.
+///
+/// The file is written aside and renamed into place, so a crash leaves no such segment or a
+/// whole one. That also replaces, atomically, an existing segment of the same name: one that
+/// holds no events (a segment with events has a base seq below the next seq).
+fn create_segment(
+    dir: &Path,
+    base_seq: u64,
+    carry: Option<&SourceCheckpoint>,
+) -> Result<Segment, SpoolError> {
     let path = segment_path(dir, base_seq);
+    let tmp = dir.join(SEGMENT_TMP);
+    let mut bytes = encode_segment_header(base_seq).to_vec();
+    if let Some(c) = carry {
+        encode_checkpoint(&mut bytes, 0, base_seq, c);
+    }
     let create = || -> io::Result<File> {
         let file = OpenOptions::new()
             .read(true)
@@ -393,31 +531,53 @@ fn create_segment(dir: &Path, base_seq: u64) -> Result<Segment, SpoolError> {
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&path)?;
-        file.write_all_at(&encode_segment_header(base_seq), 0)?;
+            .open(&tmp)?;
+        file.write_all_at(&bytes, 0)?;
         file.sync_all()?;
+        fs::rename(&tmp, &path)?;
         Ok(file)
     };
     let file = match create() {
         Ok(f) => f,
         Err(e) => {
-            let _ = fs::remove_file(&path);
+            let _ = fs::remove_file(&tmp);
             return Err(io_err("create segment", &path, e));
         }
     };
     sync_dir(dir)?;
-    Ok(Segment {
-        path,
-        file,
-        base_seq,
-        records: 0,
-        first_seq: 0,
-        last_seq: 0,
-        len: SEGMENT_HEADER_LEN as u64,
-        index: Vec::new(),
-        skips: Vec::new(),
-        holes: Vec::new(),
-    })
+    let mut seg = Segment::new(path, file, base_seq, Some(FORMAT_VERSION));
+    seg.len = bytes.len() as u64;
+    seg.checkpoint = carry.copied();
+    Ok(seg)
+}
+
+/// Whether open may append to `seg`, the newest segment: it must be of this build's format
+/// (an older build would take checkpoints for damage), its seqs must continue into `next_seq`,
+/// and it must hold the newest checkpoint if there is one.
+fn reusable(seg: &Segment, next_seq: u64, any_checkpoint: bool) -> bool {
+    seg.version == Some(FORMAT_VERSION)
+        && seg.next_seq() == next_seq
+        && (seg.checkpoint.is_some() || !any_checkpoint)
+}
+
+/// Deletes the sealed segments (all but the last) that hold no event above `floor`; returns
+/// the rest and whether any file went.
+fn drop_dead_segments(
+    segments: VecDeque<Segment>,
+    floor: u64,
+) -> Result<(VecDeque<Segment>, bool), SpoolError> {
+    let active = segments.len().saturating_sub(1);
+    let mut kept = VecDeque::with_capacity(segments.len());
+    let mut removed = false;
+    for (i, seg) in segments.into_iter().enumerate() {
+        if i == active || seg.holds_live(floor) {
+            kept.push_back(seg);
+            continue;
+        }
+        fs::remove_file(&seg.path).map_err(|e| io_err("remove segment", &seg.path, e))?;
+        removed = true;
+    }
+    Ok((kept, removed))
 }
 
 /// Damage found while scanning or reading, in seq terms.
@@ -435,7 +595,129 @@ struct ScanOutcome {
     damage: Vec<Damage>,
 }
 
-/// Reads and checks every record of one segment file, truncating a torn tail.
+/// Where the valid part of a segment's bytes ends before the bytes do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Nothing valid follows this offset: a torn tail.
+    Tail(usize),
+    /// The batch whose checkpoint starts at this offset is cut short at the tail: it was never
+    /// synced whole, so it goes whole.
+    Batch(usize),
+}
+
+/// What one walk over a segment's bytes found, besides what it recorded in the segment.
+#[derive(Default)]
+struct Walk {
+    corrupt_bytes: u64,
+    damage: Vec<Damage>,
+    cut: Option<Cut>,
+}
+
+/// A checkpoint whose batch is still being matched against the records after it.
+struct OpenBatch {
+    /// Where the checkpoint record starts.
+    offset: usize,
+    next_seq: u64,
+    left: u32,
+    body: SourceCheckpoint,
+}
+
+impl OpenBatch {
+    /// Starts matching the batch of checkpoint `c`, found at `offset`. A checkpoint of no
+    /// events is confirmed at once (into `confirmed`) and leaves nothing to match.
+    fn start(
+        offset: usize,
+        c: Checkpoint,
+        confirmed: &mut Option<SourceCheckpoint>,
+    ) -> Option<Self> {
+        Self { offset, next_seq: c.first_seq, left: c.count, body: c.body }.settle(confirmed)
+    }
+
+    /// Matches the next intact record: a seq out of line ends the batch unconfirmed, the
+    /// batch's last record confirms it.
+    fn matched(mut self, seq: u64, confirmed: &mut Option<SourceCheckpoint>) -> Option<Self> {
+        if seq != self.next_seq {
+            return None;
+        }
+        self.next_seq += 1;
+        self.left -= 1;
+        self.settle(confirmed)
+    }
+
+    fn settle(self, confirmed: &mut Option<SourceCheckpoint>) -> Option<Self> {
+        if self.left == 0 {
+            *confirmed = Some(self.body);
+            return None;
+        }
+        Some(self)
+    }
+}
+
+/// Checks every record in `bytes` (a segment file, header included) in order, and records in
+/// `seg` the valid event records, the damage skipped and the newest confirmed checkpoint. Stops
+/// at a torn tail; see the recovery rules in the module docs.
+fn walk_segment(seg: &mut Segment, bytes: &[u8]) -> Walk {
+    let mut walk = Walk::default();
+    let mut expected = seg.base_seq;
+    let mut batch: Option<OpenBatch> = None;
+    let mut pos = SEGMENT_HEADER_LEN;
+    while pos < bytes.len() {
+        let parsed = parse_entry(&bytes[pos..]);
+        match parsed {
+            Parsed::Record { seq, total } if seq >= expected => {
+                if seq > expected && seg.records > 0 {
+                    // A seq retired by an earlier open (its record failed at the tail).
+                    seg.holes.push((expected, seq - 1));
+                }
+                seg.add_record(seq, pos as u64, total as u64);
+                batch = batch.and_then(|b| b.matched(seq, &mut seg.checkpoint));
+                expected = seq + 1;
+                pos += total;
+                continue;
+            }
+            Parsed::Checkpoint(c) if c.first_seq >= expected => {
+                batch = OpenBatch::start(pos, c, &mut seg.checkpoint);
+                pos += CHECKPOINT_LEN;
+                continue;
+            }
+            _ => {}
+        }
+        if let Some((next, seq, _)) = resync(bytes, pos + 1, expected) {
+            // Damage in the middle: the batch it interrupts is never confirmed, nor cut.
+            batch = None;
+            walk.corrupt_bytes += (next - pos) as u64;
+            seg.skips.push((pos as u64, next as u64));
+            if seq > expected {
+                seg.holes.push((expected, seq - 1));
+                walk.damage.push(Damage { first: expected, last: seq - 1 });
+            }
+            expected = seq;
+            pos = next;
+            continue;
+        }
+        // Nothing valid after this point: a torn tail.
+        if let Parsed::Invalid { header_ok: true, seq } = parsed
+            && seq == expected
+        {
+            // Complete, claims the next seq, fails its checksum: it was written whole (and may
+            // have been sent), so its seq is retired, not handed out again. Its batch may have
+            // been sent too: the batch's good records stay, its checkpoint unconfirmed.
+            seg.holes.push((seq, seq));
+            walk.damage.push(Damage { first: seq, last: seq });
+            batch = None;
+        }
+        walk.cut = Some(Cut::Tail(pos));
+        break;
+    }
+    if let Some(b) = batch {
+        walk.cut = Some(Cut::Batch(b.offset));
+    }
+    seg.len = seg.len.max(pos.min(bytes.len()) as u64);
+    walk
+}
+
+/// Reads and checks every record of one segment file, truncating a torn tail (and with it a
+/// batch the tail cut short).
 fn scan_segment(dir: &Path, name_base: u64) -> Result<(Segment, ScanOutcome), SpoolError> {
     let path = segment_path(dir, name_base);
     let file = OpenOptions::new()
@@ -445,13 +727,13 @@ fn scan_segment(dir: &Path, name_base: u64) -> Result<(Segment, ScanOutcome), Sp
         .map_err(|e| io_err("open segment", &path, e))?;
     let bytes = fs::read(&path).map_err(|e| io_err("read segment", &path, e))?;
     let mut out = ScanOutcome::default();
-    let base_seq = match decode_segment_header(&bytes) {
-        SegmentHeader::Valid { base_seq } => base_seq,
+    let (base_seq, version) = match decode_segment_header(&bytes) {
+        SegmentHeader::Valid { base_seq, version } => (base_seq, Some(version)),
         SegmentHeader::Unsupported { version } => {
             return Err(SpoolError::UnsupportedVersion {
                 path,
                 version,
-                supported: format::FORMAT_VERSION,
+                supported: FORMAT_VERSION,
             });
         }
         SegmentHeader::Short => {
@@ -464,70 +746,40 @@ fn scan_segment(dir: &Path, name_base: u64) -> Result<(Segment, ScanOutcome), Sp
                 out.torn = 1;
                 out.truncated_bytes = bytes.len() as u64;
             }
-            name_base
+            (name_base, Some(FORMAT_VERSION))
         }
         SegmentHeader::Damaged => {
             tracing::warn!(path = %path.display(), "spool segment header damaged; using the seq in its name");
-            name_base
+            (name_base, None)
         }
     };
-    let mut seg = Segment {
-        path,
-        file,
-        base_seq,
-        records: 0,
-        first_seq: 0,
-        last_seq: 0,
-        len: SEGMENT_HEADER_LEN as u64,
-        index: Vec::new(),
-        skips: Vec::new(),
-        holes: Vec::new(),
+    let mut seg = Segment::new(path, file, base_seq, version);
+    let mut end = bytes.len();
+    let walk = loop {
+        let walk = walk_segment(&mut seg, &bytes[..end]);
+        match walk.cut {
+            // The batch's records were recorded already: walk again, up to its checkpoint.
+            Some(Cut::Batch(at)) => {
+                end = at;
+                seg.clear();
+            }
+            Some(Cut::Tail(at)) => {
+                end = at;
+                break walk;
+            }
+            None => break walk,
+        }
     };
-    let mut expected = base_seq;
-    let mut pos = SEGMENT_HEADER_LEN;
-    while pos < bytes.len() {
-        let parsed = parse_record(&bytes[pos..]);
-        if let Parsed::Record { seq, total } = parsed
-            && seq >= expected
-        {
-            if seq > expected && seg.records > 0 {
-                // A seq retired by an earlier open (its record failed at the tail).
-                seg.holes.push((expected, seq - 1));
-            }
-            seg.add_record(seq, pos as u64, total as u64);
-            expected = seq + 1;
-            pos += total;
-            continue;
-        }
-        if let Some((next, seq, _)) = resync(&bytes, pos + 1, expected) {
-            out.corrupt_bytes += (next - pos) as u64;
-            seg.skips.push((pos as u64, next as u64));
-            if seq > expected {
-                seg.holes.push((expected, seq - 1));
-                out.damage.push(Damage { first: expected, last: seq - 1 });
-            }
-            expected = seq;
-            pos = next;
-            continue;
-        }
-        // Nothing valid after this point: a torn tail.
-        if let Parsed::Invalid { header_ok: true, seq } = parsed
-            && seq == expected
-        {
-            // Complete, claims the next seq, fails its checksum: it was written whole (and may
-            // have been sent), so its seq is retired, not handed out again.
-            seg.holes.push((seq, seq));
-            out.damage.push(Damage { first: seq, last: seq });
-        }
+    out.corrupt_bytes = walk.corrupt_bytes;
+    out.damage = walk.damage;
+    if end < bytes.len() {
         out.torn += 1;
-        out.truncated_bytes += (bytes.len() - pos) as u64;
+        out.truncated_bytes += (bytes.len() - end) as u64;
         seg.file
-            .set_len(pos as u64)
+            .set_len(end as u64)
             .and_then(|()| seg.file.sync_all())
             .map_err(|e| io_err("truncate torn tail of", &seg.path, e))?;
-        break;
     }
-    seg.len = seg.len.max(pos.min(bytes.len()) as u64);
     Ok((seg, out))
 }
 
@@ -582,12 +834,14 @@ impl Spool {
             }
         }
 
-        let tmp = dir.join(STATE_TMP);
-        match fs::remove_file(&tmp) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(io_err("remove", &tmp, e));
+        for name in [STATE_TMP, SEGMENT_TMP] {
+            let tmp = dir.join(name);
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io_err("remove", &tmp, e));
+                }
+                _ => {}
             }
-            _ => {}
         }
         let state_path = dir.join(STATE_FILE);
         let mut report = OpenReport::default();
@@ -653,29 +907,21 @@ impl Spool {
             dirty_state = true;
         }
 
-        // Drop segments that hold nothing live (except the newest, which may be reused).
-        let mut removed = false;
-        while segments.len() > 1 {
-            let front = &segments[0];
-            if front.records > 0 && front.last_seq > floor {
-                break;
-            }
-            fs::remove_file(&front.path).map_err(|e| io_err("remove segment", &front.path, e))?;
-            segments.pop_front();
-            removed = true;
-        }
-        // Append to the newest segment only if its seqs continue into `next_seq`.
-        let reuse = segments.back().is_some_and(|s| s.next_seq() == next_seq);
+        // Later segments and later offsets are newer.
+        let last_checkpoint = segments.iter().rev().find_map(|s| s.checkpoint);
+        let reuse =
+            segments.back().is_some_and(|s| reusable(s, next_seq, last_checkpoint.is_some()));
         if !reuse {
-            if let Some(last) = segments.back()
-                && (last.records == 0 || last.last_seq <= floor)
-            {
-                fs::remove_file(&last.path).map_err(|e| io_err("remove segment", &last.path, e))?;
+            // A newest segment already named for `next_seq` holds no records (one would take
+            // `next_seq` past its base): the new segment replaces it in place.
+            if segments.back().is_some_and(|s| s.base_seq == next_seq) {
                 segments.pop_back();
-                removed = true;
             }
-            segments.push_back(create_segment(&dir, next_seq)?);
+            segments.push_back(create_segment(&dir, next_seq, last_checkpoint.as_ref())?);
         }
+        // Only now that the active segment holds the newest checkpoint may the sealed segments
+        // that hold nothing live go.
+        let (segments, removed) = drop_dead_segments(segments, floor)?;
         if removed {
             sync_dir(&dir)?;
         }
@@ -697,6 +943,7 @@ impl Spool {
             state,
             next_seq,
             durable_next: next_seq,
+            unsynced: false,
             last_sync: Instant::now(),
             total_bytes,
             tail_dirty: false,
@@ -704,7 +951,9 @@ impl Spool {
             read_buf: ReadBuf::default(),
             cursor: None,
             in_flight: Vec::new(),
+            last_checkpoint,
         };
+        report.last_checkpoint = last_checkpoint;
         report.recovered_events = spool.depth_events();
         report.first_unacked_seq = spool.first_unacked_seq();
         report.next_seq = spool.next_seq;
@@ -727,12 +976,80 @@ impl Spool {
     /// On error nothing of the batch is spooled and no seq is consumed: the caller counts the
     /// batch's events as lost.
     pub fn append(&mut self, payloads: &[&[u8]]) -> Result<RangeInclusive<u64>, SpoolError> {
+        self.append_batch(payloads, None)
+    }
+
+    /// [`append`](Spool::append) with the source's position after this batch: a checkpoint
+    /// record written in the same write, just before the batch's records, so the two reach the
+    /// disk together or not at all. It is [`last_checkpoint`](Spool::last_checkpoint) from now
+    /// on, and after a crash once every record of the batch is found intact. An empty batch
+    /// writes the checkpoint alone, to move the position on when the source yielded no events.
+    ///
+    /// The checkpoint is durable with the batch (see the module docs); on error neither is
+    /// spooled.
+    pub fn append_with_checkpoint(
+        &mut self,
+        payloads: &[&[u8]],
+        checkpoint: &SourceCheckpoint,
+    ) -> Result<RangeInclusive<u64>, SpoolError> {
+        self.append_batch(payloads, Some(checkpoint))
+    }
+
+    fn append_batch(
+        &mut self,
+        payloads: &[&[u8]],
+        checkpoint: Option<&SourceCheckpoint>,
+    ) -> Result<RangeInclusive<u64>, SpoolError> {
         let first = self.next_seq;
-        if payloads.is_empty() {
+        if payloads.is_empty() && checkpoint.is_none() {
             // The empty range just before the next seq.
             return Ok(first..=first - 1);
         }
-        let mut batch_bytes = 0u64;
+        let batch_bytes = self.batch_len(payloads, checkpoint.is_some())?;
+        self.make_room(batch_bytes)?;
+
+        let mut buf = std::mem::take(&mut self.write_buf);
+        buf.clear();
+        buf.reserve(usize::try_from(batch_bytes).unwrap_or(0));
+        if let Some(c) = checkpoint {
+            // `batch_len` refused batches whose count does not fit.
+            encode_checkpoint(&mut buf, payloads.len() as u32, first, c);
+        }
+        for (i, p) in payloads.iter().enumerate() {
+            encode_record(&mut buf, first + i as u64, p);
+        }
+        let result = self.write_batch(&buf);
+        self.write_buf = buf;
+        let synced = result?;
+
+        let start = self.active().len;
+        let seg = self.segments.back_mut().expect("active segment");
+        let mut offset = start;
+        if let Some(c) = checkpoint {
+            seg.checkpoint = Some(*c);
+            offset += CHECKPOINT_LEN as u64;
+        }
+        for (i, p) in payloads.iter().enumerate() {
+            let total = record_len(p.len());
+            seg.add_record(first + i as u64, offset, total);
+            offset += total;
+        }
+        seg.len = start + batch_bytes;
+        self.total_bytes += batch_bytes;
+        self.next_seq = first + payloads.len() as u64;
+        if let Some(c) = checkpoint {
+            self.last_checkpoint = Some(*c);
+        }
+        if synced {
+            self.durable_next = self.next_seq;
+        }
+        Ok(first..=self.next_seq - 1)
+    }
+
+    /// Bytes a batch takes on disk, its checkpoint included. Refuses a payload over the record
+    /// limit, and a batch that would not fit in the spool even alone in a new segment.
+    fn batch_len(&self, payloads: &[&[u8]], with_checkpoint: bool) -> Result<u64, SpoolError> {
+        let mut bytes = if with_checkpoint { CHECKPOINT_LEN as u64 } else { 0 };
         for (index, p) in payloads.iter().enumerate() {
             if p.len() > MAX_PAYLOAD_LEN {
                 return Err(SpoolError::PayloadTooLarge {
@@ -741,52 +1058,38 @@ impl Spool {
                     max: MAX_PAYLOAD_LEN,
                 });
             }
-            batch_bytes += record_len(p.len());
+            bytes += record_len(p.len());
         }
-        if batch_bytes + SEGMENT_HEADER_LEN as u64 > self.opts.max_bytes {
-            return Err(SpoolError::BatchTooLarge {
-                bytes: batch_bytes,
-                max_bytes: self.opts.max_bytes,
-            });
+        // A checkpoint counts its batch in a u32 (4 billion records: far past any max_bytes).
+        let count_fits = !with_checkpoint || u32::try_from(payloads.len()).is_ok();
+        if !count_fits
+            || bytes + fresh_segment_len(self.last_checkpoint.as_ref()) > self.opts.max_bytes
+        {
+            return Err(SpoolError::BatchTooLarge { bytes, max_bytes: self.opts.max_bytes });
         }
+        Ok(bytes)
+    }
 
+    /// Makes room for `batch_bytes` more at the active segment's end: cuts back a failed write
+    /// left there, rolls over when the batch would take the segment past its size, and evicts
+    /// while the spool would outgrow `max_bytes`.
+    fn make_room(&mut self, batch_bytes: u64) -> Result<(), SpoolError> {
         if self.tail_dirty {
             let a = self.active();
             a.file.set_len(a.len).map_err(|e| io_err("truncate failed write in", &a.path, e))?;
             self.tail_dirty = false;
         }
         let a = self.active();
-        if a.records > 0 && a.len + batch_bytes > self.opts.segment_bytes {
+        // Rolling over only helps when the segment holds more than a new one would.
+        if a.len > fresh_segment_len(self.last_checkpoint.as_ref())
+            && a.len + batch_bytes > self.opts.segment_bytes
+        {
             self.roll_over()?;
         }
         while self.total_bytes + batch_bytes > self.opts.max_bytes && self.segments.len() > 1 {
             self.evict_oldest()?;
         }
-
-        let mut buf = std::mem::take(&mut self.write_buf);
-        buf.clear();
-        buf.reserve(usize::try_from(batch_bytes).unwrap_or(0));
-        for (i, p) in payloads.iter().enumerate() {
-            encode_record(&mut buf, first + i as u64, p);
-        }
-        let result = self.write_batch(&buf);
-        self.write_buf = buf;
-        let synced = result?;
-
-        let mut offset = self.active().len;
-        let seg = self.segments.back_mut().expect("active segment");
-        for (i, p) in payloads.iter().enumerate() {
-            let total = record_len(p.len());
-            seg.add_record(first + i as u64, offset, total);
-            offset += total;
-        }
-        self.total_bytes += batch_bytes;
-        let last = first + payloads.len() as u64 - 1;
-        self.next_seq = last + 1;
-        if synced {
-            self.durable_next = self.next_seq;
-        }
-        Ok(first..=last)
+        Ok(())
     }
 
     /// Writes `buf` at the active segment's end and syncs as the policy says (returning whether
@@ -812,6 +1115,7 @@ impl Spool {
                 if sync_now {
                     self.last_sync = Instant::now();
                 }
+                self.unsynced = !sync_now;
                 Ok(sync_now)
             }
             Err(e) => {
@@ -826,10 +1130,18 @@ impl Spool {
 
 impl Spool {
     /// Seals the active segment (synced, so everything before the new one is durable) and
-    /// starts a new one at the next seq.
+    /// starts a new one at the next seq, holding a copy of the newest checkpoint.
     fn roll_over(&mut self) -> Result<(), SpoolError> {
         self.sync()?;
-        let seg = create_segment(&self.dir, self.next_seq)?;
+        let seg = create_segment(&self.dir, self.next_seq, self.last_checkpoint.as_ref())?;
+        if self.active().base_seq == seg.base_seq {
+            // The active segment held checkpoints only (no event took a seq since it began),
+            // of which the new one carries the newest: it replaced the file.
+            let old = self.segments.pop_back().expect("active segment");
+            self.total_bytes -= old.len;
+            self.read_buf = ReadBuf::default();
+            self.cursor = None;
+        }
         self.total_bytes += seg.len;
         self.segments.push_back(seg);
         Ok(())
@@ -928,32 +1240,13 @@ impl Spool {
                 pos = skip_end;
                 continue;
             }
-            let parsed = match rb.at(seg.base_seq, pos).map(parse_record) {
-                Some(p @ Parsed::Record { .. }) => p,
-                Some(Parsed::Incomplete { total, .. }) if pos + total as u64 <= seg.len => {
-                    if let Err(e) = rb.fill(seg, pos, total) {
-                        break Err(io_err("read", &seg.path, e));
-                    }
-                    parse_record(rb.at(seg.base_seq, pos).unwrap_or_default())
-                }
-                Some(p) => p,
-                None => {
-                    if let Err(e) = rb.fill(seg, pos, RECORD_HEADER_LEN) {
-                        break Err(io_err("read", &seg.path, e));
-                    }
-                    let p = parse_record(rb.at(seg.base_seq, pos).unwrap_or_default());
-                    match p {
-                        Parsed::Incomplete { total, .. } if pos + total as u64 <= seg.len => {
-                            if let Err(e) = rb.fill(seg, pos, total) {
-                                break Err(io_err("read", &seg.path, e));
-                            }
-                            parse_record(rb.at(seg.base_seq, pos).unwrap_or_default())
-                        }
-                        p => p,
-                    }
-                }
+            let parsed = match rb.parse_at(seg, pos) {
+                Ok(p) => p,
+                Err(e) => break Err(io_err("read", &seg.path, e)),
             };
             match parsed {
+                // Not an event: stepped over where it stands (`skips` are for damage only).
+                Parsed::Checkpoint(_) => pos += CHECKPOINT_LEN as u64,
                 Parsed::Record { seq, total } if seq > prev_seq => {
                     if seq >= end {
                         break Ok(());
@@ -1043,7 +1336,7 @@ impl Spool {
         let mut removed = false;
         while self.segments.len() > 1 {
             let front = &self.segments[0];
-            if front.records > 0 && front.last_seq > floor {
+            if front.holds_live(floor) {
                 break;
             }
             fs::remove_file(&front.path).map_err(|e| io_err("remove segment", &front.path, e))?;
@@ -1092,12 +1385,14 @@ impl Spool {
         Ok(())
     }
 
-    /// Makes every appended record durable (and so readable) now.
+    /// Makes everything appended durable now: records become readable, and checkpoints safe
+    /// to release the source by.
     pub fn sync(&mut self) -> Result<(), SpoolError> {
-        if self.durable_next < self.next_seq {
+        if self.unsynced {
             let a = self.active();
             a.file.sync_data().map_err(|e| io_err("fsync", &a.path, e))?;
             self.durable_next = self.next_seq;
+            self.unsynced = false;
         }
         self.last_sync = Instant::now();
         Ok(())
@@ -1111,7 +1406,7 @@ impl Spool {
             SyncPolicy::EveryAppend => true,
             SyncPolicy::Interval(d) => self.last_sync.elapsed() >= d,
         };
-        if due && self.durable_next < self.next_seq {
+        if due && self.unsynced {
             self.sync()?;
             return Ok(true);
         }
@@ -1143,6 +1438,13 @@ impl Spool {
     /// The seq the next appended event gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    /// The newest confirmed source checkpoint: after open, the newest one on disk whose batch
+    /// is wholly there; after each [`append_with_checkpoint`](Spool::append_with_checkpoint),
+    /// that batch's. `None` when none was ever written (or all were lost to damage).
+    pub fn last_checkpoint(&self) -> Option<SourceCheckpoint> {
+        self.last_checkpoint
     }
 
     /// The acked watermark (0 before the first ack).

@@ -602,11 +602,13 @@ fn random_operations_match_a_model() {
         let o = opts(3000, 12_000, sync);
         let mut rng = XorShift(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut model: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut model_checkpoint = None;
         let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
         for step in 0..400 {
             match rng.below(10) {
                 0..=5 => {
-                    let n = 1 + rng.below(40) as usize;
+                    let checkpointed = rng.below(2) == 0;
+                    let n = rng.below(40) as usize + usize::from(!checkpointed);
                     let payloads: Vec<Vec<u8>> = (0..n)
                         .map(|_| {
                             let len = rng.below(120) as usize;
@@ -614,7 +616,12 @@ fn random_operations_match_a_model() {
                         })
                         .collect();
                     let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-                    let r = spool.append(&refs).unwrap();
+                    let r = if checkpointed {
+                        model_checkpoint = Some(cp(step));
+                        spool.append_with_checkpoint(&refs, &cp(step)).unwrap()
+                    } else {
+                        spool.append(&refs).unwrap()
+                    };
                     assert_eq!(r.clone().count(), n);
                     for (seq, p) in r.zip(payloads) {
                         model.insert(seq, p);
@@ -634,10 +641,12 @@ fn random_operations_match_a_model() {
                     (spool, report) = Spool::open(dir.path(), o).unwrap();
                     assert_eq!((report.torn_records, report.corrupt_records), (0, 0));
                     assert_eq!(report.next_seq, model.keys().next_back().map_or(1, |s| s + 1));
+                    assert_eq!(report.last_checkpoint, model_checkpoint, "seed {seed} step {step}");
                 }
                 _ => {}
             }
             assert!(spool.depth_bytes() <= o.max_bytes, "seed {seed} step {step}");
+            assert_eq!(spool.last_checkpoint(), model_checkpoint, "seed {seed} step {step}");
             let floor = spool.acked();
             let got = read_all(&mut spool);
             let gaps = spool.pending_gaps().to_vec();
@@ -681,8 +690,9 @@ fn sigkill_child_helper() {
     let (mut spool, _) = Spool::open(&dir, kill_opts()).expect("child: open");
     let mut rng = XorShift(u64::from(std::process::id()) | 1);
     loop {
+        // Each batch's checkpoint names its last seq, as a ring position would name its end.
         let n = 1 + rng.below(400);
-        append_seqs(&mut spool, n);
+        append_checkpointed(&mut spool, n);
         if rng.below(8) == 0 {
             let (acked, last) = (spool.acked(), spool.next_seq() - 1);
             spool.ack(acked + (last - acked) / 2).expect("child: ack");
@@ -730,11 +740,550 @@ fn sigkill_mid_append_recovers() {
         assert_eq!(report.corrupt_records, 0, "{report:?}");
         assert!(report.torn_records <= 1, "{report:?}");
         assert!(report.next_seq > confirmed, "lost a confirmed append: {report:?} {confirmed}");
+        // Exactly once: the checkpoint names the last event spooled, no more and no less.
+        assert_eq!(report.last_checkpoint, Some(cp(report.next_seq - 1)), "{report:?}");
         let got = read_all(&mut spool);
         assert_eq!(got.len() as u64, report.recovered_events);
         if let Some(first) = got.first() {
             assert_eq!(first.0, report.first_unacked_seq);
         }
         assert_contents(&got, report.first_unacked_seq..report.next_seq);
+    }
+}
+
+/// A source position naming `n` (a stand-in for a ring buffer position).
+fn cp(n: u64) -> SourceCheckpoint {
+    let mut c = [0xA5; 32];
+    c[..8].copy_from_slice(&n.to_le_bytes());
+    c
+}
+
+/// Appends `n` events carrying [`payload`]s, with the checkpoint `cp(last seq of the batch)`.
+/// Returns the offset of the batch's checkpoint record.
+fn append_checkpointed(spool: &mut Spool, n: u64) -> u64 {
+    let first = spool.next_seq();
+    let payloads: Vec<Vec<u8>> = (first..first + n).map(payload).collect();
+    let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+    let range = spool.append_with_checkpoint(&refs, &cp(first + n - 1)).expect("append");
+    assert_eq!(range, first..=first + n - 1);
+    assert_eq!(spool.last_checkpoint(), Some(cp(first + n - 1)));
+    // The whole batch, checkpoint first, ends the active segment.
+    let batch_bytes = CHECKPOINT_LEN as u64
+        + (first..first + n).map(|s| record_len(payload(s).len())).sum::<u64>();
+    let a = spool.active();
+    assert!(a.len >= SEGMENT_HEADER_LEN as u64 + batch_bytes);
+    a.len - batch_bytes
+}
+
+fn set_len(path: &Path, len: u64) {
+    fs::OpenOptions::new().write(true).open(path).unwrap().set_len(len).unwrap();
+}
+
+fn flip_bit(path: &Path, at: u64, mask: u8) {
+    let f = fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ mask], at).unwrap();
+}
+
+#[test]
+fn checkpoints_round_trip_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!((report.last_checkpoint, spool.last_checkpoint()), (None, None));
+        append_checkpointed(&mut spool, 5);
+        append_checkpointed(&mut spool, 1);
+        append_checkpointed(&mut spool, 30);
+        assert_eq!(spool.depth_events(), 36);
+        // Exactly the events: no checkpoint bytes in a payload, seqs contiguous.
+        assert_contents(&read_all(&mut spool), 1..=36);
+        assert_contents(&spool.read_from(5, 3, usize::MAX).unwrap(), 5..=7);
+        assert_contents(&spool.read_from(8, 2, usize::MAX).unwrap(), 8..=9);
+        assert_eq!(
+            spool.depth_bytes(),
+            segment_files(dir.path()).iter().map(|p| fs::metadata(p).unwrap().len()).sum::<u64>()
+        );
+    }
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!(
+        report,
+        OpenReport {
+            recovered_events: 36,
+            first_unacked_seq: 1,
+            next_seq: 37,
+            segments: 1,
+            last_checkpoint: Some(cp(36)),
+            ..OpenReport::default()
+        }
+    );
+    assert_eq!(spool.last_checkpoint(), Some(cp(36)));
+    assert_contents(&read_all(&mut spool), 1..=36);
+    // Every seq is found by seeking too (backwards, so no read continues the previous one).
+    for seq in (1..=36).rev() {
+        assert_contents(&spool.read_from(seq, 1, usize::MAX).unwrap(), [seq]);
+    }
+    append_checkpointed(&mut spool, 2);
+    drop(spool);
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!((report.last_checkpoint, report.next_seq, report.segments), (Some(cp(38)), 39, 1));
+    assert_contents(&read_all(&mut spool), 1..=38);
+}
+
+#[test]
+fn a_checkpoint_alone_moves_the_position_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(64 * 1024, 1024 * 1024, SyncPolicy::Interval(Duration::from_secs(3600)));
+    {
+        let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
+        append_checkpointed(&mut spool, 3);
+        spool.sync().unwrap();
+        let r = spool.append_with_checkpoint(&[], &cp(100)).unwrap();
+        assert_eq!((r.clone().count(), *r.start()), (0, 4));
+        assert_eq!((spool.last_checkpoint(), spool.next_seq()), (Some(cp(100)), 4));
+        // It takes no seq, but still waits for a sync like any write.
+        assert!(spool.unsynced);
+        assert!(spool.sync_if_due().is_ok());
+        spool.sync().unwrap();
+        assert!(!spool.unsynced);
+        assert_contents(&read_all(&mut spool), 1..=3);
+        // Plain empty batches write nothing at all.
+        let before = spool.depth_bytes();
+        spool.append(&[]).unwrap();
+        assert_eq!(spool.depth_bytes(), before);
+    }
+    let (mut spool, report) = Spool::open(dir.path(), o).unwrap();
+    assert_eq!(
+        (report.last_checkpoint, report.next_seq, report.torn_records),
+        (Some(cp(100)), 4, 0)
+    );
+    assert_contents(&read_all(&mut spool), 1..=3);
+}
+
+#[test]
+fn plain_and_checkpointed_appends_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+        append_seqs(&mut spool, 3);
+        assert_eq!(spool.last_checkpoint(), None);
+        append_checkpointed(&mut spool, 4);
+        append_seqs(&mut spool, 5);
+        assert_eq!(spool.last_checkpoint(), Some(cp(7)), "a plain batch leaves the position");
+        append_checkpointed(&mut spool, 0);
+        assert_eq!(spool.last_checkpoint(), Some(cp(12)));
+        append_seqs(&mut spool, 2);
+        assert_contents(&read_all(&mut spool), 1..=14);
+    }
+    // A torn plain batch is a torn tail as before; the checkpoint before it stands.
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let len = fs::metadata(&seg).unwrap().len();
+    set_len(&seg, len - 5);
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!(
+        (report.torn_records, report.truncated_bytes),
+        (1, record_len(payload(14).len()) - 5)
+    );
+    assert_eq!((report.last_checkpoint, report.next_seq), (Some(cp(12)), 14));
+    assert_contents(&read_all(&mut spool), 1..=13);
+    append_seqs(&mut spool, 1);
+    drop(spool);
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!((report.last_checkpoint, report.next_seq), (Some(cp(12)), 15));
+    assert_contents(&read_all(&mut spool), 1..=14);
+}
+
+#[test]
+fn torn_batch_after_a_checkpoint_goes_whole() {
+    // Where the crash cut the second batch: inside a record, at a record boundary, right
+    // after its checkpoint.
+    let cuts: [fn(u64) -> u64; 3] = [
+        |cp_at| {
+            cp_at
+                + CHECKPOINT_LEN as u64
+                + (11..15).map(|s| record_len(payload(s).len())).sum::<u64>()
+                + 7
+        },
+        |cp_at| {
+            cp_at
+                + CHECKPOINT_LEN as u64
+                + (11..19).map(|s| record_len(payload(s).len())).sum::<u64>()
+        },
+        |cp_at| cp_at + CHECKPOINT_LEN as u64,
+    ];
+    for cut in cuts {
+        let dir = tempfile::tempdir().unwrap();
+        let cp_at = {
+            let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+            append_checkpointed(&mut spool, 10);
+            append_checkpointed(&mut spool, 10)
+        };
+        let seg = segment_files(dir.path()).pop().unwrap();
+        let at = cut(cp_at);
+        set_len(&seg, at);
+
+        let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!((report.torn_records, report.truncated_bytes), (1, at - cp_at), "cut at {at}");
+        assert_eq!(report.corrupt_records, 0);
+        assert_eq!(report.last_checkpoint, Some(cp(10)));
+        assert_eq!(report.next_seq, 11, "the batch's seqs are handed out again");
+        assert_eq!(report.recovered_events, 10);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), cp_at);
+        assert_contents(&read_all(&mut spool), 1..=10);
+        append_checkpointed(&mut spool, 3);
+        assert_contents(&read_all(&mut spool), 1..=13);
+        drop(spool);
+        let (_, report) = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!(
+            (report.torn_records, report.last_checkpoint, report.next_seq),
+            (0, Some(cp(13)), 14)
+        );
+    }
+}
+
+#[test]
+fn cut_inside_a_checkpoint_record_is_a_torn_tail() {
+    for keep in [1, 3, 4, 9, 30, CHECKPOINT_LEN as u64 - 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let cp_at = {
+            let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+            append_checkpointed(&mut spool, 10);
+            append_checkpointed(&mut spool, 4)
+        };
+        let seg = segment_files(dir.path()).pop().unwrap();
+        set_len(&seg, cp_at + keep);
+        let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!((report.torn_records, report.truncated_bytes), (1, keep), "keep {keep}");
+        assert_eq!((report.last_checkpoint, report.next_seq), (Some(cp(10)), 11));
+        assert_contents(&read_all(&mut spool), 1..=10);
+    }
+}
+
+#[test]
+fn damaged_checkpoint_mid_log_is_skipped_and_its_events_kept() {
+    // Its batch's records are intact and checked: they are read. Only the position is lost,
+    // so the previous checkpoint stands (the source may spool that batch again: duplicates,
+    // never a loss).
+    for (damaged, expect) in [(1, cp(30)), (2, cp(20))] {
+        let dir = tempfile::tempdir().unwrap();
+        let cps: Vec<u64> = {
+            let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+            (0..3).map(|_| append_checkpointed(&mut spool, 10)).collect()
+        };
+        let seg = segment_files(dir.path()).pop().unwrap();
+        flip_bit(&seg, cps[damaged] + 9, 0x04); // the count field
+        let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+        assert_eq!((report.corrupt_records, report.corrupt_bytes), (0, CHECKPOINT_LEN as u64));
+        assert_eq!((report.torn_records, report.recovered_events, report.next_seq), (0, 30, 31));
+        assert_eq!(report.last_checkpoint, Some(expect), "checkpoint {damaged} damaged");
+        assert_contents(&read_all(&mut spool), 1..=30);
+        assert!(spool.take_evictions().is_empty(), "no event is missing");
+        assert_eq!(spool.corrupt_total(), 0);
+    }
+
+    // Damage found while reading (after open checked everything) is stepped over the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+    let cps: Vec<u64> = (0..3).map(|_| append_checkpointed(&mut spool, 10)).collect();
+    let seg = segment_files(dir.path()).pop().unwrap();
+    flip_bit(&seg, cps[1] + 40, 0x80); // the body
+    assert_contents(&read_all(&mut spool), 1..=30);
+    assert_eq!(spool.corrupt_total(), 0);
+    assert!(spool.take_evictions().is_empty());
+}
+
+#[test]
+fn damaged_last_record_of_a_checkpointed_batch_retires_its_seq() {
+    // A complete tail record that fails its checksum may have been durable and sent: as for
+    // plain batches its seq is retired, and its batch's good records stay. The batch is not
+    // whole, so its checkpoint is not believed.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+        append_checkpointed(&mut spool, 10);
+        append_checkpointed(&mut spool, 10);
+    }
+    let seg = segment_files(dir.path()).pop().unwrap();
+    let len = fs::metadata(&seg).unwrap().len();
+    flip_bit(&seg, len - 1, 0x01);
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!((report.torn_records, report.corrupt_records), (1, 1));
+    assert_eq!((report.next_seq, report.last_checkpoint), (21, Some(cp(10))));
+    assert_contents(&read_all(&mut spool), 1..=19);
+}
+
+/// A version-1 segment as the previous build wrote it: its header, then records with a
+/// 20-byte header, no checkpoints.
+fn v1_segment(base: u64, seqs: RangeInclusive<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(b"KWSPOOL\0");
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&32u32.to_le_bytes());
+    out.extend_from_slice(&base.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    for seq in seqs {
+        let p = payload(seq);
+        let mut checked = Vec::new();
+        checked.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        checked.extend_from_slice(&seq.to_le_bytes());
+        checked.extend_from_slice(&p);
+        out.extend_from_slice(&[0xC5, b'K', b'W', b'R']);
+        out.extend_from_slice(&crc32c::crc32c(&checked).to_le_bytes());
+        out.extend_from_slice(&checked);
+    }
+    out
+}
+
+#[test]
+fn version_1_segment_is_read_and_not_appended_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = v1_segment(1, 1..=5);
+    fs::write(dir.path().join("00000000000000000001.seg"), &old).unwrap();
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!((report.torn_records, report.corrupt_records, report.corrupt_bytes), (0, 0, 0));
+    assert_eq!((report.recovered_events, report.next_seq), (5, 6));
+    assert_eq!((report.segments, report.last_checkpoint), (2, None));
+    assert_contents(&read_all(&mut spool), 1..=5);
+    append_checkpointed(&mut spool, 3);
+    append_seqs(&mut spool, 2);
+    assert_contents(&read_all(&mut spool), 1..=10);
+    drop(spool);
+
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 2);
+    assert_eq!(fs::read(&files[0]).unwrap(), old, "the version-1 segment is left as it was");
+    let new = fs::read(&files[1]).unwrap();
+    assert_eq!(files[1].file_name().unwrap(), "00000000000000000006.seg");
+    assert_eq!(new[8..12], format::FORMAT_VERSION.to_le_bytes());
+    assert_eq!(new[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + 4], format::CHECKPOINT_MAGIC);
+
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!((report.segments, report.next_seq, report.last_checkpoint), (2, 11, Some(cp(8))));
+    assert_contents(&read_all(&mut spool), 1..=10);
+    spool.ack(5).unwrap();
+    assert_eq!(segment_files(dir.path()).len(), 1, "the acked version-1 segment goes");
+}
+
+#[test]
+fn eviction_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(4096, 16 * 1024, SyncPolicy::EveryAppend);
+    let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
+    for _ in 0..100 {
+        append_checkpointed(&mut spool, 7);
+        assert!(spool.depth_bytes() <= o.max_bytes, "{}", spool.depth_bytes());
+    }
+    assert!(spool.evicted_total() > 0);
+    // Plain batches then push out every segment a checkpointed batch was written to.
+    for _ in 0..60 {
+        append_seqs(&mut spool, 5);
+        assert!(spool.depth_bytes() <= o.max_bytes, "{}", spool.depth_bytes());
+    }
+    assert!(spool.pending_gaps().iter().all(|g| g.first_seq > 700 || g.last_seq >= 700));
+    assert_eq!(spool.last_checkpoint(), Some(cp(700)));
+    assert_eq!(
+        spool.depth_bytes(),
+        segment_files(dir.path()).iter().map(|p| fs::metadata(p).unwrap().len()).sum::<u64>()
+    );
+    let first = spool.first_unacked_seq();
+    assert!(first > 700, "{first}");
+    drop(spool);
+    let (mut spool, report) = Spool::open(dir.path(), o).unwrap();
+    assert_eq!((report.last_checkpoint, report.next_seq), (Some(cp(700)), 1001));
+    assert_contents(&read_all(&mut spool), first..=1000);
+}
+
+#[test]
+fn checkpoint_survives_ack_deleting_its_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(2048, 1024 * 1024, SyncPolicy::EveryAppend);
+    let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
+    for _ in 0..10 {
+        append_checkpointed(&mut spool, 10);
+    }
+    for _ in 0..10 {
+        append_seqs(&mut spool, 10);
+    }
+    assert!(segment_files(dir.path()).len() > 3);
+    spool.ack(200).unwrap();
+    assert_eq!(segment_files(dir.path()).len(), 1, "sealed acked segments deleted");
+    assert_eq!(spool.last_checkpoint(), Some(cp(100)));
+    drop(spool);
+    let (mut spool, report) = Spool::open(dir.path(), o).unwrap();
+    assert_eq!(
+        (report.last_checkpoint, report.next_seq, report.recovered_events),
+        (Some(cp(100)), 201, 0)
+    );
+    append_seqs(&mut spool, 1);
+    drop(spool);
+    let (_, report) = Spool::open(dir.path(), o).unwrap();
+    assert_eq!((report.last_checkpoint, report.next_seq), (Some(cp(100)), 202));
+}
+
+#[test]
+fn new_active_segment_on_open_carries_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut spool, _) = Spool::open(dir.path(), small()).unwrap();
+        append_checkpointed(&mut spool, 10);
+        spool.ack(10).unwrap();
+    }
+    // A crash while creating the next segment left a file without a complete header: open
+    // cannot append to it (it lacks the checkpoint), so it starts a new segment in its place,
+    // with the checkpoint, and drops the old, all-acked one.
+    fs::write(dir.path().join("00000000000000000011.seg"), b"KWSP").unwrap();
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!((report.torn_records, report.truncated_bytes), (1, 4));
+    assert_eq!((report.last_checkpoint, report.next_seq, report.segments), (Some(cp(10)), 11, 1));
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].file_name().unwrap(), "00000000000000000011.seg");
+    assert_eq!(
+        fs::metadata(&files[0]).unwrap().len(),
+        (SEGMENT_HEADER_LEN + CHECKPOINT_LEN) as u64
+    );
+    append_seqs(&mut spool, 2);
+    drop(spool);
+    let (mut spool, report) = Spool::open(dir.path(), small()).unwrap();
+    assert_eq!(
+        (report.last_checkpoint, report.next_seq, report.torn_records),
+        (Some(cp(10)), 13, 0)
+    );
+    assert_contents(&read_all(&mut spool), 11..=12);
+}
+
+#[test]
+fn checkpoints_at_segment_edges_are_stepped_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(1024, 1024 * 1024, SyncPolicy::EveryAppend);
+    let (last, checkpointed_last) = {
+        let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
+        let mut checkpointed_last = 0;
+        for i in 0..60u64 {
+            // Batches of 0 to 3 events: a count-0 checkpoint may end a segment.
+            append_checkpointed(&mut spool, i % 4);
+            checkpointed_last = spool.next_seq() - 1;
+            if i % 5 == 0 {
+                append_seqs(&mut spool, 2);
+            }
+        }
+        (spool.next_seq() - 1, checkpointed_last)
+    };
+    let files = segment_files(dir.path());
+    assert!(files.len() > 5, "{}", files.len());
+    let mut ends_with_checkpoint = 0;
+    for f in &files {
+        // Each segment starts with a checkpoint: its first batch's or the copy it carries.
+        let bytes = fs::read(f).unwrap();
+        assert_eq!(bytes[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + 4], format::CHECKPOINT_MAGIC);
+        let tail = &bytes[bytes.len() - CHECKPOINT_LEN..];
+        if matches!(format::parse_checkpoint(tail), format::Parsed::Checkpoint(_)) {
+            ends_with_checkpoint += 1;
+        }
+    }
+    assert!(ends_with_checkpoint > 0, "no segment ends with a count-0 checkpoint");
+    let (mut spool, report) = Spool::open(dir.path(), o).unwrap();
+    assert_eq!((report.torn_records, report.corrupt_records, report.corrupt_bytes), (0, 0, 0));
+    assert_eq!(report.last_checkpoint, Some(cp(checkpointed_last)));
+    assert_contents(&read_all(&mut spool), 1..=last);
+    for seq in (1..=last).rev() {
+        assert_contents(&spool.read_from(seq, 1, usize::MAX).unwrap(), [seq]);
+    }
+    // Reads continuing from where the last one stopped cross every edge too.
+    for seq in 1..=last {
+        assert_contents(&spool.read_from(seq, 1, usize::MAX).unwrap(), [seq]);
+    }
+}
+
+#[test]
+fn checkpoints_alone_roll_over_and_stay_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(1024, 4096, SyncPolicy::EveryAppend);
+    let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
+    for i in 0..500 {
+        spool.append_with_checkpoint(&[], &cp(i)).unwrap();
+        assert!(spool.depth_bytes() <= o.max_bytes);
+    }
+    // No event ever took a seq, so a new segment would have the active one's name: the
+    // active one is replaced instead, holding just the newest checkpoint.
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1);
+    assert!(fs::metadata(&files[0]).unwrap().len() <= 1024);
+    assert_eq!((spool.evicted_total(), spool.next_seq()), (0, 1));
+    // Reads meet only checkpoints; then an event, and more checkpoints, roll over as usual.
+    assert!(read_all(&mut spool).is_empty());
+    append_seqs(&mut spool, 1);
+    for i in 500..1000 {
+        spool.append_with_checkpoint(&[], &cp(i)).unwrap();
+        assert!(spool.depth_bytes() <= o.max_bytes);
+    }
+    assert_contents(&read_all(&mut spool), [1]);
+    assert!(spool.take_evictions().is_empty());
+    drop(spool);
+    let (mut spool, report) = Spool::open(dir.path(), o).unwrap();
+    assert_eq!((report.last_checkpoint, report.next_seq), (Some(cp(999)), 2));
+    assert_eq!(spool.evicted_total(), 0);
+    assert_contents(&read_all(&mut spool), [1]);
+}
+
+/// A payload of `len` bytes that names its seq in its first eight.
+fn sized_payload(seq: u64, len: usize) -> Vec<u8> {
+    let mut p: Vec<u8> = (0..len).map(|i| (seq as usize + i) as u8).collect();
+    let n = len.min(8);
+    p[..n].copy_from_slice(&seq.to_le_bytes()[..n]);
+    p
+}
+
+#[test]
+fn read_window_boundary_inside_a_checkpoint() {
+    // The first read of a segment fills the window from its first event record, right after
+    // the first batch's checkpoint.
+    let window_start = (SEGMENT_HEADER_LEN + CHECKPOINT_LEN) as u64;
+    let boundary = window_start + READ_CHUNK as u64;
+    for inside in [1, 3, 4, 8, 30, CHECKPOINT_LEN as u64 - 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(4 << 20, 16 << 20, SyncPolicy::Interval(Duration::from_secs(3600)));
+        let (mut spool, _) = Spool::open(dir.path(), o).unwrap();
+        let mut model: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut add = |spool: &mut Spool, len: usize| {
+            let seq = spool.next_seq();
+            let p = sized_payload(seq, len);
+            spool.append_with_checkpoint(&[&p], &cp(seq)).unwrap();
+            model.push((seq, p));
+        };
+        // Small batches up to just short of the boundary, then one sized so that the next
+        // checkpoint starts `inside` bytes before it.
+        let target = boundary - inside;
+        let per_batch = |len: usize| (CHECKPOINT_LEN + RECORD_HEADER_LEN + len) as u64;
+        while spool.active().len + 2 * per_batch(100) <= target {
+            add(&mut spool, 100);
+        }
+        let filler = target - spool.active().len - per_batch(0);
+        add(&mut spool, filler as usize);
+        assert_eq!(spool.active().len, target);
+        for _ in 0..20 {
+            add(&mut spool, 50);
+        }
+        spool.sync().unwrap();
+
+        assert_eq!(spool.read_from(1, 1, usize::MAX).unwrap(), model[..1]);
+        assert_eq!((spool.read_buf.start, spool.read_buf.data.len()), (window_start, READ_CHUNK));
+        let mut got = Vec::new();
+        let mut from = 1;
+        loop {
+            let batch = spool.read_from(from, 97, 8 * 1024).unwrap();
+            let Some(last) = batch.last() else { break };
+            from = last.0 + 1;
+            got.extend(batch);
+        }
+        assert_eq!(got, model, "checkpoint {inside} bytes before the window's end");
+        assert_eq!(spool.read_buf.start, target, "the window was refilled at the checkpoint");
+        assert_eq!(spool.corrupt_total(), 0);
+        drop(spool);
+        let (_, report) = Spool::open(dir.path(), o).unwrap();
+        assert_eq!((report.corrupt_bytes, report.torn_records), (0, 0));
+        assert_eq!(report.last_checkpoint, Some(cp(model.last().unwrap().0)));
     }
 }
