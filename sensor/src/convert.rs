@@ -272,6 +272,7 @@ mod tests {
             process: identity(),
             what,
             mark: 0,
+            ring_pos: 0,
         }
     }
 

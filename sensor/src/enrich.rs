@@ -244,6 +244,7 @@ impl Enricher {
             process: self.identity_of(event.process.pid, Some(&event.process)),
             what,
             mark: 0,
+            ring_pos: event.ring_pos,
         }
     }
 

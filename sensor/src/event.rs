@@ -104,6 +104,11 @@ pub struct Event {
     /// sent.
     #[serde(skip)]
     pub mark: u64,
+    /// Ring position just past the record this event came from, 0 for events no record
+    /// carried (fold tails). A sink that stores it with the event knows, after a crash, which
+    /// records of the pinned ring it already holds.
+    #[serde(skip)]
+    pub ring_pos: u64,
 }
 
 /// Converts kernel boot-clock stamps to Unix time.
@@ -275,6 +280,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
         detail,
         fold,
         mark: 0,
+        ring_pos: 0,
     })
 }
 

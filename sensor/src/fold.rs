@@ -144,6 +144,7 @@ fn event_from_key(key: &FoldKey, now_unix_ns: u64) -> Event {
         detail,
         fold: None,
         mark: 0,
+        ring_pos: 0,
     }
 }
 
@@ -170,6 +171,7 @@ mod tests {
             detail: Detail::Fork { child_pid: 0 },
             fold: Some((FoldKey::file(10, 1, 42), total)),
             mark: 0,
+            ring_pos: 0,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod convert;
 pub mod enrich;
 pub mod event;
+pub mod fault;
 pub mod fold;
 pub mod kernel_maps;
 pub mod loader;

@@ -107,4 +107,8 @@ pub struct Observation {
     /// record behind it can be released (see [`crate::reader::Progress`]).
     #[serde(skip)]
     pub mark: u64,
+    /// [`crate::event::Event::ring_pos`] of the event it was made from (every observation of
+    /// the event carries it).
+    #[serde(skip)]
+    pub ring_pos: u64,
 }

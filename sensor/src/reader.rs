@@ -235,7 +235,8 @@ impl Reader {
             let end = record.end;
             self.stats.records.fetch_add(1, Ordering::Relaxed);
             match decode(record.data, &self.clock) {
-                Ok(event) => {
+                Ok(mut event) => {
+                    event.ring_pos = end;
                     let Some(event) = self.folds.on_event(event) else { continue };
                     if !self.send(event, end) {
                         return false;

@@ -39,6 +39,75 @@ pub const DISCARD_BIT: u32 = 1 << 30;
 /// Bytes of a record header.
 pub const HEADER_BYTES: u64 = 8;
 
+/// Which ring buffer, in which boot: ring positions mean something only within one (a ring
+/// replaced by an incompatible sensor, or a reboot, starts again from 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingIdentity {
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: [u8; 16],
+    /// The kernel's id of the ring buffer map (unique among the maps of one boot).
+    pub map_id: u32,
+}
+
+impl RingIdentity {
+    /// The identity of the map with id `map_id` in the running boot; `None` when the boot id
+    /// cannot be read.
+    pub fn of_map(map_id: u32) -> Option<Self> {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        Some(Self { boot_id: parse_boot_id(&text)?, map_id })
+    }
+}
+
+/// "0f1e…-…" (a UUID as the kernel prints it) as 16 bytes.
+fn parse_boot_id(text: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = text.trim().bytes().filter(|b| *b != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (byte, pair) in id.iter_mut().zip(hex.chunks(2)) {
+        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(id)
+}
+
+/// A position in an identified ring: what the spool stores with each batch (as the batch's
+/// opaque 32-byte checkpoint), so that after a crash the next sensor knows which records of
+/// the pinned ring are already spooled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingCheckpoint {
+    pub ring: RingIdentity,
+    /// Every record ending at or before this position is accounted for.
+    pub pos: u64,
+}
+
+/// First bytes of an encoded [`RingCheckpoint`]: a tag and layout version.
+const CHECKPOINT_TAG: [u8; 4] = *b"RNG1";
+
+impl RingCheckpoint {
+    /// Layout: tag `RNG1` (4) | map id u32 LE (4) | boot id (16) | position u64 LE (8).
+    pub fn to_bytes(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        b[0..4].copy_from_slice(&CHECKPOINT_TAG);
+        b[4..8].copy_from_slice(&self.ring.map_id.to_le_bytes());
+        b[8..24].copy_from_slice(&self.ring.boot_id);
+        b[24..32].copy_from_slice(&self.pos.to_le_bytes());
+        b
+    }
+
+    /// `None` for bytes of another layout.
+    pub fn from_bytes(b: &[u8; 32]) -> Option<Self> {
+        if b[0..4] != CHECKPOINT_TAG {
+            return None;
+        }
+        let mut boot_id = [0u8; 16];
+        boot_id.copy_from_slice(&b[8..24]);
+        let map_id = u32::from_le_bytes(b[4..8].try_into().ok()?);
+        let pos = u64::from_le_bytes(b[24..32].try_into().ok()?);
+        Some(Self { ring: RingIdentity { boot_id, map_id }, pos })
+    }
+}
+
 /// One record as read: its data and the position just past it (what a commit of this record
 /// writes to `consumer_pos`).
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +136,7 @@ pub struct Ring {
     read: u64,
     committed: u64,
     fd: Option<RawFd>,
+    identity: Option<RingIdentity>,
     // Keeps the map (and so the mapping's backing) alive.
     _map: Option<Box<dyn Send>>,
 }
@@ -79,11 +149,12 @@ impl Ring {
     /// Maps the ring buffer `map` (a `BPF_MAP_TYPE_RINGBUF`). Reading starts at the kernel's
     /// consumer position: whatever a previous consumer read but did not commit is read again.
     pub fn from_map(map: aya::maps::MapData) -> io::Result<Self> {
-        let size = map.info().map_err(io::Error::other)?.max_entries();
+        let info = map.info().map_err(io::Error::other)?;
         let fd = map.fd().as_fd().as_raw_fd();
         // SAFETY: the fd is a ring buffer map kept alive by `map`, stored in the ring.
-        let mut ring = unsafe { Self::from_fd(BorrowedFd::borrow_raw(fd), size)? };
+        let mut ring = unsafe { Self::from_fd(BorrowedFd::borrow_raw(fd), info.max_entries())? };
         ring._map = Some(Box::new(map));
+        ring.identity = RingIdentity::of_map(info.id());
         Ok(ring)
     }
 
@@ -145,7 +216,16 @@ impl Ring {
     }
 
     fn with_mapping(mapping: Mapping, data_offset: usize, size: u64, fd: Option<RawFd>) -> Self {
-        let mut ring = Self { mapping, data_offset, size, read: 0, committed: 0, fd, _map: None };
+        let mut ring = Self {
+            mapping,
+            data_offset,
+            size,
+            read: 0,
+            committed: 0,
+            fd,
+            identity: None,
+            _map: None,
+        };
         let start = ring.consumer_pos().load(Ordering::Acquire);
         ring.read = start;
         ring.committed = start;
@@ -155,6 +235,11 @@ impl Ring {
     fn consumer_pos(&self) -> &AtomicU64 {
         // SAFETY: the consumer page starts with the 8-byte aligned consumer position.
         unsafe { self.mapping.consumer.cast::<AtomicU64>().as_ref() }
+    }
+
+    /// Which ring this is (`None` for memory that is not a kernel map, or an unknown boot).
+    pub fn identity(&self) -> Option<RingIdentity> {
+        self.identity
     }
 
     /// The producer's position: every record before it is reserved (maybe still busy).
@@ -337,6 +422,17 @@ mod tests {
                 self.put(start + i as u64, *b);
             }
         }
+    }
+
+    #[test]
+    fn checkpoints_round_trip_and_boot_ids_parse() {
+        let boot_id = parse_boot_id("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0\n").unwrap();
+        assert_eq!(boot_id[0], 0x0f);
+        assert_eq!(boot_id[15], 0xf0);
+        assert_eq!(parse_boot_id("not-a-uuid"), None);
+        let cp = RingCheckpoint { ring: RingIdentity { boot_id, map_id: 77 }, pos: 1 << 40 };
+        assert_eq!(RingCheckpoint::from_bytes(&cp.to_bytes()), Some(cp));
+        assert_eq!(RingCheckpoint::from_bytes(&[0u8; 32]), None, "another layout");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::{
     output,
     process::{ExeHasher, ProcFs, ProcessTable},
     reader::{self, Progress, ReaderHandle},
-    ring::Ring,
+    ring::{Ring, RingIdentity},
     watch::WatchSet,
     watch_sync::{SharedView, WatchSync},
 };
@@ -39,6 +39,7 @@ pub struct Sensor {
     events: mpsc::Receiver<Event>,
     watch_maps: Option<WatchMaps>,
     progress: Arc<Progress>,
+    ring: Option<RingIdentity>,
 }
 
 impl Sensor {
@@ -53,6 +54,7 @@ impl Sensor {
             name: "EVENTS",
             source: aya::sys::SyscallError { call: "mmap", io_error }.into(),
         })?;
+        let ring_identity = ring.identity();
         let fold_map = loaded.take_fold_map()?;
         let watch_maps = loaded.take_watch_maps()?;
         let (tx, events) = mpsc::channel(CHANNEL_CAPACITY);
@@ -60,7 +62,14 @@ impl Sensor {
         let progress = Arc::new(progress);
         let reader =
             reader::spawn(ring, fold_map, folds, tx, Clock::from_system(), Arc::clone(&progress));
-        Ok(Self { reader, loaded, events, watch_maps: Some(watch_maps), progress })
+        Ok(Self {
+            reader,
+            loaded,
+            events,
+            watch_maps: Some(watch_maps),
+            progress,
+            ring: ring_identity,
+        })
     }
 
     /// The next event; `None` once the reader has stopped. Returning it makes it done: its ring
@@ -90,6 +99,11 @@ impl Sensor {
 
     pub fn loaded(&self) -> &Loaded {
         &self.loaded
+    }
+
+    /// The ring buffer events come from (see [`crate::ring::RingCheckpoint`]).
+    pub fn ring_identity(&self) -> Option<RingIdentity> {
+        self.ring
     }
 
     pub fn reader_stats(&self) -> &reader::ReaderStats {
@@ -359,6 +373,7 @@ pub async fn run_uplink(opts: &AgentOptions, uplink: UplinkOptions) -> anyhow::R
     config.hello.kernel = kernel_release();
     config.hello.capabilities = capabilities(agent.sensor().report());
     let source = agent.take_observations();
+    let ring = agent.sensor().ring_identity();
     let observations = if uplink.stdout {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         std::thread::Builder::new()
@@ -370,7 +385,7 @@ pub async fn run_uplink(opts: &AgentOptions, uplink: UplinkOptions) -> anyhow::R
         source
     };
     let uplink_handle =
-        Uplink::start_tracked(config.clone(), observations, agent.durable_counter()).await?;
+        Uplink::start_tracked(config.clone(), observations, agent.durable_counter(), ring).await?;
     tracing::info!(
         collector = %config.target.authority,
         host_id = %config.hello.host_id,

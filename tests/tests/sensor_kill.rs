@@ -161,6 +161,41 @@ impl SensorProcess {
         }
     }
 
+    /// Starts a sensor armed to SIGKILL itself right after its first spool sync, before it
+    /// releases the ring records of what it synced: the worst moment for a crash.
+    fn start_crashing(dir: &Path, run: usize, c: &Collector, host: &str, pins: &Pins) -> Self {
+        let log = dir.join(format!("sensor-{run}.log"));
+        let child = Command::new(SENSOR)
+            .args(["run", "--collector", &c.sensor_url, "--host-id", host, "--state-dir"])
+            .arg(dir.join("sensor"))
+            .arg("--pin-dir")
+            .arg(pins.dir())
+            .env("NO_COLOR", "1")
+            .env("KEYWATCH_CRASH_AT", "after-spool-sync")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("starting the sensor");
+        Self { child: Some(child), log }
+    }
+
+    /// Waits for a sensor from [`SensorProcess::start_crashing`] to stop itself.
+    fn await_crash(&mut self) {
+        let mut child = self.child.take().expect("a crashing sensor");
+        let deadline = Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the sensor never reached its crash point");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "sensor exit {status}:\n{text}");
+        assert!(text.contains("crash point after-spool-sync reached"), "sensor log:\n{text}");
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -200,6 +235,10 @@ fn no_loss_and_no_duplicate_when_the_sensor_is_killed_mid_stream() {
     const READERS: usize = 300;
     // (kill before read i, restart before read j): reads in between run with no sensor.
     const KILLS: [(usize, usize); 3] = [(60, 100), (160, 190), (240, 250)];
+    // The sensor restarted at read 100 kills itself right after its first spool sync (the
+    // reads made while none ran are then in the spool and still in the ring); the one started
+    // at this read must deliver them once.
+    const AFTER_CRASH: usize = 130;
     let dir = tempfile::Builder::new().prefix("kw-sensor-kill-").tempdir().expect("tempdir");
     let cred = dir.path().join("cloud-key");
     std::fs::write(&cred, "[default]\naws_access_key_id = AKIAKILLTEST\n").unwrap();
@@ -238,13 +277,23 @@ fn no_loss_and_no_duplicate_when_the_sensor_is_killed_mid_stream() {
                 s.kill();
                 drop(s);
             }
-            if i == restart {
+            if i == restart && restart == KILLS[0].1 {
+                run += 1;
+                sensor_opt = Some(SensorProcess::start_crashing(dir.path(), run, &c, &host, &pins));
+            } else if i == restart {
                 run += 1;
                 sensor_opt = Some(
                     SensorProcess::start(dir.path(), run, &c, &host, None, &pins)
                         .expect("the sensor restarts"),
                 );
             }
+        }
+        if i == AFTER_CRASH {
+            sensor_opt.take().expect("the crashing sensor").await_crash();
+            run += 1;
+            let s = SensorProcess::start(dir.path(), run, &c, &host, None, &pins)
+                .expect("the sensor restarts after its crash");
+            sensor_opt = Some(s);
         }
         pids.push(read(&cred));
     }
@@ -272,16 +321,16 @@ fn no_loss_and_no_duplicate_when_the_sensor_is_killed_mid_stream() {
     let missing: Vec<u32> = pids.iter().copied().filter(|p| !counts.contains_key(p)).collect();
     assert!(missing.is_empty(), "{} reads missing: {missing:?}", missing.len());
     let twice: Vec<(&u32, &usize)> = counts.iter().filter(|(_, n)| **n != 1).collect();
-    // Known gap (issue 4): a kill between the spool's fsync and the ring release re-delivers
-    // that batch under new sequence numbers. Delivery is at least once; duplicates are printed
-    // and bounded here, losses are not tolerated at all.
-    if !twice.is_empty() {
-        println!(
-            "KNOWN GAP: {} reads stored more than once after SIGKILLs: {twice:?}",
-            twice.len()
-        );
-    }
-    assert!(twice.len() <= READERS / 10, "too many duplicates for the kill window: {twice:?}");
+    assert!(twice.is_empty(), "{} reads stored more than once: {twice:?}", twice.len());
     assert_eq!(counts.len(), READERS, "unexpected readers: {counts:?}");
+    let log = |run: usize| {
+        std::fs::read_to_string(dir.path().join(format!("sensor-{run}.log"))).unwrap_or_default()
+    };
+    assert!(
+        log(2).contains("skipping events a previous sensor had already spooled"),
+        "the sensor after the crash did not skip what the spool held:\n{}\n---\n{}",
+        log(1),
+        log(2)
+    );
     drop(sensor);
 }

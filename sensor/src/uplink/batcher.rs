@@ -8,19 +8,40 @@ use super::{BatchLimits, spooler::Batch};
 use crate::{convert::encode_observation, observation::Observation};
 
 /// Runs until `observations` closes (then flushes) or the spool thread is gone. Each batch
-/// carries the highest mark of its observations, for the spool thread to report durable.
+/// carries the highest mark and ring position of its observations, for the spool thread to
+/// checkpoint and report durable.
+///
+/// Observations made from ring records that end at or before `spooled_through` are already in
+/// the spool (a previous sensor was killed after writing them and before releasing their
+/// records): they are dropped here, their marks still passed on so that the ring is released.
 pub async fn run(
     mut observations: mpsc::Receiver<Observation>,
     appends: mpsc::Sender<Batch>,
     limits: BatchLimits,
+    spooled_through: Option<u64>,
 ) {
     let mut batch = Batch::with_capacity(limits.max_events);
     let mut bytes = 0usize;
     let mut deadline: Option<Instant> = None;
-    let add = |batch: &mut Batch, o: &Observation| {
-        let encoded = encode_observation(o);
+    let mut already_spooled = 0u64;
+    let mut add = |batch: &mut Batch, o: &Observation| {
         batch.mark = batch.mark.max(o.mark);
-        batch.events.push(encoded);
+        batch.ring_pos = batch.ring_pos.max(o.ring_pos);
+        if spooled_through.is_some_and(|end| o.ring_pos != 0 && o.ring_pos <= end) {
+            if already_spooled == 0 {
+                tracing::info!("skipping events a previous sensor had already spooled");
+            }
+            already_spooled += 1;
+            return 0;
+        }
+        let skipped = std::mem::take(&mut already_spooled);
+        if skipped > 0 {
+            tracing::info!(
+                events = skipped,
+                "skipped events a previous sensor had already spooled"
+            );
+        }
+        batch.events.push(encode_observation(o));
         batch.events.last().map_or(0, Vec::len)
     };
     loop {
@@ -40,7 +61,7 @@ pub async fn run(
                     if !batch.is_empty() {
                         let _ = appends.send(std::mem::take(&mut batch)).await;
                     }
-                    return;
+                    break;
                 }
             },
             () = sleep_until(deadline) => true,
@@ -50,7 +71,7 @@ pub async fn run(
             bytes = 0;
             deadline = None;
             if appends.send(full).await.is_err() {
-                return;
+                break;
             }
         }
     }
@@ -77,6 +98,7 @@ mod tests {
             process: Identity { pid: i + 1, ..Default::default() },
             what: What::Fork { child_pid: i },
             mark: u64::from(i) + 1,
+            ring_pos: u64::from(i) * 16 + 16,
         }
     }
 
@@ -88,7 +110,7 @@ mod tests {
     async fn a_lone_event_goes_after_the_delay() {
         let (tx, rx) = mpsc::channel(100);
         let (atx, mut arx) = mpsc::channel(4);
-        tokio::spawn(run(rx, atx, limits()));
+        tokio::spawn(run(rx, atx, limits(), None));
         let start = Instant::now();
         tx.send(obs(1)).await.unwrap();
         let batch = arx.recv().await.unwrap();
@@ -103,7 +125,7 @@ mod tests {
         for i in 0..25 {
             tx.send(obs(i)).await.unwrap();
         }
-        tokio::spawn(run(rx, atx, limits()));
+        tokio::spawn(run(rx, atx, limits(), None));
         let start = Instant::now();
         let first = arx.recv().await.unwrap();
         assert_eq!((first.events.len(), first.mark), (10, 10));
@@ -112,5 +134,28 @@ mod tests {
         drop(tx);
         assert_eq!(arx.recv().await.unwrap().events.len(), 5, "the rest is flushed on close");
         assert!(arx.recv().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn events_already_spooled_are_dropped_but_their_marks_pass() {
+        let (tx, rx) = mpsc::channel(100);
+        let (atx, mut arx) = mpsc::channel(4);
+        // Observations 0..5 end at ring positions 16..=80; the spool holds up to 48 (0, 1, 2).
+        for i in 0..5 {
+            tx.send(obs(i)).await.unwrap();
+        }
+        drop(tx);
+        tokio::spawn(run(rx, atx, limits(), Some(48)));
+        let batch = arx.recv().await.unwrap();
+        assert_eq!(batch.events.len(), 2, "only observations 3 and 4 are new");
+        assert_eq!((batch.mark, batch.ring_pos), (5, 80));
+
+        let (tx, rx) = mpsc::channel(100);
+        let (atx, mut arx) = mpsc::channel(4);
+        tx.send(obs(0)).await.unwrap();
+        tokio::spawn(run(rx, atx, limits(), Some(48)));
+        let batch = arx.recv().await.unwrap();
+        assert!(batch.events.is_empty(), "nothing new to spool");
+        assert_eq!(batch.mark, 1, "but the mark still goes on, to release the ring");
     }
 }

@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     observation::Observation,
+    ring::{RingCheckpoint, RingIdentity},
     spool::{OpenReport, Spool, SpoolError, SpoolOptions, SyncPolicy},
 };
 pub use enroll::JoinToken;
@@ -167,15 +168,20 @@ impl Uplink {
         config: UplinkConfig,
         observations: mpsc::Receiver<Observation>,
     ) -> Result<Self, UplinkError> {
-        Self::start_tracked(config, observations, Arc::default()).await
+        Self::start_tracked(config, observations, Arc::default(), None).await
     }
 
     /// [`Uplink::start`], storing in `durable_mark` the highest [`Observation::mark`] that is
     /// in the spool and synced (everything before it is too): what the ring reader may release.
+    ///
+    /// With `ring` (the ring buffer the observations come from), each batch is spooled with
+    /// the ring position it reaches, and observations from records the spool already holds
+    /// (a sensor killed between spooling and releasing them) are not spooled twice.
     pub async fn start_tracked(
         config: UplinkConfig,
         observations: mpsc::Receiver<Observation>,
         durable_mark: Arc<crate::reader::DurableMark>,
+        ring: Option<RingIdentity>,
     ) -> Result<Self, UplinkError> {
         let mut identity = None;
         match &config.security {
@@ -223,6 +229,7 @@ impl Uplink {
             .map_err(|e| UplinkError::Thread(std::io::Error::other(e)))?
             .map_err(|source| UplinkError::Spool { dir: dir.clone(), source })?;
         log_open_report(&dir, &report);
+        let spooled_through = spooled_through(&report, ring);
         // Heartbeats count evictions from this base: evictions a previous run could not report
         // (the collector was away) count as new in this run's first heartbeat.
         let unreported: u64 = spool
@@ -237,7 +244,7 @@ impl Uplink {
         let spooler_opts =
             spooler::SpoolerOptions { max_held_bytes: config.max_held_bytes, ..Default::default() };
         let (handle, spool_thread) =
-            spooler::spawn(spool, &report, appends_rx, spooler_opts, durable_mark)
+            spooler::spawn(spool, &report, appends_rx, spooler_opts, durable_mark, ring)
                 .map_err(UplinkError::Thread)?;
 
         let cancel = CancellationToken::new();
@@ -245,7 +252,7 @@ impl Uplink {
         let (kernel_lost, kernel_lost_rx) = watch::channel(Vec::new());
         let (policy_tx, policy) = watch::channel(None);
         let counters = Arc::new(UplinkCounters::default());
-        tasks.spawn(batcher::run(observations, appends_tx, config.batch));
+        tasks.spawn(batcher::run(observations, appends_tx, config.batch, spooled_through));
         let sender = stream::Sender {
             target: config.target.clone(),
             security: config.security.clone(),
@@ -327,6 +334,27 @@ impl Drop for Uplink {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
+}
+
+/// The end of the ring records whose events the spool already holds, when the spool's last
+/// checkpoint is in this very ring (same boot, same map): the reader starts at the kernel's
+/// consumer position, which lags behind that point when the last sensor died after a spool
+/// write and before it released the records.
+fn spooled_through(report: &OpenReport, ring: Option<RingIdentity>) -> Option<u64> {
+    let Some(bytes) = report.last_checkpoint.as_ref() else {
+        tracing::debug!("the spool holds no ring checkpoint");
+        return None;
+    };
+    let checkpoint = RingCheckpoint::from_bytes(bytes)?;
+    if Some(checkpoint.ring) != ring {
+        tracing::info!("the spool's ring checkpoint is from another ring or boot; not used");
+        return None;
+    }
+    tracing::info!(
+        ring_pos = checkpoint.pos,
+        "the spool holds events up to this ring position; they are not spooled again"
+    );
+    Some(checkpoint.pos)
 }
 
 fn log_open_report(dir: &Path, r: &OpenReport) {

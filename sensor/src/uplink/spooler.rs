@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     convert::append_seq,
+    ring::{RingCheckpoint, RingIdentity},
     spool::{Gap, OpenReport, Spool, SpoolError},
 };
 
@@ -43,21 +44,27 @@ pub struct SpoolStats {
     pub acked: AtomicU64,
 }
 
-/// A batch of events encoded without their seq, and the highest mark of the observations in
-/// it (0 for none), reported durable once the batch is synced.
+/// A batch of events encoded without their seq, the highest mark of the observations in it
+/// (0 for none), reported durable once the batch is synced, and the highest ring position they
+/// came from (0 for none), stored with the batch as its checkpoint.
+///
+/// A batch may carry a mark and no events: observations that were already spooled, whose
+/// marks only need to pass.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub events: Vec<Vec<u8>>,
     pub mark: u64,
+    pub ring_pos: u64,
 }
 
 impl Batch {
     pub fn with_capacity(n: usize) -> Self {
-        Self { events: Vec::with_capacity(n), mark: 0 }
+        Self { events: Vec::with_capacity(n), mark: 0, ring_pos: 0 }
     }
 
+    /// Neither events nor a mark: nothing to do.
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.events.is_empty() && self.mark == 0
     }
 
     fn bytes(&self) -> usize {
@@ -150,13 +157,14 @@ impl Default for SpoolerOptions {
 /// Starts the spool thread; `appends` carries batches of events encoded without their seq.
 /// The thread ends once `appends` is closed (after writing what it held) and every
 /// [`SpoolHandle`] is gone. The highest mark of the batches that are synced is stored in
-/// `durable_mark`.
+/// `durable_mark`. With `ring`, every batch is stored with its [`RingCheckpoint`].
 pub fn spawn(
     spool: Spool,
     report: &OpenReport,
     appends: mpsc::Receiver<Batch>,
     opts: SpoolerOptions,
     durable_mark: Arc<crate::reader::DurableMark>,
+    ring: Option<RingIdentity>,
 ) -> std::io::Result<(SpoolHandle, std::thread::JoinHandle<()>)> {
     let (requests_tx, requests) = mpsc::channel(64);
     let (durable_tx, durable) = watch::channel(spool.durable_next_seq());
@@ -174,6 +182,7 @@ pub fn spawn(
         acked: acked_tx,
         marks: VecDeque::new(),
         durable_mark,
+        ring,
     };
     worker.publish();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
@@ -196,6 +205,8 @@ struct Worker {
     /// Marks of appended batches not yet synced: (the seq after the batch, its mark).
     marks: VecDeque<(u64, u64)>,
     durable_mark: Arc<crate::reader::DurableMark>,
+    /// The ring the events come from: each batch is appended with its ring checkpoint.
+    ring: Option<RingIdentity>,
 }
 
 impl Worker {
@@ -267,7 +278,9 @@ impl Worker {
         s.held_events.store(self.held_events(), Ordering::Relaxed);
         s.acked.store(self.spool.acked(), Ordering::Relaxed);
         let durable_next = self.spool.durable_next_seq();
-        self.durable.send_if_modified(|v| std::mem::replace(v, durable_next) != durable_next);
+        if self.durable.send_if_modified(|v| std::mem::replace(v, durable_next) != durable_next) {
+            crate::fault::crash_point(crate::fault::AFTER_SPOOL_SYNC);
+        }
         let mut mark = None;
         while let Some(&(_, m)) = self.marks.front().filter(|(end, _)| *end <= durable_next) {
             mark = Some(m);
@@ -355,12 +368,24 @@ impl Worker {
     /// up forever by events that are gone).
     fn append(&mut self, mut batch: Batch) -> Result<(), Batch> {
         let base = self.spool.next_seq();
+        if batch.events.is_empty() {
+            // Only marks of events already in the spool: done once what is written is synced.
+            self.note_mark(base, batch.mark);
+            return Ok(());
+        }
         let lens: Vec<usize> = batch.events.iter().map(Vec::len).collect();
         for (i, payload) in batch.events.iter_mut().enumerate() {
             append_seq(payload, base + i as u64);
         }
         let refs: Vec<&[u8]> = batch.events.iter().map(Vec::as_slice).collect();
-        let result = self.spool.append(&refs);
+        let checkpoint = self
+            .ring
+            .filter(|_| batch.ring_pos > 0)
+            .map(|ring| RingCheckpoint { ring, pos: batch.ring_pos }.to_bytes());
+        let result = match &checkpoint {
+            Some(cp) => self.spool.append_with_checkpoint(&refs, cp),
+            None => self.spool.append(&refs),
+        };
         match result {
             Ok(range) => {
                 debug_assert_eq!(*range.start(), base, "the spool numbers batches contiguously");

@@ -60,6 +60,7 @@ fn observation(i: u64) -> Observation {
             write: false,
         },
         mark: 0,
+        ring_pos: 0,
     }
 }
 

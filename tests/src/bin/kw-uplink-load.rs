@@ -95,6 +95,7 @@ pub fn observation(i: u64, now_ns: u64) -> Observation {
             write: false,
         },
         mark: 0,
+        ring_pos: 0,
     }
 }
 
