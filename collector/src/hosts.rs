@@ -72,12 +72,26 @@ pub struct HeartbeatRecord {
     /// When it arrived.
     pub at: DateTime<Utc>,
     pub uptime_s: u64,
-    /// Events the kernel could not queue, per kind, since the sensor started.
+    /// Events the kernel could not queue, per kind, since its counters were created (see
+    /// `kernel_counters_id`).
     pub kernel_lost: BTreeMap<String, u64>,
+    /// Names the kernel's counters, which outlive sensor restarts; empty when the sensor did
+    /// not say (its kernel counters then count from its start).
+    #[serde(default)]
+    pub kernel_counters_id: String,
     pub spool_events: u64,
     pub spool_bytes: u64,
     /// Events evicted from a full spool since the sensor started.
     pub spool_evicted: u64,
+    /// Events the sensor process lost since it started, per cause.
+    #[serde(default)]
+    pub sensor_lost: BTreeMap<String, u64>,
+    /// Events held in the sensor's memory because its spool's disk is full (not lost yet).
+    #[serde(default)]
+    pub spool_held: u64,
+    /// Events found damaged in the sensor's spool, over the spool's life.
+    #[serde(default)]
+    pub spool_corrupt_total: u64,
 }
 
 impl HeartbeatRecord {
@@ -107,37 +121,73 @@ impl Gap {
             "kernel-lost" => {
                 format!("{} event(s) lost in the kernel (ring buffer full)", self.lost)
             }
+            "spool-corrupt" => {
+                format!("{} event(s) lost: found damaged in the sensor's spool", self.lost)
+            }
+            "spool-write-error" => {
+                format!("{} event(s) lost: the sensor could not write them to its spool", self.lost)
+            }
+            "rejected-by-collector" => {
+                format!("{} event(s) lost: refused by the collector as malformed", self.lost)
+            }
             other => format!("{} event(s) lost ({other})", self.lost),
         }
     }
 }
 
-/// The gaps a heartbeat reveals, given the previous one of the same host. A lower uptime means
-/// the sensor restarted and its counters started again from zero.
+/// The gaps a heartbeat reveals, given the previous one of the same host.
+///
+/// Each counter is turned into "lost since the previous heartbeat" by its own lifetime (see the
+/// `Heartbeat` message): per-process counters start again when the uptime goes down; the
+/// kernel's counters outlive sensor restarts and start again only under a new
+/// `kernel_counters_id`; the spool's corrupt total lives as long as the spool (a lower value
+/// means a new spool). So a restarted sensor re-reporting the pinned kernel totals adds nothing.
 pub fn gaps_between(
     host_id: &str,
     previous: Option<&HeartbeatRecord>,
     now: &HeartbeatRecord,
 ) -> Vec<Gap> {
     let restarted = previous.is_none_or(|p| now.uptime_s < p.uptime_s);
-    let grown =
+    let since_start =
         |before: u64, after: u64| if restarted { after } else { after.saturating_sub(before) };
-    let mut gaps = Vec::new();
-    let evicted = grown(previous.map_or(0, |p| p.spool_evicted), now.spool_evicted);
-    if evicted > 0 {
-        gaps.push(Gap {
+    // A counter that may only grow while it is the same counter: lower means a new one.
+    let cumulative = |before: Option<u64>, after: u64| match before {
+        Some(b) if after >= b => after - b,
+        _ => after,
+    };
+    let mut lost = Vec::new();
+    lost.push((
+        "spool-evicted",
+        since_start(previous.map_or(0, |p| p.spool_evicted), now.spool_evicted),
+    ));
+    let kernel_before = previous.map(HeartbeatRecord::kernel_lost_total);
+    let kernel = if now.kernel_counters_id.is_empty() {
+        since_start(kernel_before.unwrap_or(0), now.kernel_lost_total())
+    } else {
+        let same = previous.filter(|p| p.kernel_counters_id == now.kernel_counters_id);
+        cumulative(same.map(HeartbeatRecord::kernel_lost_total), now.kernel_lost_total())
+    };
+    lost.push(("kernel-lost", kernel));
+    lost.push((
+        "spool-corrupt",
+        cumulative(previous.map(|p| p.spool_corrupt_total), now.spool_corrupt_total),
+    ));
+    for (kind, cause) in [
+        ("spool_write_error", "spool-write-error"),
+        ("rejected_by_collector", "rejected-by-collector"),
+    ] {
+        let count = |b: &HeartbeatRecord| b.sensor_lost.get(kind).copied().unwrap_or(0);
+        lost.push((cause, since_start(previous.map_or(0, count), count(now))));
+    }
+    lost.into_iter()
+        .filter(|&(_, n)| n > 0)
+        .map(|(cause, n)| Gap {
             host_id: host_id.into(),
             time: now.at,
-            cause: "spool-evicted".into(),
-            lost: evicted,
-        });
-    }
-    let lost =
-        grown(previous.map_or(0, HeartbeatRecord::kernel_lost_total), now.kernel_lost_total());
-    if lost > 0 {
-        gaps.push(Gap { host_id: host_id.into(), time: now.at, cause: "kernel-lost".into(), lost });
-    }
-    gaps
+            cause: cause.into(),
+            lost: n,
+        })
+        .collect()
 }
 
 /// One line of `keywatch hosts`.
@@ -328,5 +378,44 @@ mod tests {
             g.iter().map(|g| (g.cause.as_str(), g.lost)).collect::<Vec<_>>(),
             [("spool-evicted", 4), ("kernel-lost", 1)]
         );
+    }
+
+    fn causes(g: &[Gap]) -> Vec<(&str, u64)> {
+        g.iter().map(|g| (g.cause.as_str(), g.lost)).collect()
+    }
+
+    #[test]
+    fn pinned_kernel_counters_are_not_counted_again_after_a_sensor_restart() {
+        let pinned = |uptime_s, lost| HeartbeatRecord {
+            kernel_counters_id: "boot-a-17".into(),
+            ..beat(uptime_s, 0, lost)
+        };
+        assert_eq!(causes(&gaps_between("h", None, &pinned(5, 40))), [("kernel-lost", 40)]);
+        // The sensor restarts (uptime down) but the pinned counters went on: 40 → 45.
+        let g = gaps_between("h", Some(&pinned(500, 40)), &pinned(3, 45));
+        assert_eq!(causes(&g), [("kernel-lost", 5)]);
+        // New counters (reboot, or a replaced ring): everything they hold is new.
+        let fresh = HeartbeatRecord { kernel_counters_id: "boot-b-3".into(), ..beat(3, 0, 2) };
+        assert_eq!(
+            causes(&gaps_between("h", Some(&pinned(500, 45)), &fresh)),
+            [("kernel-lost", 2)]
+        );
+    }
+
+    #[test]
+    fn spool_and_sensor_losses_have_their_own_gaps_and_lifetimes() {
+        let with = |uptime_s, corrupt, write_errors| HeartbeatRecord {
+            spool_corrupt_total: corrupt,
+            sensor_lost: [("spool_write_error".to_owned(), write_errors)].into_iter().collect(),
+            spool_held: 1000,
+            ..beat(uptime_s, 0, 0)
+        };
+        let g = gaps_between("h", Some(&with(10, 2, 0)), &with(20, 5, 3));
+        assert_eq!(causes(&g), [("spool-corrupt", 3), ("spool-write-error", 3)]);
+        // Restart: the spool's corrupt total is the spool's (no new corruption), the write
+        // errors are the new process's; held events are not a loss.
+        let g = gaps_between("h", Some(&with(20, 5, 3)), &with(1, 5, 1));
+        assert_eq!(causes(&g), [("spool-write-error", 1)]);
+        assert!(g.iter().all(|g| !g.summary().is_empty()));
     }
 }

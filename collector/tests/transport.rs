@@ -566,6 +566,7 @@ async fn growing_spool_evictions_show_as_gaps_on_the_timeline() {
             spool_bytes: 4096,
             spool_evicted,
             uptime_s,
+            ..Default::default()
         })
     };
     s.send(beat(10, 0)).await;

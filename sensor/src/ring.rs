@@ -58,6 +58,16 @@ impl RingIdentity {
     }
 }
 
+/// `BOOTID-MAPID` in hex: names the ring (and the loss counters pinned with it) in reports.
+impl std::fmt::Display for RingIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.boot_id {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "-{:x}", self.map_id)
+    }
+}
+
 /// "0f1e…-…" (a UUID as the kernel prints it) as 16 bytes.
 fn parse_boot_id(text: &str) -> Option<[u8; 16]> {
     let hex: Vec<u8> = text.trim().bytes().filter(|b| *b != b'-').collect();

@@ -268,6 +268,7 @@ impl Uplink {
             counters: counters.clone(),
             identity,
             evicted_base,
+            kernel_counters_id: ring.map(|r| r.to_string()).unwrap_or_default(),
         };
         tasks.spawn(sender.run(cancel.clone()));
         if matches!(config.security, Security::Insecure) {

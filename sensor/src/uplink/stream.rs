@@ -195,6 +195,8 @@ pub struct Sender {
     /// The spool's lifetime eviction count when this process started: heartbeats report
     /// evictions since start (the collector compares heartbeats of one run).
     pub evicted_base: u64,
+    /// Names the kernel's loss counters (see `Heartbeat.kernel_counters_id`); empty if unknown.
+    pub kernel_counters_id: String,
 }
 
 impl Sender {
@@ -482,26 +484,28 @@ impl Sender {
 
     fn heartbeat_message(&self) -> pb::SensorMessage {
         let s = &self.spool.stats;
-        let mut kernel_lost: Vec<pb::LossCounter> = self
+        // Every kernel kind, zeros too: the receiver tells "none lost" from "not reported".
+        let kernel_lost = self
             .kernel_lost
             .borrow()
             .iter()
             .map(|(kind, lost)| pb::LossCounter { kind: kind.clone(), lost: *lost })
             .collect();
-        // Events the sensor itself could not keep, under their own kinds.
-        for (kind, n) in [
-            ("spool_disk_full", s.disk_full_events.load(Ordering::Relaxed)),
+        let sensor_lost = [
             ("spool_write_error", s.write_lost_events.load(Ordering::Relaxed)),
-            ("spool_corrupt", s.corrupt_total.load(Ordering::Relaxed)),
             ("rejected_by_collector", self.counters.rejected_events.load(Ordering::Relaxed)),
-        ] {
-            if n > 0 {
-                kernel_lost.push(pb::LossCounter { kind: kind.into(), lost: n });
-            }
-        }
+        ]
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(kind, lost)| pb::LossCounter { kind: kind.to_owned(), lost })
+        .collect();
         pb::SensorMessage {
             msg: Some(pb::sensor_message::Msg::Heartbeat(pb::Heartbeat {
                 kernel_lost,
+                kernel_counters_id: self.kernel_counters_id.clone(),
+                sensor_lost,
+                spool_held: s.held_events.load(Ordering::Relaxed),
+                spool_corrupt_total: s.corrupt_total.load(Ordering::Relaxed),
                 spool_events: s.depth_events.load(Ordering::Relaxed),
                 spool_bytes: s.depth_bytes.load(Ordering::Relaxed),
                 spool_evicted: s
