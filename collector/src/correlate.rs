@@ -87,6 +87,9 @@ pub struct CompiledWorkload {
     exe: Option<GlobMatcher>,
     image: Option<GlobMatcher>,
     pod: Option<GlobMatcher>,
+    /// The windows rendered once (alert reasons and bodies quote them).
+    rendered: Vec<String>,
+    rendered_joined: String,
 }
 
 fn is_glob(s: &str) -> bool {
@@ -110,8 +113,11 @@ impl CompiledWorkload {
             .windows
             .iter()
             .filter_map(|w| CompiledWindow::compile(w).ok())
-            .collect();
+            .collect::<Vec<_>>();
+        let rendered: Vec<String> = windows.iter().map(CompiledWindow::render).collect();
         Self {
+            rendered_joined: rendered.join("; "),
+            rendered,
             exe: compile(&s.exe),
             image: compile(&s.container_image),
             pod: compile(&s.k8s_pod),
@@ -127,25 +133,31 @@ impl CompiledWorkload {
         let glob_ok = |g: &Option<GlobMatcher>, v: &str| {
             g.as_ref().is_none_or(|g| !v.is_empty() && g.is_match(v))
         };
-        s.host_labels.iter().all(|(k, v)| host.labels.get(k) == Some(v))
-            && s.uid.is_none_or(|u| p.uid == u)
+        // A conjunction of pure tests: the cheap comparisons go first, the globs last.
+        s.uid.is_none_or(|u| p.uid == u)
+            && s.systemd_unit.as_ref().is_none_or(|u| *u == p.systemd_unit)
+            && s.k8s_namespace.as_ref().is_none_or(|n| *n == p.k8s_namespace)
+            && s.container_id.as_ref().is_none_or(|id| {
+                !p.container_id.is_empty() && p.container_id.starts_with(id.as_str())
+            })
+            && s.exe_sha256.as_ref().is_none_or(|h| h.eq_ignore_ascii_case(&p.exe_sha256))
+            && s.host_labels.iter().all(|(k, v)| host.labels.get(k) == Some(v))
             && s.user.as_ref().is_none_or(|u| {
                 p.user.as_deref() == Some(u.as_str()) || u.parse::<u32>().ok() == Some(p.uid)
             })
             && glob_ok(&self.exe, &p.exe)
-            && s.exe_sha256.as_ref().is_none_or(|h| h.eq_ignore_ascii_case(&p.exe_sha256))
-            && s.systemd_unit.as_ref().is_none_or(|u| *u == p.systemd_unit)
-            && s.container_id.as_ref().is_none_or(|id| {
-                !p.container_id.is_empty() && p.container_id.starts_with(id.as_str())
-            })
             && glob_ok(&self.image, &p.container_image)
-            && s.k8s_namespace.as_ref().is_none_or(|n| *n == p.k8s_namespace)
             && glob_ok(&self.pod, &p.k8s_pod)
     }
 
     /// The window texts in the workload's zones, or `any time` when it declares none.
     pub fn rendered_windows(&self) -> Vec<String> {
-        self.windows.iter().map(CompiledWindow::render).collect()
+        self.rendered.clone()
+    }
+
+    /// [`CompiledWorkload::rendered_windows`] joined with `; `.
+    pub fn rendered_windows_joined(&self) -> &str {
+        &self.rendered_joined
     }
 
     /// Whether `t` is inside a declared window (no windows: always).

@@ -193,17 +193,25 @@ impl Ingestor {
         // Alerts of this batch by group key; repeats fold here before reaching the store.
         let mut alerts: Vec<Alert> = Vec::new();
         let mut by_key: HashMap<String, usize> = HashMap::new();
-        // Correlation is a pure function of the process's selector fields within one snapshot.
-        let mut matched: HashMap<MatchKey, Option<usize>> = HashMap::new();
+        // Correlation is a pure function of the process's selector fields within one snapshot,
+        // so it runs once per distinct set of them (keys borrow from the events: no copies).
+        let indexes: Vec<Option<usize>> = {
+            let mut matched: HashMap<MatchKey<'_>, Option<usize>> = HashMap::new();
+            events
+                .iter()
+                .map(|event| {
+                    *matched.entry(MatchKey::of(&event.process)).or_insert_with(|| {
+                        registry.workloads.iter().position(|w| w.matches(host, &event.process))
+                    })
+                })
+                .collect()
+        };
         let mut stored = Vec::with_capacity(events.len());
         let mut seen = HashSet::new();
-        for event in events {
+        for (event, index) in events.into_iter().zip(indexes) {
             if !seen.insert(event.seq) {
                 continue;
             }
-            let index = *matched.entry(MatchKey::of(&event.process)).or_insert_with(|| {
-                registry.workloads.iter().position(|w| w.matches(host, &event.process))
-            });
             let workload = index.map(|i| &registry.workloads[i]);
             let name = workload.map(|w| w.workload.name.clone());
             let last_active = name.as_ref().and_then(|n| {
@@ -245,31 +253,31 @@ impl Ingestor {
 }
 
 /// The process fields workload selectors look at (host labels are fixed per batch).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct MatchKey {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MatchKey<'a> {
     uid: u32,
-    user: Option<String>,
-    exe: String,
-    exe_sha256: String,
-    systemd_unit: String,
-    container_id: String,
-    container_image: String,
-    k8s_namespace: String,
-    k8s_pod: String,
+    user: Option<&'a str>,
+    exe: &'a str,
+    exe_sha256: &'a str,
+    systemd_unit: &'a str,
+    container_id: &'a str,
+    container_image: &'a str,
+    k8s_namespace: &'a str,
+    k8s_pod: &'a str,
 }
 
-impl MatchKey {
-    fn of(p: &crate::event::Process) -> Self {
+impl<'a> MatchKey<'a> {
+    fn of(p: &'a crate::event::Process) -> Self {
         Self {
             uid: p.uid,
-            user: p.user.clone(),
-            exe: p.exe.clone(),
-            exe_sha256: p.exe_sha256.clone(),
-            systemd_unit: p.systemd_unit.clone(),
-            container_id: p.container_id.clone(),
-            container_image: p.container_image.clone(),
-            k8s_namespace: p.k8s_namespace.clone(),
-            k8s_pod: p.k8s_pod.clone(),
+            user: p.user.as_deref(),
+            exe: &p.exe,
+            exe_sha256: &p.exe_sha256,
+            systemd_unit: &p.systemd_unit,
+            container_id: &p.container_id,
+            container_image: &p.container_image,
+            k8s_namespace: &p.k8s_namespace,
+            k8s_pod: &p.k8s_pod,
         }
     }
 }

@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -439,6 +439,9 @@ pub struct FoldState {
     pub last_emit_ns: u64,
 }
 
+/// An offset the running kernel does not have (the programs that need it do nothing).
+pub const NO_OFFSET: u32 = u32::MAX;
+
 /// Kernel struct member offsets, read from the running kernel's BTF at start-up and handed to
 /// the programs as a global, so one object works across kernel versions.
 #[repr(C)]
@@ -489,6 +492,11 @@ pub struct KernelOffsets {
     /// `files_struct.fdtab`, the embedded first fd table (`fdt` points at it until the table
     /// grows).
     pub files_fdtab: u32,
+    /// `io_kiocb.opcode`; [`NO_OFFSET`] when the kernel has no io_uring.
+    pub io_kiocb_opcode: u32,
+    /// `io_open.file_slot` (in the request's command area): non-zero for an open into a
+    /// fixed-file slot, whose result is not an fd.
+    pub io_open_file_slot: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -562,10 +570,10 @@ const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 34 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 36 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 6 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 34 * 4 + 6 * 8);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 36 * 4 + 6 * 8);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use btf_rs::{Btf, Type};
-use sensor_ebpf::{KernelOffsets, READ_WINDOW_MAX, ReadWindow, ReadWindows};
+use sensor_ebpf::{KernelOffsets, NO_OFFSET, READ_WINDOW_MAX, ReadWindow, ReadWindows};
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -137,6 +137,9 @@ impl KernelBtf {
             unix_path_dentry: self.path_offset("unix_sock", &[("path", "path"), ("dentry", "")])?,
             pid_nr: self.path_offset("pid", &[("numbers", "upid"), ("nr", "")])?,
             files_fdtab: self.member_offset("files_struct", "fdtab")?,
+            // Only with CONFIG_IO_URING.
+            io_kiocb_opcode: self.member_offset("io_kiocb", "opcode").unwrap_or(NO_OFFSET),
+            io_open_file_slot: self.member_offset("io_open", "file_slot").unwrap_or(NO_OFFSET),
         })
     }
 }
@@ -183,6 +186,10 @@ mod tests {
         let offsets = btf.kernel_offsets().expect("offsets");
         assert!(offsets.task_tgid > 0);
         assert!(offsets.task_real_parent > offsets.task_tgid);
+        if std::path::Path::new("/proc/sys/kernel/io_uring_disabled").exists() {
+            assert_ne!(offsets.io_kiocb_opcode, NO_OFFSET, "io_uring kernel without io_kiocb");
+            assert_ne!(offsets.io_open_file_slot, NO_OFFSET);
+        }
     }
 
     #[test]

@@ -118,6 +118,27 @@ async fn credential_reads_resolve_to_the_inode_whatever_the_path() {
 }
 
 #[tokio::test]
+async fn a_credential_opened_through_io_uring_is_reported() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    let cred = creds.cred();
+    watch(&mut sensor, &cred, 9);
+    let pid = act(&["uring-read", cred.to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no file event for the io_uring open by pid {pid}"));
+    let key = file_key(&cred).unwrap();
+    let Detail::FileOpen { watch_id, ino, dev, write, .. } = &event.detail else {
+        panic!("not a file open: {event:?}");
+    };
+    assert_eq!((*watch_id, *ino, *dev, *write), (9, key.ino, key.dev, false));
+    assert_eq!(event.process.ppid, std::process::id(), "parent is the test");
+    // The open may complete on one of io_uring's worker threads of the same process.
+    let comm = &event.process.comm;
+    assert!(comm == "kw-actor" || comm.starts_with("iou-wrk"), "comm {comm:?}");
+}
+
+#[tokio::test]
 async fn a_write_to_a_credential_is_flagged() {
     let Some(mut sensor) = sensor() else { return };
     let creds = Creds::new();

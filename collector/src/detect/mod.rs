@@ -180,7 +180,7 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
                                 "{} used {what} at {} outside its windows ({})",
                                 w.workload.name,
                                 t.to_rfc3339(),
-                                w.rendered_windows().join("; ")
+                                w.rendered_windows_joined()
                             ),
                         );
                     }

@@ -4,13 +4,17 @@
 //!
 //! Exit-only: `sys_exit_open*` has the fd; an enter hook would add cost and nothing needed.
 //! Cheap checks first: the inode lookups decide "not watched" before anything is copied.
+//!
+//! io_uring opens (`IORING_OP_OPENAT*`) never pass the open syscalls, so the completion of
+//! every io_uring request is looked at too: an open's result is the new fd in the submitting
+//! process's table (io_uring's workers share it), resolved exactly like a syscall's.
 
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel_str_bytes, macros::tracepoint, programs::TracePointContext,
 };
 use sensor_ebpf::{
-    DIR_ANY_NAME, EventKind, FileKey, FileMatch, FileOpenEvent, FoldKey, NO_WATCH, NameKey,
-    SecretEvent, SecretMethod, name_hash,
+    DIR_ANY_NAME, EventKind, FileKey, FileMatch, FileOpenEvent, FoldKey, NO_OFFSET, NO_WATCH,
+    NameKey, SecretEvent, SecretMethod, name_hash,
 };
 
 use super::{
@@ -26,6 +30,12 @@ use super::{
 const RET: usize = 16;
 /// `PROC_SUPER_MAGIC`.
 const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+/// `io_uring:io_uring_complete` format: `void *req` and `int res`.
+const URING_REQ: usize = 16;
+const URING_RES: usize = 32;
+/// `IORING_OP_OPENAT` and `IORING_OP_OPENAT2` (`include/uapi/linux/io_uring.h`).
+const IORING_OP_OPENAT: u8 = 18;
+const IORING_OP_OPENAT2: u8 = 28;
 
 #[tracepoint(category = "syscalls", name = "sys_exit_openat")]
 pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
@@ -44,9 +54,42 @@ pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_open_exit(ctx: &TracePointContext) -> u32 {
-    match try_open_exit(ctx) {
+    // SAFETY: reading a field of this tracepoint's format.
+    match unsafe { ctx.read_at::<i64>(RET) } {
+        Ok(fd) if fd >= 0 => {
+            let _ = on_new_fd(fd as u32);
+        }
+        _ => {}
+    }
+    0
+}
+
+#[tracepoint(category = "io_uring", name = "io_uring_complete")]
+pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
+    match try_uring_complete(&ctx) {
         Ok(()) | Err(_) => 0,
     }
+}
+
+/// A completed io_uring request: an open's result is the new fd, unless it went into a
+/// fixed-file slot (then it is not in the fd table; see the architecture notes).
+fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
+    let o = offsets();
+    // SAFETY: reading fields of this tracepoint's format.
+    let res: i32 = unsafe { ctx.read_at(URING_RES)? };
+    if res < 0 || o.io_kiocb_opcode == NO_OFFSET {
+        return Ok(());
+    }
+    // SAFETY: as above.
+    let req: *const u8 = unsafe { ctx.read_at(URING_REQ)? };
+    let opcode: u8 = kread::at(req, o.io_kiocb_opcode)?;
+    if opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2 {
+        return Ok(());
+    }
+    if o.io_open_file_slot != NO_OFFSET && kread::at::<u32>(req, o.io_open_file_slot)? != 0 {
+        return Ok(());
+    }
+    on_new_fd(res as u32)
 }
 
 /// The file behind `fd` in the current task (`current->files->fdt->fd[fd]`).
@@ -71,12 +114,9 @@ fn file_of_fd(view: &mut kread::View, fd: u32) -> Result<*const u8, i64> {
     kread::ptr(fds, fd.wrapping_mul(8))
 }
 
-fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: reading a field of this tracepoint's format.
-    let ret: i64 = unsafe { ctx.read_at(RET)? };
-    if ret < 0 {
-        return Ok(());
-    }
+/// A file just opened as `fd` in the current process: matched against the watches.
+#[inline(always)]
+fn on_new_fd(fd: u32) -> Result<(), i64> {
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if super::task::is_self(tgid) {
@@ -85,7 +125,7 @@ fn try_open_exit(ctx: &TracePointContext) -> Result<(), i64> {
     let o = offsets();
     let w = windows();
     let mut view = kread::View::new();
-    let file = file_of_fd(&mut view, ret as u32)?;
+    let file = file_of_fd(&mut view, fd)?;
     let (inode, dentry) = {
         let view = view.load(file, w.file)?;
         (view.ptr(o.file_f_inode)?, view.ptr(o.file_dentry)?)

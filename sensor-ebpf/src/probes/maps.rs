@@ -120,6 +120,8 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     unix_path_dentry: 0,
     pid_nr: 0,
     files_fdtab: 0,
+    io_kiocb_opcode: 0,
+    io_open_file_slot: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole

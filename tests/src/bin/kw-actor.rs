@@ -21,6 +21,8 @@ fn main() -> ExitCode {
         "read-in" => std::env::set_current_dir(arg(1)).and_then(|()| read(arg(2))),
         // openat DIR NAME: openat(dirfd(DIR), NAME).
         "openat" => openat(arg(1), arg(2)),
+        // uring-read PATH: open and read PATH through io_uring, without any open syscall.
+        "uring-read" => uring_read(arg(1)),
         // write PATH: open for writing and append a byte.
         "write" => std::fs::OpenOptions::new()
             .append(true)
@@ -58,6 +60,33 @@ fn main() -> ExitCode {
 fn read(path: &str) -> std::io::Result<()> {
     let mut buf = Vec::new();
     File::open(path)?.read_to_end(&mut buf).map(drop)
+}
+
+fn uring_read(path: &str) -> std::io::Result<()> {
+    use io_uring::{IoUring, opcode, squeue, types};
+    let mut ring = IoUring::new(4)?;
+    let mut run = |entry: squeue::Entry| -> std::io::Result<i32> {
+        // SAFETY: the entry's buffers (the name, the read buffer) outlive the wait below.
+        unsafe { ring.submission().push(&entry) }.map_err(std::io::Error::other)?;
+        ring.submit_and_wait(1)?;
+        let cqe = ring.completion().next().ok_or_else(|| std::io::Error::other("no completion"))?;
+        if cqe.result() < 0 {
+            return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+        }
+        Ok(cqe.result())
+    };
+    let name =
+        CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
+        .flags(libc::O_RDONLY | libc::O_CLOEXEC)
+        .build();
+    let fd = run(open)?;
+    let mut buf = vec![0u8; 4096];
+    let read = opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32).build();
+    let result = run(read).map(drop);
+    // SAFETY: fd came from the open above and is closed once.
+    unsafe { libc::close(fd) };
+    result
 }
 
 fn repeat(path: &str, n: u64) -> std::io::Result<()> {
