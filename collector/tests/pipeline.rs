@@ -289,3 +289,35 @@ impl NowForTest for collector::clock::ManualClock {
         self.now()
     }
 }
+
+#[test]
+fn host_workloads_follow_stored_events_through_retention() {
+    use collector::store::{Store as _, WriteBatch, sqlite::SqliteStore};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(dir.path()).expect("store");
+    let at = |seq: u64, time: &str, host: &str| {
+        let mut e = aws(process("/usr/bin/cat", 0), time);
+        e.host_id = host.into();
+        e.seq = seq;
+        e
+    };
+    let write = |events: Vec<(Event, Option<String>)>| {
+        store.write_batch(WriteBatch { events, ..WriteBatch::default() }).expect("write")
+    };
+    write(vec![
+        (at(1, "2026-12-01T10:00:00Z", "web-1"), Some("old".into())),
+        (at(2, "2026-12-01T10:00:00Z", "web-1"), Some("both".into())),
+        (at(3, "2026-12-01T12:00:00Z", "web-1"), Some("both".into())),
+        (at(4, "2026-12-01T12:00:00Z", "web-1"), None),
+        (at(1, "2026-12-01T12:00:00Z", "web-2"), Some("other-host".into())),
+    ]);
+    // A duplicate (host, seq) is not stored and does not count.
+    let again = write(vec![(at(4, "2026-12-01T13:00:00Z", "web-1"), Some("dup".into()))]);
+    assert_eq!(again.events_stored, 0);
+    assert_eq!(store.host_workloads("web-1").expect("workloads"), ["both", "old"]);
+    assert_eq!(store.host_workloads("web-2").expect("workloads"), ["other-host"]);
+    store.prune("2026-12-01T11:00:00Z".parse().expect("time")).expect("prune");
+    assert_eq!(store.host_workloads("web-1").expect("workloads"), ["both"]);
+    store.prune("2026-12-01T12:00:01Z".parse().expect("time")).expect("prune");
+    assert!(store.host_workloads("web-1").expect("workloads").is_empty());
+}

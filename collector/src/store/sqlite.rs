@@ -102,6 +102,18 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX escalations_due ON escalations (state, due_ns);
     CREATE INDEX events_by_host_workload ON events (host_id, workload);
     ",
+    // 4: the workloads each host's stored events were correlated to, as a summary kept with
+    // the events (latest event time per pair, so retention drops a pair with its last event)
+    // instead of an index every event insert had to update at one of host × workload places.
+    "
+    CREATE TABLE host_workloads (
+        host_id TEXT NOT NULL, workload TEXT NOT NULL, last_event_ns INTEGER NOT NULL,
+        PRIMARY KEY (host_id, workload)) WITHOUT ROWID;
+    INSERT INTO host_workloads (host_id, workload, last_event_ns)
+        SELECT host_id, workload, max(time_ns) FROM events WHERE workload IS NOT NULL
+        GROUP BY host_id, workload;
+    DROP INDEX events_by_host_workload;
+    ",
 ];
 
 /// Escalation chains longer than this stop (loops are refused at apply; this is a backstop).
@@ -197,11 +209,35 @@ fn routing(conn: &Connection, alert: &Alert) -> Result<Vec<Routing>, StoreError>
     Ok(out)
 }
 
+/// The columns of one event row, encoded before it reaches the writer.
+struct EventRow {
+    host_id: String,
+    seq: i64,
+    time_ns: i64,
+    pid: u32,
+    kind: &'static str,
+    workload: Option<String>,
+    body: String,
+}
+
+/// `value` as JSON, encoded through `scratch` (reused across calls, so it stops regrowing).
+fn to_json<T: serde::Serialize>(
+    scratch: &mut Vec<u8>,
+    value: &T,
+) -> Result<String, serde_json::Error> {
+    scratch.clear();
+    serde_json::to_writer(&mut *scratch, value)?;
+    // serde_json writes UTF-8 only: this borrows, then copies once into an exact allocation.
+    Ok(String::from_utf8_lossy(scratch).into_owned())
+}
+
 /// Writes waiting longer than this many jobs per transaction start a new one.
 const MAX_JOBS_PER_TRANSACTION: usize = 64;
 
 type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
-type Job = Box<dyn FnOnce(&Connection) -> Finish + Send>;
+/// A write: given the connection and whether it is alone in its transaction, runs and returns
+/// how to answer its caller once the transaction ends, and whether it succeeded.
+type Job = Box<dyn FnOnce(&Connection, bool) -> (Finish, bool) + Send>;
 
 /// SQLite store. Cheap to share behind an `Arc`.
 pub struct SqliteStore {
@@ -255,8 +291,24 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
             }
         }
         let begin = conn.execute_batch("BEGIN IMMEDIATE");
-        let finishes: Vec<Finish> = batch.into_iter().map(|job| job(&conn)).collect();
-        let result = begin.and_then(|()| conn.execute_batch("COMMIT")).map_err(|e| e.to_string());
+        // A job alone in its transaction needs no savepoint (whose statement journal copies
+        // every page the job touches first): if it fails, the whole transaction rolls back.
+        let alone = batch.len() == 1 && begin.is_ok();
+        let mut all_ok = true;
+        let finishes: Vec<Finish> = batch
+            .into_iter()
+            .map(|job| {
+                let (finish, ok) = job(&conn, alone);
+                all_ok &= ok;
+                finish
+            })
+            .collect();
+        let result = match begin {
+            Err(e) => Err(e.to_string()),
+            // Rolled back below; the job answers with its own error.
+            Ok(()) if !all_ok && alone => Err("the transaction's only write failed".to_owned()),
+            Ok(()) => conn.execute_batch("COMMIT").map_err(|e| e.to_string()),
+        };
         if result.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -292,27 +344,33 @@ impl SqliteStore {
         f: impl FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         let (done_tx, done_rx) = mpsc::sync_channel::<Result<R, StoreError>>(1);
-        let job: Job = Box::new(move |conn: &Connection| {
-            let result = match conn.execute_batch("SAVEPOINT job") {
-                Err(e) => Err(StoreError::from(e)),
-                Ok(()) => match f(conn) {
-                    Ok(v) => {
-                        conn.execute_batch("RELEASE job").map(|()| v).map_err(StoreError::from)
-                    }
-                    Err(e) => {
-                        let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
-                        Err(e)
-                    }
-                },
+        let job: Job = Box::new(move |conn: &Connection, alone: bool| {
+            let result = if alone {
+                f(conn)
+            } else {
+                match conn.execute_batch("SAVEPOINT job") {
+                    Err(e) => Err(StoreError::from(e)),
+                    Ok(()) => match f(conn) {
+                        Ok(v) => {
+                            conn.execute_batch("RELEASE job").map(|()| v).map_err(StoreError::from)
+                        }
+                        Err(e) => {
+                            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                            Err(e)
+                        }
+                    },
+                }
             };
-            Box::new(move |commit: Result<(), String>| {
+            let ok = result.is_ok();
+            let finish: Finish = Box::new(move |commit: Result<(), String>| {
                 let outcome = match (result, commit) {
                     (Ok(v), Ok(())) => Ok(v),
                     (Err(e), _) => Err(e),
                     (Ok(_), Err(e)) => Err(StoreError::Conflict(format!("commit failed: {e}"))),
                 };
                 let _ = done_tx.send(outcome);
-            })
+            });
+            (finish, ok)
         });
         let sender = self
             .jobs
@@ -604,16 +662,28 @@ impl Store for SqliteStore {
     }
 
     fn write_batch(&self, batch: WriteBatch) -> Result<WriteOutcome, StoreError> {
-        // Encode outside the writer so the single writer only does database work.
-        let events: Vec<(Event, Option<String>, String)> = batch
+        // Encode (and free the decoded events) outside the writer so the single writer only
+        // does database work. One scratch buffer for all bodies: no regrowing per event.
+        let mut scratch = Vec::with_capacity(1024);
+        let events: Vec<EventRow> = batch
             .events
             .into_iter()
-            .map(|(e, w)| serde_json::to_string(&e).map(|body| (e, w, body)))
-            .collect::<Result<_, _>>()?;
+            .map(|(e, workload)| {
+                Ok(EventRow {
+                    body: to_json(&mut scratch, &e)?,
+                    seq: e.seq as i64,
+                    time_ns: ns(e.time),
+                    pid: e.process.pid,
+                    kind: e.kind.name(),
+                    workload,
+                    host_id: e.host_id,
+                })
+            })
+            .collect::<Result<_, serde_json::Error>>()?;
         let alerts: Vec<(Alert, String)> = batch
             .alerts
             .into_iter()
-            .map(|a| serde_json::to_string(&a).map(|b| (a, b)))
+            .map(|a| to_json(&mut scratch, &a).map(|b| (a, b)))
             .collect::<Result<_, _>>()?;
         let window = ns(DateTime::UNIX_EPOCH + batch.grouping_window);
         let activity = batch.activity;
@@ -624,16 +694,24 @@ impl Store for SqliteStore {
                 let mut insert = conn.prepare_cached(
                     "INSERT OR IGNORE INTO events (host_id, seq, time_ns, pid, kind, workload, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
-                for (e, workload, body) in &events {
-                    outcome.events_stored += insert.execute(params![
-                        e.host_id,
-                        e.seq as i64,
-                        ns(e.time),
-                        e.process.pid,
-                        e.kind.name(),
-                        workload,
-                        body
+                // Latest stored event per (host, workload) of this batch.
+                let mut pairs: HashMap<(&str, &str), i64> = HashMap::new();
+                for e in &events {
+                    let stored = insert.execute(params![
+                        e.host_id, e.seq, e.time_ns, e.pid, e.kind, e.workload, e.body
                     ])?;
+                    outcome.events_stored += stored;
+                    if let (1, Some(w)) = (stored, &e.workload) {
+                        let t = pairs.entry((&e.host_id, w)).or_insert(e.time_ns);
+                        *t = (*t).max(e.time_ns);
+                    }
+                }
+                let mut pair = conn.prepare_cached(
+                    "INSERT INTO host_workloads (host_id, workload, last_event_ns) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (host_id, workload) DO UPDATE SET last_event_ns = max(last_event_ns, excluded.last_event_ns)",
+                )?;
+                for ((host_id, workload), t) in pairs {
+                    pair.execute(params![host_id, workload, t])?;
                 }
             }
             {
@@ -1209,14 +1287,17 @@ impl Store for SqliteStore {
 
     fn prune(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         self.write(move |conn| {
-            Ok(conn.execute("DELETE FROM events WHERE time_ns < ?1", [ns(before)])? as u64)
+            let deleted = conn.execute("DELETE FROM events WHERE time_ns < ?1", [ns(before)])?;
+            // A pair whose latest event is gone has no stored event left.
+            conn.execute("DELETE FROM host_workloads WHERE last_event_ns < ?1", [ns(before)])?;
+            Ok(deleted as u64)
         })
     }
 
     fn host_workloads(&self, host_id: &str) -> Result<Vec<String>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT DISTINCT workload FROM events WHERE host_id = ?1 AND workload IS NOT NULL ORDER BY workload",
+                "SELECT workload FROM host_workloads WHERE host_id = ?1 ORDER BY workload",
             )?;
             let rows = stmt.query_map([host_id], |r| r.get::<_, String>(0))?;
             Ok(rows.collect::<Result<_, _>>()?)
