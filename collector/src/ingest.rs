@@ -130,13 +130,14 @@ impl Ingestor {
         let beat = HeartbeatRecord {
             at: self.clock.now(),
             uptime_s: hb.uptime_s,
-            kernel_lost: hb.kernel_lost.iter().fold(BTreeMap::new(), |mut m, l| {
-                *m.entry(l.kind.clone()).or_insert(0) += l.lost;
-                m
-            }),
+            kernel_lost: per_kind(&hb.kernel_lost),
+            kernel_counters_id: hb.kernel_counters_id.clone(),
             spool_events: hb.spool_events,
             spool_bytes: hb.spool_bytes,
             spool_evicted: hb.spool_evicted,
+            sensor_lost: per_kind(&hb.sensor_lost),
+            spool_held: hb.spool_held,
+            spool_corrupt_total: hb.spool_corrupt_total,
         };
         let gaps = self.store.record_heartbeat(&host.id, &beat)?;
         for g in &gaps {
@@ -635,4 +636,12 @@ impl pb::sensor_service_server::SensorService for SensorIngest {
         tokio::spawn(run_stream(ctx, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Loss counters by kind (a kind repeated in one message adds up).
+fn per_kind(counters: &[pb::LossCounter]) -> BTreeMap<String, u64> {
+    counters.iter().fold(BTreeMap::new(), |mut m, l| {
+        *m.entry(l.kind.clone()).or_insert(0) += l.lost;
+        m
+    })
 }
