@@ -201,6 +201,58 @@ fn every_rule_fires_on_its_case() {
             &[PrivilegeEscalation],
         ),
         case(
+            "capset raises effective capabilities within the permitted set",
+            {
+                let mut e =
+                    setuid(process("/usr/bin/setpriv", 1000), "2026-12-01T12:00:00Z", 1000, 0);
+                e.kind = collector::event::EventKind::PrivilegeChange {
+                    via: "capset".into(),
+                    old_uid: 1000,
+                    old_euid: 1000,
+                    new_uid: 1000,
+                    new_euid: 1000,
+                    old_cap_effective: 0,
+                    new_cap_effective: 1 << 21,
+                };
+                e
+            },
+            &[],
+        ),
+        case(
+            "root going back to euid 0 after a temporary drop",
+            {
+                let mut e = setuid(process("/usr/sbin/daemon", 0), "2026-12-01T12:00:00Z", 0, 0);
+                e.kind = collector::event::EventKind::PrivilegeChange {
+                    via: "setresuid".into(),
+                    old_uid: 0,
+                    old_euid: 1000,
+                    new_uid: 0,
+                    new_euid: 0,
+                    old_cap_effective: 0,
+                    new_cap_effective: 0x1ff_ffff_ffff,
+                };
+                e
+            },
+            &[],
+        ),
+        case(
+            "a setuid-root exec by a user is still an escalation",
+            {
+                let mut e = setuid(process("/tmp/suid-copy", 1000), "2026-12-01T12:00:00Z", 0, 0);
+                e.kind = collector::event::EventKind::PrivilegeChange {
+                    via: "exec".into(),
+                    old_uid: 1000,
+                    old_euid: 1000,
+                    new_uid: 1000,
+                    new_euid: 0,
+                    old_cap_effective: 0,
+                    new_cap_effective: 0x1ff_ffff_ffff,
+                };
+                e
+            },
+            &[PrivilegeEscalation],
+        ),
+        case(
             "dropping privileges is fine",
             setuid(process("/usr/bin/x", 1000), "2026-12-01T12:00:00Z", 1001, 0),
             &[],

@@ -411,8 +411,7 @@ impl Journey {
     /// once the read is done.
     fn declared_read(&self) -> u32 {
         // kw-actor drops to the workload's user and execs itself: the pid that reads is the
-        // one spawned here. (`setpriv` would do as well, but its capset shows as an undeclared
-        // capability gain.)
+        // one spawned here.
         let mut child = Command::new(ACTOR)
             .args(["as-user", &PAYMENTS_UID.to_string(), ACTOR, "read"])
             .arg(&self.cred)

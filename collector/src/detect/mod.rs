@@ -232,9 +232,16 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
             old_cap_effective,
             new_cap_effective,
         } => {
-            let became_root =
-                (*new_uid == 0 && *old_uid != 0) || (*new_euid == 0 && *old_euid != 0);
-            let gained_caps = new_cap_effective & !old_cap_effective;
+            // Without CAP_SETUID the setuid family only switches among the ids a process
+            // already has: one whose real uid is root going back to euid 0 gains nothing.
+            let restores_root = via != "exec" && *old_uid == 0;
+            let became_root = (*new_uid == 0 && *old_uid != 0)
+                || (*new_euid == 0 && *old_euid != 0 && !restores_root);
+            // capset only moves capabilities within the permitted set, which it can never
+            // grow, and going back to euid 0 refills the effective set from it: either way
+            // the process uses privilege it already held (setpriv, daemons), it gains none.
+            let uses_held = via == "capset" || restores_root;
+            let gained_caps = if uses_held { 0 } else { new_cap_effective & !old_cap_effective };
             if (became_root || gained_caps != 0)
                 && !wl.is_some_and(|w| w.workload.expect.privilege_escalation)
             {
