@@ -202,54 +202,17 @@ fn every_rule_fires_on_its_case() {
         ),
         case(
             "capset raises effective capabilities within the permitted set",
-            {
-                let mut e =
-                    setuid(process("/usr/bin/setpriv", 1000), "2026-12-01T12:00:00Z", 1000, 0);
-                e.kind = collector::event::EventKind::PrivilegeChange {
-                    via: "capset".into(),
-                    old_uid: 1000,
-                    old_euid: 1000,
-                    new_uid: 1000,
-                    new_euid: 1000,
-                    old_cap_effective: 0,
-                    new_cap_effective: 1 << 21,
-                };
-                e
-            },
+            privilege(process("/usr/bin/setpriv", 1000), "capset", (1000, 1000), (1000, 1000)),
             &[],
         ),
         case(
             "root going back to euid 0 after a temporary drop",
-            {
-                let mut e = setuid(process("/usr/sbin/daemon", 0), "2026-12-01T12:00:00Z", 0, 0);
-                e.kind = collector::event::EventKind::PrivilegeChange {
-                    via: "setresuid".into(),
-                    old_uid: 0,
-                    old_euid: 1000,
-                    new_uid: 0,
-                    new_euid: 0,
-                    old_cap_effective: 0,
-                    new_cap_effective: 0x1ff_ffff_ffff,
-                };
-                e
-            },
+            privilege(process("/usr/sbin/daemon", 0), "setresuid", (0, 1000), (0, 0)),
             &[],
         ),
         case(
             "a setuid-root exec by a user is still an escalation",
-            {
-                let mut e = setuid(process("/tmp/suid-copy", 1000), "2026-12-01T12:00:00Z", 0, 0);
-                e.kind = collector::event::EventKind::PrivilegeChange {
-                    via: "exec".into(),
-                    old_uid: 1000,
-                    old_euid: 1000,
-                    new_uid: 1000,
-                    new_euid: 0,
-                    old_cap_effective: 0,
-                    new_cap_effective: 0x1ff_ffff_ffff,
-                };
-                e
-            },
+            privilege(process("/tmp/suid-copy", 1000), "exec", (1000, 1000), (1000, 0)),
             &[PrivilegeEscalation],
         ),
         case(
@@ -501,4 +464,24 @@ fn detections_settings_change_severity_and_disable_rules() {
     // Defaults when nothing is set.
     assert_eq!(Rule::ALL.map(|r| r.default_severity()).len(), 7);
     assert_eq!(SecretMisuse.default_severity(), Severity::Critical);
+}
+
+/// A privilege change `via` from (uid, euid) `old` to `new`, gaining every capability.
+fn privilege(
+    p: collector::event::Process,
+    via: &str,
+    old: (u32, u32),
+    new: (u32, u32),
+) -> collector::event::Event {
+    let mut e = setuid(p, "2026-12-01T12:00:00Z", new.0, 0);
+    e.kind = collector::event::EventKind::PrivilegeChange {
+        via: via.into(),
+        old_uid: old.0,
+        old_euid: old.1,
+        new_uid: new.0,
+        new_euid: new.1,
+        old_cap_effective: 0,
+        new_cap_effective: 0x1ff_ffff_ffff,
+    };
+    e
 }
