@@ -74,6 +74,12 @@ pub const PROGRAMS: &[ProgramSpec] = &[
     tp("sys_exit_openat", "syscalls", "credential/secret files: openat", "4.7"),
     tp("sys_exit_openat2", "syscalls", "credential/secret files: openat2", "5.6"),
     tp("sys_exit_open", "syscalls", "credential/secret files: open", "4.7"),
+    tp(
+        "sys_exit_open_by_handle_at",
+        "syscalls",
+        "credential/secret files: open_by_handle_at",
+        "4.7",
+    ),
     tp("io_uring_complete", "io_uring", "credential/secret files: io_uring openat", "5.5"),
     tp("sys_enter_ptrace", "syscalls", "secret access: ptrace", "4.7"),
     tp("sys_enter_process_vm_readv", "syscalls", "secret access: process_vm_readv", "4.7"),

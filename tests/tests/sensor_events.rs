@@ -139,6 +139,19 @@ async fn a_credential_opened_through_io_uring_is_reported() {
 }
 
 #[tokio::test]
+async fn a_credential_opened_by_file_handle_is_reported() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    let cred = creds.cred();
+    watch(&mut sensor, &cred, 11);
+    let pid = act(&["by-handle", cred.to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no file event for the open by handle of pid {pid}"));
+    assert_file_open(&event, &cred, 11);
+}
+
+#[tokio::test]
 async fn a_write_to_a_credential_is_flagged() {
     let Some(mut sensor) = sensor() else { return };
     let creds = Creds::new();

@@ -52,6 +52,13 @@ pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
     on_open_exit(&ctx)
 }
 
+/// Opens by file handle (`name_to_handle_at` + `open_by_handle_at`, the "shocker" escape
+/// route): no path at all, so only the opened file tells what was read.
+#[tracepoint(category = "syscalls", name = "sys_exit_open_by_handle_at")]
+pub fn sys_exit_open_by_handle_at(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx)
+}
+
 #[inline(always)]
 fn on_open_exit(ctx: &TracePointContext) -> u32 {
     // SAFETY: reading a field of this tracepoint's format.

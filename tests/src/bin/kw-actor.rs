@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         "openat" => openat(arg(1), arg(2)),
         // uring-read PATH: open and read PATH through io_uring, without any open syscall.
         "uring-read" => uring_read(arg(1)),
+        // by-handle PATH: name_to_handle_at, then open_by_handle_at (needs
+        // CAP_DAC_READ_SEARCH), then read.
+        "by-handle" => by_handle(arg(1)),
         // write PATH: open for writing and append a byte.
         "write" => std::fs::OpenOptions::new()
             .append(true)
@@ -60,6 +63,35 @@ fn main() -> ExitCode {
 fn read(path: &str) -> std::io::Result<()> {
     let mut buf = Vec::new();
     File::open(path)?.read_to_end(&mut buf).map(drop)
+}
+
+fn by_handle(path: &str) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let name =
+        CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // struct file_handle followed by MAX_HANDLE_SZ (128) bytes, 8-aligned.
+    let mut storage = [0u64; 1 + 128 / 8];
+    let handle = storage.as_mut_ptr().cast::<libc::file_handle>();
+    let mut mount_id = 0;
+    // SAFETY: `handle` points at enough aligned room for MAX_HANDLE_SZ bytes of handle, and
+    // `handle_bytes` says so; `name` is NUL-terminated.
+    let rc = unsafe {
+        (*handle).handle_bytes = 128;
+        libc::name_to_handle_at(libc::AT_FDCWD, name.as_ptr(), handle, &mut mount_id, 0)
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let parent = Path::new(path).parent().unwrap_or(Path::new("/"));
+    let mount = File::open(parent)?;
+    // SAFETY: the handle filled above; a valid directory fd on the same mount.
+    let fd = unsafe { libc::open_by_handle_at(mount.as_raw_fd(), handle, libc::O_RDONLY) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buf = Vec::new();
+    // SAFETY: a fresh fd owned from here on.
+    unsafe { File::from_raw_fd(fd) }.read_to_end(&mut buf).map(drop)
 }
 
 fn uring_read(path: &str) -> std::io::Result<()> {
