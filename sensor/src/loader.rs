@@ -80,6 +80,12 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         "credential/secret files: open_by_handle_at",
         "4.7",
     ),
+    tp(
+        "sys_exit_pidfd_getfd",
+        "syscalls",
+        "credential/secret files: fd taken from another process",
+        "5.6",
+    ),
     tp("io_uring_complete", "io_uring", "credential/secret files: io_uring openat", "5.5"),
     tp("sys_enter_ptrace", "syscalls", "secret access: ptrace", "4.7"),
     tp("sys_enter_process_vm_readv", "syscalls", "secret access: process_vm_readv", "4.7"),

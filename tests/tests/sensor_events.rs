@@ -152,6 +152,33 @@ async fn a_credential_opened_by_file_handle_is_reported() {
 }
 
 #[tokio::test]
+async fn a_credential_fd_taken_from_another_process_is_reported() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    let cred = creds.cred();
+    watch(&mut sensor, &cred, 12);
+    let mut holder = actor()
+        .args(["hold", cred.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning the holder");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let fd = line.trim().to_owned();
+    let taker = act(&["take", &holder.id().to_string(), &fd]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let event = file_open_by(&mut sensor, taker, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no file event for the fd taken by pid {taker}"));
+    assert_file_open(&event, &cred, 12);
+}
+
+#[tokio::test]
 async fn a_write_to_a_credential_is_flagged() {
     let Some(mut sensor) = sensor() else { return };
     let creds = Creds::new();

@@ -59,6 +59,13 @@ pub fn sys_exit_open_by_handle_at(ctx: TracePointContext) -> u32 {
     on_open_exit(&ctx)
 }
 
+/// An fd copied out of another process (`pidfd_getfd`): a credential that process had open
+/// is as good as read, without any open by the taker.
+#[tracepoint(category = "syscalls", name = "sys_exit_pidfd_getfd")]
+pub fn sys_exit_pidfd_getfd(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx)
+}
+
 #[inline(always)]
 fn on_open_exit(ctx: &TracePointContext) -> u32 {
     // SAFETY: reading a field of this tracepoint's format.

@@ -26,6 +26,10 @@ fn main() -> ExitCode {
         // by-handle PATH: name_to_handle_at, then open_by_handle_at (needs
         // CAP_DAC_READ_SEARCH), then read.
         "by-handle" => by_handle(arg(1)),
+        // hold PATH: open PATH, print the fd number, wait to be killed.
+        "hold" => hold(arg(1)),
+        // take PID FD: copy fd FD out of process PID (pidfd_getfd), then read through it.
+        "take" => take(arg(1).parse().unwrap_or(0), arg(2).parse().unwrap_or(-1)),
         // write PATH: open for writing and append a byte.
         "write" => std::fs::OpenOptions::new()
             .append(true)
@@ -92,6 +96,36 @@ fn by_handle(path: &str) -> std::io::Result<()> {
     let mut buf = Vec::new();
     // SAFETY: a fresh fd owned from here on.
     unsafe { File::from_raw_fd(fd) }.read_to_end(&mut buf).map(drop)
+}
+
+fn hold(path: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let file = File::open(path)?;
+    println!("{}", file.as_raw_fd());
+    std::io::stdout().flush()?;
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    Ok(())
+}
+
+fn take(pid: i32, fd: i32) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain syscalls with integer arguments; results checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let taken = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd as i32, fd, 0) };
+    // SAFETY: pidfd came from pidfd_open and is closed once.
+    unsafe { libc::close(pidfd as i32) };
+    if taken < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut buf = Vec::new();
+    // SAFETY: a fresh fd owned from here on.
+    let mut file = unsafe { File::from_raw_fd(taken as i32) };
+    std::io::Seek::rewind(&mut file)?;
+    file.read_to_end(&mut buf).map(drop)
 }
 
 fn uring_read(path: &str) -> std::io::Result<()> {
