@@ -9,10 +9,17 @@
 //!   atomic rename, whose inode is new, still matches before the next re-resolution);
 //! - for a glob name (`id_*`), the directory with "any name": the sensor keeps only names the
 //!   glob matches.
+//!
+//! A watched file moved away (`mv ~/.aws/credentials /tmp/x`) is the same credential under
+//! another name: its inode stays watched, at its new path, for as long as it has a name at
+//! all. The sensor holds an `O_PATH` handle to every watched file to tell (it pins nothing
+//! but the inode, and the kernel programs skip the sensor's own opens).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    path::PathBuf,
+    fs::File,
+    os::unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -50,6 +57,8 @@ pub struct KernelWatches {
     pub dir_rules: HashMap<FileKey, DirRule>,
     /// Directories inotify should follow, and the names whose change matters there.
     pub follow: BTreeMap<PathBuf, BTreeSet<String>>,
+    /// An `O_PATH` handle to each watched file, to follow it when it is moved away.
+    pub handles: HashMap<FileKey, Arc<File>>,
 }
 
 fn key(id: &FileId) -> FileKey {
@@ -81,6 +90,11 @@ impl KernelWatches {
         for (id, w) in &r.files {
             self.files.entry(key(id)).or_insert(watch_id);
             self.paths.entry(key(id)).or_insert_with(|| w.path.clone());
+            if !self.handles.contains_key(&key(id))
+                && let Some(handle) = open_handle(&w.path, id)
+            {
+                self.handles.insert(key(id), Arc::new(handle));
+            }
         }
         let dir_ids: BTreeSet<FileKey> = r.dirs.keys().map(key).collect();
         for (path, names) in &r.watch_dirs {
@@ -128,11 +142,52 @@ impl KernelWatches {
         }
     }
 
+    /// Keeps watching the files of `old` that this resolution no longer found but that still
+    /// have a name somewhere (moved away, not deleted or replaced), at their new path.
+    fn keep_moved_away(&mut self, old: &KernelWatches) {
+        for (k, &watch_id) in &old.files {
+            if self.files.contains_key(k) {
+                continue;
+            }
+            let Some(handle) = old.handles.get(k) else { continue };
+            let Some(now_at) = linked_path(handle) else { continue };
+            tracing::warn!(
+                watch_id,
+                from = %old.paths.get(k).map_or_else(String::new, |p| p.display().to_string()),
+                to = %now_at.display(),
+                "a watched file was moved away; it stays watched where it is now"
+            );
+            self.files.insert(*k, watch_id);
+            self.paths.insert(*k, now_at);
+            self.handles.insert(*k, Arc::clone(handle));
+        }
+    }
+
     /// The watch a directory match belongs to, if `name` is one of its globs.
     pub fn glob_watch(&self, dir: &FileKey, name: &str) -> Option<u32> {
         let rule = self.dir_rules.get(dir)?;
         rule.globs.iter().find(|(g, _)| g.is_match(name)).map(|(_, id)| *id)
     }
+}
+
+/// An `O_PATH` handle to the file at `path`, if it still is the inode `id` (not a socket: its
+/// handle would say nothing more).
+fn open_handle(path: &Path, id: &FileId) -> Option<File> {
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path).ok()?;
+    let meta = file.metadata().ok()?;
+    (meta.ino() == id.ino && meta.dev() == id.st_dev).then_some(file)
+}
+
+/// Where the file behind `handle` is now, if it still has a name (not deleted, not replaced by
+/// a rename over it).
+fn linked_path(handle: &File) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd as _;
+    if handle.metadata().ok()?.nlink() == 0 {
+        return None;
+    }
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", handle.as_raw_fd())).ok()?;
+    // A name the kernel cannot give as a path (another mount namespace) is no place to show.
+    path.is_absolute().then_some(path)
 }
 
 fn merge_follow(
@@ -324,9 +379,10 @@ impl WatchSync {
 
     async fn reresolve(&mut self, watcher: Option<&mut FileWatcher>) {
         let set = self.view.read().expect("watch view").set.clone();
-        let kernel = resolve_blocking(&set).await;
+        let mut kernel = resolve_blocking(&set).await;
         {
             let mut view = self.view.write().expect("watch view");
+            kernel.keep_moved_away(&view.kernel);
             apply(&mut self.maps, &view.kernel, &kernel);
             view.kernel = kernel;
         }
@@ -345,5 +401,60 @@ impl crate::watch::HostResolver for NoNames {
         Box<dyn std::future::Future<Output = std::io::Result<Vec<std::net::IpAddr>>> + Send + 'a>,
     > {
         Box::pin(async move { Err(std::io::Error::other(format!("{host}: resolved later"))) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::watch::{Category, WatchSpec};
+
+    fn resolve(path: &Path) -> KernelWatches {
+        let spec = WatchSpec {
+            name: "key".into(),
+            category: Category::Credential,
+            paths: vec![path.display().to_string()],
+            endpoints: Vec::new(),
+            unix_sockets: Vec::new(),
+        };
+        KernelWatches::resolve(&WatchSet::from_specs([spec]).expect("valid spec"))
+    }
+
+    #[test]
+    fn moved_away_files_stay_watched_and_replaced_or_deleted_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let cred = dir.path().join("credentials");
+        std::fs::write(&cred, "secret").unwrap();
+        let before = resolve(&cred);
+        let (&k, &watch_id) = before.files.iter().next().expect("the file is watched");
+
+        // Moved away: the same inode, watched at its new path.
+        let moved = dir.path().join("elsewhere");
+        std::fs::rename(&cred, &moved).unwrap();
+        let mut after = resolve(&cred);
+        assert!(after.files.is_empty(), "nothing at the watched path any more");
+        after.keep_moved_away(&before);
+        assert_eq!(after.files.get(&k), Some(&watch_id));
+        assert_eq!(after.paths.get(&k), Some(&moved));
+
+        // Still followed on the next resolution, and dropped once the inode has no name.
+        let mut again = resolve(&cred);
+        again.keep_moved_away(&after);
+        assert_eq!(again.files.get(&k), Some(&watch_id));
+        std::fs::remove_file(&moved).unwrap();
+        let mut gone = resolve(&cred);
+        gone.keep_moved_away(&again);
+        assert!(gone.files.is_empty(), "a deleted credential is not watched");
+
+        // Replaced by a rename over it: the old inode is gone, the new one is watched by path.
+        std::fs::write(&cred, "v1").unwrap();
+        let v1 = resolve(&cred);
+        let tmp = dir.path().join(".tmp");
+        std::fs::write(&tmp, "v2").unwrap();
+        std::fs::rename(&tmp, &cred).unwrap();
+        let mut v2 = resolve(&cred);
+        v2.keep_moved_away(&v1);
+        assert_eq!(v2.files.len(), 1, "only the new inode: {:?}", v2.files);
+        assert!(!v2.files.contains_key(v1.files.keys().next().unwrap()));
     }
 }

@@ -87,6 +87,26 @@ async fn a_credential_replaced_by_atomic_rename_is_still_watched() {
 }
 
 #[tokio::test]
+async fn a_credential_moved_away_stays_watched_at_its_new_place() {
+    let dir = tempdir();
+    let elsewhere = tempdir();
+    let cred = dir.path().join("credentials");
+    std::fs::write(&cred, "secret").unwrap();
+    let Some(mut agent) = agent(vec![spec("cloud-key", &[cred.display().to_string()])]).await
+    else {
+        return;
+    };
+    // `mv` out of the watched place, then read it there: the inode is the credential still.
+    let moved = elsewhere.path().join("innocent.txt");
+    std::fs::rename(&cred, &moved).unwrap();
+    // Past inotify's debounce: the watch set has been re-resolved without the old path.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = act(&["read", moved.to_str().unwrap()]);
+    let o = file_open_by(&mut agent, pid).await.expect("read of the moved credential observed");
+    assert_eq!(path_of(&o), ("cloud-key", moved.to_str().unwrap()));
+}
+
+#[tokio::test]
 async fn a_file_matching_a_glob_created_after_start_is_watched_and_others_are_not() {
     let dir = tempdir();
     let pattern = dir.path().join("id_*").display().to_string();
