@@ -497,6 +497,9 @@ pub struct KernelOffsets {
     /// `io_open.file_slot` (in the request's command area): non-zero for an open into a
     /// fixed-file slot, whose result is not an fd.
     pub io_open_file_slot: u32,
+    /// `io_kiocb.file`: the file a request works on (the socket of a connect).
+    pub io_kiocb_file: u32,
+    pub _reserved0: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -570,10 +573,10 @@ const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 36 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 38 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 6 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 36 * 4 + 6 * 8);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 38 * 4 + 6 * 8);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -140,6 +140,8 @@ impl KernelBtf {
             // Only with CONFIG_IO_URING.
             io_kiocb_opcode: self.member_offset("io_kiocb", "opcode").unwrap_or(NO_OFFSET),
             io_open_file_slot: self.member_offset("io_open", "file_slot").unwrap_or(NO_OFFSET),
+            io_kiocb_file: self.member_offset("io_kiocb", "file").unwrap_or(NO_OFFSET),
+            _reserved0: 0,
         })
     }
 }

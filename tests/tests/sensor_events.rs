@@ -342,6 +342,26 @@ async fn a_connect_to_a_watched_unix_socket_names_the_listening_process() {
 }
 
 #[tokio::test]
+async fn a_connect_to_a_watched_unix_socket_through_io_uring_is_seen() {
+    let Some(mut sensor) = sensor() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), 32).unwrap();
+    let pid = act(&["uring-unix", path.to_str().unwrap()]);
+    let event = wait_for(&mut sensor, WAIT, |e| {
+        e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
+    })
+    .await
+    .expect("secret event for the io_uring unix socket connect");
+    drop(listener);
+    let Detail::Secret { method, target_pid, detail, .. } = event.detail else { unreachable!() };
+    assert_eq!(method, "unix_socket");
+    assert_eq!(target_pid, std::process::id(), "the listening process");
+    assert_eq!(detail, file_key(&path).map(|k| k.ino).unwrap_or(0));
+}
+
+#[tokio::test]
 async fn exec_of_a_setuid_binary_by_an_unprivileged_user_shows_the_new_euid() {
     let Some(mut sensor) = sensor() else { return };
     let dir = tempfile::tempdir().unwrap();

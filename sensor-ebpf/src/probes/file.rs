@@ -33,7 +33,9 @@ const PROC_SUPER_MAGIC: u64 = 0x9fa0;
 /// `io_uring:io_uring_complete` format: `void *req` and `int res`.
 const URING_REQ: usize = 16;
 const URING_RES: usize = 32;
-/// `IORING_OP_OPENAT` and `IORING_OP_OPENAT2` (`include/uapi/linux/io_uring.h`).
+/// `IORING_OP_CONNECT`, `IORING_OP_OPENAT` and `IORING_OP_OPENAT2`
+/// (`include/uapi/linux/io_uring.h`).
+const IORING_OP_CONNECT: u8 = 16;
 const IORING_OP_OPENAT: u8 = 18;
 const IORING_OP_OPENAT2: u8 = 28;
 
@@ -86,7 +88,8 @@ pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
 }
 
 /// A completed io_uring request: an open's result is the new fd, unless it went into a
-/// fixed-file slot (then it is not in the fd table; see the architecture notes).
+/// fixed-file slot (then it is not in the fd table; see the architecture notes); a connect's
+/// socket is the request's file.
 fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     let o = offsets();
     // SAFETY: reading fields of this tracepoint's format.
@@ -97,6 +100,13 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: as above.
     let req: *const u8 = unsafe { ctx.read_at(URING_REQ)? };
     let opcode: u8 = kread::at(req, o.io_kiocb_opcode)?;
+    if opcode == IORING_OP_CONNECT && o.io_kiocb_file != NO_OFFSET {
+        let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+        if super::task::is_self(tgid) {
+            return Ok(());
+        }
+        return unix_connected(kread::ptr(req, o.io_kiocb_file)?, tgid);
+    }
     if opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2 {
         return Ok(());
     }
@@ -352,8 +362,14 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if super::task::is_self(tgid) {
         return Ok(());
     }
+    unix_connected(file_of_fd(&mut kread::View::new(), fd)?, tgid)
+}
+
+/// `file` (a socket) was just connected by `tgid`: a secret access when its peer is a watched
+/// unix socket of another process.
+#[inline(always)]
+fn unix_connected(file: *const u8, tgid: u32) -> Result<(), i64> {
     let o = offsets();
-    let file = file_of_fd(&mut kread::View::new(), fd)?;
     let socket = kread::ptr(file, o.file_private_data)?;
     let sk = kread::ptr(socket, o.socket_sk)?;
     let family: u16 = kread::at(sk, o.sock_family)?;

@@ -122,6 +122,8 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     files_fdtab: 0,
     io_kiocb_opcode: 0,
     io_open_file_slot: 0,
+    io_kiocb_file: 0,
+    _reserved0: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole

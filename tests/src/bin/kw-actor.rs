@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         "openat" => openat(arg(1), arg(2)),
         // uring-read PATH: open and read PATH through io_uring, without any open syscall.
         "uring-read" => uring_read(arg(1)),
+        // uring-unix PATH: connect to a unix stream socket through io_uring (no connect
+        // syscall).
+        "uring-unix" => uring_unix(arg(1)),
         // by-handle PATH: name_to_handle_at, then open_by_handle_at (needs
         // CAP_DAC_READ_SEARCH), then read.
         "by-handle" => by_handle(arg(1)),
@@ -128,19 +131,50 @@ fn take(pid: i32, fd: i32) -> std::io::Result<()> {
     file.read_to_end(&mut buf).map(drop)
 }
 
-fn uring_read(path: &str) -> std::io::Result<()> {
-    use io_uring::{IoUring, opcode, squeue, types};
+/// Submits one io_uring request and waits for its result.
+fn uring_run(ring: &mut io_uring::IoUring, entry: io_uring::squeue::Entry) -> std::io::Result<i32> {
+    // SAFETY: the callers keep the entry's buffers alive until this returns.
+    unsafe { ring.submission().push(&entry) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring.completion().next().ok_or_else(|| std::io::Error::other("no completion"))?;
+    if cqe.result() < 0 {
+        return Err(std::io::Error::from_raw_os_error(-cqe.result()));
+    }
+    Ok(cqe.result())
+}
+
+fn uring_unix(path: &str) -> std::io::Result<()> {
+    use io_uring::{IoUring, opcode, types};
     let mut ring = IoUring::new(4)?;
-    let mut run = |entry: squeue::Entry| -> std::io::Result<i32> {
-        // SAFETY: the entry's buffers (the name, the read buffer) outlive the wait below.
-        unsafe { ring.submission().push(&entry) }.map_err(std::io::Error::other)?;
-        ring.submit_and_wait(1)?;
-        let cqe = ring.completion().next().ok_or_else(|| std::io::Error::other("no completion"))?;
-        if cqe.result() < 0 {
-            return Err(std::io::Error::from_raw_os_error(-cqe.result()));
-        }
-        Ok(cqe.result())
-    };
+    // SAFETY: plain socket(2); the result is checked and closed below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied in bounds below.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::other("socket path too long"));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let connect =
+        opcode::Connect::new(types::Fd(fd), (&raw const addr).cast::<libc::sockaddr>(), len)
+            .build();
+    let result = uring_run(&mut ring, connect).map(drop);
+    // SAFETY: fd came from socket() above and is closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
+fn uring_read(path: &str) -> std::io::Result<()> {
+    use io_uring::{IoUring, opcode, types};
+    let mut ring = IoUring::new(4)?;
+    let mut run = |entry| uring_run(&mut ring, entry);
     let name =
         CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
     let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
