@@ -86,7 +86,12 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         "credential/secret files: fd taken from another process",
         "5.6",
     ),
-    tp("io_uring_complete", "io_uring", "credential/secret files: io_uring openat", "5.5"),
+    tp(
+        "io_uring_complete",
+        "io_uring",
+        "credential/secret files and agent sockets: io_uring openat, connect",
+        "5.5",
+    ),
     tp("sys_enter_ptrace", "syscalls", "secret access: ptrace", "4.7"),
     tp("sys_enter_process_vm_readv", "syscalls", "secret access: process_vm_readv", "4.7"),
     tp("sys_enter_keyctl", "syscalls", "secret access: keyctl read", "4.7"),
