@@ -322,38 +322,27 @@ async fn connects_and_udp_sends_to_watched_endpoints_are_reported() {
 
 #[tokio::test]
 async fn a_connect_to_a_watched_unix_socket_names_the_listening_process() {
-    let Some(mut sensor) = sensor() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("agent.sock");
-    // This test process listens, like an ssh-agent would.
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), 31).unwrap();
-    let pid = act(&["unix", path.to_str().unwrap()]);
-    let event = wait_for(&mut sensor, WAIT, |e| {
-        e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
-    })
-    .await
-    .expect("secret event for the unix socket connect");
-    drop(listener);
-    let Detail::Secret { method, target_pid, detail, .. } = event.detail else { unreachable!() };
-    assert_eq!(method, "unix_socket");
-    assert_eq!(target_pid, std::process::id(), "the listening process");
-    assert_eq!(detail, file_key(&path).map(|k| k.ino).unwrap_or(0));
+    unix_socket_connect_is_a_secret_access("unix").await;
 }
 
 #[tokio::test]
 async fn a_connect_to_a_watched_unix_socket_through_io_uring_is_seen() {
+    unix_socket_connect_is_a_secret_access("uring-unix").await;
+}
+
+/// kw-actor `action` connects to a watched socket this test listens on, like an ssh-agent.
+async fn unix_socket_connect_is_a_secret_access(action: &str) {
     let Some(mut sensor) = sensor() else { return };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), 32).unwrap();
-    let pid = act(&["uring-unix", path.to_str().unwrap()]);
+    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), 31).unwrap();
+    let pid = act(&[action, path.to_str().unwrap()]);
     let event = wait_for(&mut sensor, WAIT, |e| {
         e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
     })
     .await
-    .expect("secret event for the io_uring unix socket connect");
+    .unwrap_or_else(|| panic!("{action}: no secret event for the unix socket connect"));
     drop(listener);
     let Detail::Secret { method, target_pid, detail, .. } = event.detail else { unreachable!() };
     assert_eq!(method, "unix_socket");
