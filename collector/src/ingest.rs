@@ -8,7 +8,7 @@ use std::{
     io::Write as _,
     path::Path,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex, Weak},
 };
 
 use chrono::{DateTime, Utc};
@@ -94,8 +94,63 @@ pub struct Ingestor {
     registry: Arc<RegistryHandle>,
     clock: Arc<dyn Clock>,
     activity: Mutex<HashMap<String, DateTime<Utc>>>,
-    host_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    host_locks: Arc<HostLocks>,
     alert_log: Option<AlertLog>,
+}
+
+/// Hosts whose batches are being deduplicated, evaluated or stored: one holder per host at a
+/// time, so batches of one host from different streams stay serialized.
+#[derive(Default)]
+struct HostLocks {
+    busy: Mutex<HashSet<String>>,
+    freed: Condvar,
+}
+
+impl HostLocks {
+    /// Waits until no one holds `host_id`, then holds it until the lease drops. Blocking.
+    fn acquire(self: &Arc<Self>, host_id: &str) -> HostLease {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while busy.contains(host_id) {
+            busy = self.freed.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        busy.insert(host_id.to_owned());
+        HostLease { locks: self.clone(), host_id: host_id.to_owned() }
+    }
+}
+
+/// A host held in [`HostLocks`]; released on drop.
+struct HostLease {
+    locks: Arc<HostLocks>,
+    host_id: String,
+}
+
+impl Drop for HostLease {
+    fn drop(&mut self) {
+        self.locks.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.host_id);
+        self.locks.freed.notify_all();
+    }
+}
+
+/// A batch evaluated and handed to the store but perhaps not committed yet: the next batch of
+/// its stream is deduplicated and evaluated as if it were (its seqs count as known, its
+/// activity as recorded), and takes over its host lease if it is still being written.
+pub(crate) struct InFlight {
+    /// Held (strongly) only by the batch's write and the next batch's preparation, which both
+    /// hold a permit: a lease never waits on a permit.
+    lease: Weak<HostLease>,
+    seqs: HashSet<u64>,
+    activity: Vec<(String, DateTime<Utc>)>,
+}
+
+/// A batch decoded, deduplicated and evaluated, ready for [`Ingestor::write`].
+pub(crate) struct Prepared {
+    write: WriteBatch,
+    up_to: Option<u64>,
+    duplicates: usize,
+    /// The batch's host, held until it is written (`None` for an empty batch).
+    lease: Option<Arc<HostLease>>,
+    /// `None` for an empty batch (nothing to write or acknowledge).
+    in_flight: Option<Arc<InFlight>>,
 }
 
 impl Ingestor {
@@ -112,7 +167,7 @@ impl Ingestor {
             registry,
             clock,
             activity: Mutex::new(activity),
-            host_locks: Mutex::new(HashMap::new()),
+            host_locks: Arc::default(),
             alert_log,
         })
     }
@@ -149,31 +204,66 @@ impl Ingestor {
     /// Decodes, deduplicates, correlates, detects and stores one batch; returns once it is
     /// committed. Batches of one host are processed one at a time. Blocking.
     pub fn ingest(&self, host: &Host, batch: pb::EventBatch) -> Result<IngestReport, IngestError> {
+        self.write(self.prepare(host, batch, None)?)
+    }
+
+    /// Decodes, deduplicates, correlates and detects one batch, holding its host (taking it over
+    /// from `ahead`, the stream's previous batch still being written, when there is one: its
+    /// seqs count as known and its activity as recorded). Blocking.
+    pub(crate) fn prepare(
+        &self,
+        host: &Host,
+        batch: pb::EventBatch,
+        ahead: Option<&InFlight>,
+    ) -> Result<Prepared, IngestError> {
         let events = convert::events_from_batch(&host.id, batch)?;
         let Some(last) = events.last().map(|e| e.seq) else {
-            return Ok(IngestReport::default());
+            return Ok(Prepared {
+                write: WriteBatch::default(),
+                up_to: None,
+                duplicates: 0,
+                lease: None,
+                in_flight: None,
+            });
         };
         let first = events[0].seq;
-        let lock = self
-            .host_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(host.id.clone())
-            .or_default()
-            .clone();
-        let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let lease = ahead
+            .and_then(|a| a.lease.upgrade())
+            .unwrap_or_else(|| Arc::new(self.host_locks.acquire(&host.id)));
         let known = self.store.known_seqs(&host.id, first..=last)?;
         let total = events.len();
-        let fresh: Vec<Event> = events.into_iter().filter(|e| !known.contains(&e.seq)).collect();
+        let fresh: Vec<Event> = events
+            .into_iter()
+            .filter(|e| !known.contains(&e.seq) && !ahead.is_some_and(|a| a.seqs.contains(&e.seq)))
+            .collect();
         let duplicates = total - fresh.len();
-        let batch = self.evaluate(host, fresh);
-        let activity = batch.activity.clone();
-        let outcome = self.store.write_batch(batch)?;
+        let write = self.evaluate_after(host, fresh, ahead.map(|a| a.activity.as_slice()));
+        let in_flight = InFlight {
+            lease: Arc::downgrade(&lease),
+            seqs: write.events.iter().map(|(e, _)| e.seq).collect(),
+            activity: write.activity.clone(),
+        };
+        Ok(Prepared {
+            write,
+            up_to: Some(last),
+            duplicates,
+            lease: Some(lease),
+            in_flight: Some(Arc::new(in_flight)),
+        })
+    }
+
+    /// Stores a prepared batch; returns once it is committed. Blocking.
+    pub(crate) fn write(&self, prepared: Prepared) -> Result<IngestReport, IngestError> {
+        let Prepared { write, up_to, duplicates, lease, in_flight } = prepared;
+        let Some(in_flight) = in_flight else {
+            return Ok(IngestReport::default());
+        };
+        let outcome = self.store.write_batch(write)?;
         {
             let mut map = self.activity.lock().unwrap_or_else(|e| e.into_inner());
-            for (w, t) in activity {
-                let slot = map.entry(w).or_insert(t);
-                *slot = (*slot).max(t);
+            for (w, t) in &in_flight.activity {
+                let slot = map.entry(w.clone()).or_insert(*t);
+                *slot = (*slot).max(*t);
             }
         }
         if let Some(log) = &self.alert_log {
@@ -182,14 +272,30 @@ impl Ingestor {
         for a in &outcome.new_alerts {
             tracing::warn!(alert = a.id, rule = %a.rule, severity = %a.severity, workload = %a.workload, host = %a.host.id, "{}", a.summary);
         }
-        Ok(IngestReport { up_to: Some(last), duplicates, outcome })
+        drop(lease);
+        Ok(IngestReport { up_to, duplicates, outcome })
     }
 
     /// Correlates and detects: the write a batch of new events turns into. Pure apart from
     /// reading the activity map.
     pub fn evaluate(&self, host: &Host, events: Vec<Event>) -> WriteBatch {
+        self.evaluate_after(host, events, None)
+    }
+
+    /// [`Ingestor::evaluate`] with `pending` (activity of a batch not yet recorded) counted as
+    /// recorded.
+    fn evaluate_after(
+        &self,
+        host: &Host,
+        events: Vec<Event>,
+        pending: Option<&[(String, DateTime<Utc>)]>,
+    ) -> WriteBatch {
         let registry = self.registry.snapshot();
-        let known_activity = self.activity.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut known_activity = self.activity.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for (w, t) in pending.unwrap_or_default() {
+            let slot = known_activity.entry(w.clone()).or_insert(*t);
+            *slot = (*slot).max(*t);
+        }
         let mut activity: HashMap<String, DateTime<Utc>> = HashMap::new();
         // Alerts of this batch by group key; repeats fold here before reaching the store.
         let mut alerts: Vec<Alert> = Vec::new();
@@ -520,19 +626,32 @@ async fn run_stream(
         return;
     }
     let host = Arc::new(host);
+    // The batch being written while the next one is read and prepared (at most one).
+    let mut writing: Option<Writing> = None;
     loop {
         let next = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                let _ = tx.send(Err(Status::unavailable("collector shutting down"))).await;
+                if settle(&mut writing, &tx, &host).await {
+                    let _ = tx.send(Err(Status::unavailable("collector shutting down"))).await;
+                }
                 break;
+            }
+            result = written(&mut writing) => {
+                writing = None;
+                if !reply(result, &tx, &host).await {
+                    break;
+                }
+                continue;
             }
             () = changed(&mut changes) => {
                 if let Some(p) = &authenticated
                     && let Err(status) = peer.recheck(p)
                 {
                     tracing::warn!(host = %host.id, %status, "ending the stream of a host no longer allowed");
-                    let _ = tx.send(Err(status)).await;
+                    if settle(&mut writing, &tx, &host).await {
+                        let _ = tx.send(Err(status)).await;
+                    }
                     break;
                 }
                 continue;
@@ -541,10 +660,15 @@ async fn run_stream(
         };
         let msg = match next {
             Ok(Some(m)) => m,
-            Ok(None) => break,
+            Ok(None) => {
+                settle(&mut writing, &tx, &host).await;
+                break;
+            }
             Err(status) => {
                 tracing::debug!(host = %host.id, %status, "sensor stream broke");
-                if let Some(reply) = inbound_error(&status) {
+                if settle(&mut writing, &tx, &host).await
+                    && let Some(reply) = inbound_error(&status)
+                {
                     tracing::warn!(host = %host.id, status = %reply, "sensor stream refused");
                     let _ = tx.send(Err(reply)).await;
                 }
@@ -553,32 +677,43 @@ async fn run_stream(
         };
         match msg.msg {
             Some(Msg::Batch(batch)) => {
-                let Ok(_permit) = permits.clone().acquire_owned().await else {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
+                // Prepared while the batch ahead (if any) commits; written only once it has.
+                let ahead = writing.as_ref().map(|w| w.in_flight.clone());
                 let (ing, h) = (ingestor.clone(), host.clone());
-                let result = tokio::task::spawn_blocking(move || ing.ingest(&h, batch))
-                    .await
-                    .unwrap_or(Err(IngestError::Worker));
-                match result {
-                    Ok(report) => {
-                        if let Some(up_to) = report.up_to {
-                            let ack = pb::CollectorMessage {
-                                msg: Some(pb::collector_message::Msg::Ack(pb::Ack { up_to })),
-                            };
-                            if tx.send(Ok(ack)).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
+                let preparing =
+                    tokio::task::spawn_blocking(move || ing.prepare(&h, batch, ahead.as_deref()));
+                if !settle(&mut writing, &tx, &host).await {
+                    break;
+                }
+                let prepared = match preparing.await.unwrap_or(Err(IngestError::Worker)) {
+                    Ok(p) => p,
                     Err(e) => {
-                        tracing::warn!(host = %host.id, error = %e, "batch refused");
-                        let _ = tx.send(Err(e.into())).await;
+                        reply(Err(e), &tx, &host).await;
                         break;
                     }
+                };
+                // An empty batch: nothing to store or acknowledge.
+                let Some(in_flight) = prepared.in_flight.clone() else {
+                    continue;
+                };
+                // Shutting down: leave the batch unwritten and unacknowledged.
+                if shutdown.is_cancelled() {
+                    continue;
                 }
+                let ing = ingestor.clone();
+                let task = tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    ing.write(prepared)
+                });
+                writing = Some(Writing { task, in_flight });
             }
             Some(Msg::Heartbeat(hb)) => {
+                if !settle(&mut writing, &tx, &host).await {
+                    break;
+                }
                 let (ing, h) = (ingestor.clone(), host.clone());
                 match tokio::task::spawn_blocking(move || ing.heartbeat(&h, &hb)).await {
                     Ok(Ok(_)) => {}
@@ -589,14 +724,65 @@ async fn run_stream(
                 }
             }
             Some(Msg::Hello(_)) => {
-                let _ = tx
-                    .send(Err(Status::failed_precondition(
-                        "Hello may only be sent once per stream",
-                    )))
-                    .await;
+                if settle(&mut writing, &tx, &host).await {
+                    let _ = tx
+                        .send(Err(Status::failed_precondition(
+                            "Hello may only be sent once per stream",
+                        )))
+                        .await;
+                }
                 break;
             }
             None => {}
+        }
+    }
+}
+
+/// A batch of a stream being written.
+struct Writing {
+    task: tokio::task::JoinHandle<Result<IngestReport, IngestError>>,
+    in_flight: Arc<InFlight>,
+}
+
+/// The result of the batch being written once it is; never without one.
+async fn written(writing: &mut Option<Writing>) -> Result<IngestReport, IngestError> {
+    match writing {
+        Some(w) => (&mut w.task).await.unwrap_or(Err(IngestError::Worker)),
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the batch being written, if any, and answers it (see [`reply`]).
+async fn settle(
+    writing: &mut Option<Writing>,
+    tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
+    host: &Host,
+) -> bool {
+    match writing.take() {
+        Some(w) => reply(w.task.await.unwrap_or(Err(IngestError::Worker)), tx, host).await,
+        None => true,
+    }
+}
+
+/// Acknowledges a stored batch, or ends the stream with why it was refused; whether the stream
+/// goes on.
+async fn reply(
+    result: Result<IngestReport, IngestError>,
+    tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
+    host: &Host,
+) -> bool {
+    match result {
+        Ok(IngestReport { up_to: Some(up_to), .. }) => {
+            let ack = pb::CollectorMessage {
+                msg: Some(pb::collector_message::Msg::Ack(pb::Ack { up_to })),
+            };
+            tx.send(Ok(ack)).await.is_ok()
+        }
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(host = %host.id, error = %e, "batch refused");
+            let _ = tx.send(Err(e.into())).await;
+            false
         }
     }
 }
