@@ -229,11 +229,13 @@ async fn unwatched_opens_and_the_sensors_own_reads_produce_nothing() {
     let other = creds.path("hostname");
     std::fs::write(&other, "host").unwrap();
     let pid = act(&["read", other.to_str().unwrap()]);
+    // An O_PATH handle to the credential cannot read it: not an access either.
+    let handle = act(&["open-path", creds.cred().to_str().unwrap()]);
     // This test process is the sensor: its own read of the watched file is not an access.
     std::fs::read(creds.cred()).unwrap();
     let me = std::process::id();
     let noise = wait_for(&mut sensor, QUIET, |e| {
-        (e.process.pid == pid || e.process.pid == me) && matches!(e.detail, Detail::FileOpen { .. })
+        [pid, handle, me].contains(&e.process.pid) && matches!(e.detail, Detail::FileOpen { .. })
     })
     .await;
     assert!(noise.is_none(), "unexpected event: {noise:?}");

@@ -30,6 +30,8 @@ use super::{
 const RET: usize = 16;
 /// `PROC_SUPER_MAGIC`.
 const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+/// `O_PATH` in `file.f_flags`.
+const O_PATH: u32 = 0o10000000;
 /// `io_uring:io_uring_complete` format: `void *req` and `int res`.
 const URING_REQ: usize = 16;
 const URING_RES: usize = 32;
@@ -213,11 +215,16 @@ fn emit_file(
     (watch_id, matched): (u32, FileMatch),
     tgid: u32,
 ) -> Result<(), i64> {
+    let o = offsets();
+    let flags: u32 = kread::at(file, o.file_f_flags).unwrap_or(0);
+    if flags & O_PATH != 0 {
+        // A handle that cannot read (only stat, pass on, or re-open — which is an open).
+        return Ok(());
+    }
     let fold_key = FoldKey::file(tgid, key.dev, key.ino);
     let Some(total) = fold::occurrence(&fold_key) else {
         return Ok(());
     };
-    let o = offsets();
     let (parent_ino, name_ptr) = match found {
         Some(found) => found,
         None => {
@@ -227,7 +234,6 @@ fn emit_file(
             (kread::at::<u64>(parent_inode, o.inode_i_ino)?, view.ptr(o.dentry_name)?)
         }
     };
-    let flags: u32 = kread::at(file, o.file_f_flags).unwrap_or(0);
     let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {
         count_lost(EventKind::FileOpen);
         return Ok(());

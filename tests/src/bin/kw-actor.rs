@@ -29,6 +29,10 @@ fn main() -> ExitCode {
         // by-handle PATH: name_to_handle_at, then open_by_handle_at (needs
         // CAP_DAC_READ_SEARCH), then read.
         "by-handle" => by_handle(arg(1)),
+        // open-path PATH: an O_PATH handle to PATH (it cannot read), then close it.
+        "open-path" => {
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(arg(1)).map(drop)
+        }
         // hold PATH: open PATH, print the fd number, wait to be killed.
         "hold" => hold(arg(1)),
         // take PID FD: copy fd FD out of process PID (pidfd_getfd), then read through it.
