@@ -96,6 +96,9 @@ pub struct Ingestor {
     activity: Mutex<HashMap<String, DateTime<Utc>>>,
     host_locks: Arc<HostLocks>,
     alert_log: Option<AlertLog>,
+    /// Woken when a batch adds alerts, so their deliveries go out at once rather than at the
+    /// delivery worker's next poll.
+    new_alerts: Arc<tokio::sync::Notify>,
 }
 
 /// Hosts whose batches are being deduplicated, evaluated or stored: one holder per host at a
@@ -169,7 +172,13 @@ impl Ingestor {
             activity: Mutex::new(activity),
             host_locks: Arc::default(),
             alert_log,
+            new_alerts: Arc::default(),
         })
+    }
+
+    /// Notified whenever a stored batch added alerts (their deliveries are due now).
+    pub fn new_alerts_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.new_alerts.clone()
     }
 
     /// Records a sensor's Hello and returns its host.
@@ -268,6 +277,9 @@ impl Ingestor {
         }
         if let Some(log) = &self.alert_log {
             log.append(&outcome.new_alerts);
+        }
+        if !outcome.new_alerts.is_empty() {
+            self.new_alerts.notify_one();
         }
         for a in &outcome.new_alerts {
             tracing::warn!(alert = a.id, rule = %a.rule, severity = %a.severity, workload = %a.workload, host = %a.host.id, "{}", a.summary);

@@ -82,6 +82,8 @@ pub struct Dispatcher {
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
     config: OutboxConfig,
+    /// Ends the wait for the next poll early (new alerts were stored).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// Why the worker could not start.
@@ -101,21 +103,27 @@ impl Dispatcher {
             .timeout(config.timeout)
             .user_agent(concat!("keywatch/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { store, registry, clock, http, config })
+        Ok(Self { store, registry, clock, http, config, wake: Arc::default() })
     }
 
-    /// Runs passes every `poll` until `shutdown`.
+    /// Runs a pass as soon as `wake` is notified, not only every `poll`.
+    pub fn with_wake(mut self, wake: Arc<tokio::sync::Notify>) -> Self {
+        self.wake = wake;
+        self
+    }
+
+    /// Runs passes every `poll`, and at once when woken, until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.config.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    if let Err(e) = self.pass().await {
-                        tracing::warn!(error = %e, "delivery pass failed; retrying");
-                    }
-                }
+                _ = tick.tick() => {}
+                () = self.wake.notified() => {}
+            }
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "delivery pass failed; retrying");
             }
         }
     }

@@ -132,7 +132,9 @@ impl Collector {
 
     /// The delivery worker over this collector's outbox.
     pub fn dispatcher(&self, config: OutboxConfig) -> Result<Dispatcher, ServeError> {
-        Ok(Dispatcher::new(self.store.clone(), self.registry.clone(), self.clock.clone(), config)?)
+        let dispatcher =
+            Dispatcher::new(self.store.clone(), self.registry.clone(), self.clock.clone(), config)?;
+        Ok(dispatcher.with_wake(self.ingestor.new_alerts_signal()))
     }
 
     /// Makes sure `DATA/admin.token` holds a valid admin token; creates one when it does not.

@@ -732,6 +732,44 @@ async fn a_restart_between_alert_and_delivery_delivers_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_new_alert_is_delivered_at_once_not_at_the_next_poll() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook = format!("http://{}", listener.local_addr().expect("addr"));
+    let got = receiver(listener).await;
+    let clock = ManualClock::new(t(T0));
+    let kw = open(dir.path(), &clock);
+    let api = kw.c.api(None);
+    apply(&api, &kw.admin, &setup_yaml(&hook, &dir.path().join("a.jsonl"))).await;
+    // A worker that would look again only in an hour.
+    let slow = OutboxConfig { poll: Duration::from_secs(3600), ..fast() };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(kw.c.dispatcher(slow).expect("dispatcher").run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(200)).await; // its first pass found nothing
+
+    let host = common::host("web-9", &[("env", "prod")]);
+    kw.c.store.upsert_host(&host, clock.now()).expect("host");
+    let batch = common::batch("web-9", 1, &[aws(process("/usr/bin/curl", 0), T0)]);
+    let ingestor = kw.c.ingestor.clone();
+    let report = tokio::task::spawn_blocking(move || ingestor.ingest(&host, batch))
+        .await
+        .expect("ingest task")
+        .expect("ingest");
+    assert_eq!(report.outcome.new_alerts.len(), 1);
+    for _ in 0..250 {
+        if !bodies(&got, "/secops").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    task.await.expect("worker");
+    let secops = bodies(&got, "/secops");
+    assert_eq!(secops.len(), 1, "delivered when stored, not an hour later");
+    assert_eq!(secops[0]["alert"]["id"], report.outcome.new_alerts[0].id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn unacknowledged_alerts_escalate_after_the_timer_and_acknowledged_ones_never() {
     let dir = tempfile::tempdir().expect("tempdir");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
