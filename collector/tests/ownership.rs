@@ -103,6 +103,13 @@ async fn receiver(listener: TcpListener) -> Received {
     got
 }
 
+/// A receiver on a free loopback port, and its base URL.
+async fn local_receiver() -> (String, Received) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hook = format!("http://{}", listener.local_addr().expect("addr"));
+    (hook, receiver(listener).await)
+}
+
 fn bodies(got: &Received, path: &str) -> Vec<Value> {
     got.lock().expect("lock").iter().filter(|r| r.0 == path).map(|r| r.2.clone()).collect()
 }
@@ -481,9 +488,7 @@ async fn every_method_with_every_role_is_allowed_or_permission_denied() {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_sink_format_reaches_a_real_receiver_with_the_alert_context() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}", listener.local_addr().expect("addr"));
-    let got = receiver(listener).await;
+    let (hook, got) = local_receiver().await;
     let clock = ManualClock::new(t(T0));
     let kw = open(dir.path(), &clock);
     let api = kw.c.api(None);
@@ -575,9 +580,7 @@ async fn each_sink_format_reaches_a_real_receiver_with_the_alert_context() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_undeclared_use_of_a_declared_credential_reaches_secops_and_the_credential_owners() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}", listener.local_addr().expect("addr"));
-    let got = receiver(listener).await;
+    let (hook, got) = local_receiver().await;
     let clock = ManualClock::new(t(T0));
     let kw = open(dir.path(), &clock);
     let api = kw.c.api(None);
@@ -682,9 +685,7 @@ async fn a_receiver_that_is_down_gets_the_alert_when_it_comes_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restart_between_alert_and_delivery_delivers_exactly_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}", listener.local_addr().expect("addr"));
-    let got = receiver(listener).await;
+    let (hook, got) = local_receiver().await;
     let clock = ManualClock::new(t(T0));
     let (first, second) = {
         let kw = open(dir.path(), &clock);
@@ -734,9 +735,7 @@ async fn a_restart_between_alert_and_delivery_delivers_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_alert_is_delivered_at_once_not_at_the_next_poll() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}", listener.local_addr().expect("addr"));
-    let got = receiver(listener).await;
+    let (hook, got) = local_receiver().await;
     let clock = ManualClock::new(t(T0));
     let kw = open(dir.path(), &clock);
     let api = kw.c.api(None);
@@ -772,9 +771,7 @@ async fn a_new_alert_is_delivered_at_once_not_at_the_next_poll() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unacknowledged_alerts_escalate_after_the_timer_and_acknowledged_ones_never() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}", listener.local_addr().expect("addr"));
-    let got = receiver(listener).await;
+    let (hook, got) = local_receiver().await;
     let clock = ManualClock::new(t(T0));
     let kw = open(dir.path(), &clock);
     let api = kw.c.api(None);
@@ -875,9 +872,7 @@ async fn unacknowledged_alerts_escalate_after_the_timer_and_acknowledged_ones_ne
 #[tokio::test(flavor = "multi_thread")]
 async fn each_operation_leaves_one_audit_record_with_its_actor_and_widening_notifies() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let hook = format!("http://{}", listener.local_addr().expect("addr"));
-    let got = receiver(listener).await;
+    let (hook, got) = local_receiver().await;
     let clock = ManualClock::new(t(T0));
     let kw = open(dir.path(), &clock);
     let pki = Arc::new(Pki::load_or_create(dir.path(), &[]).expect("pki"));
