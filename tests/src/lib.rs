@@ -89,3 +89,34 @@ impl Drop for Pins {
             .status();
     }
 }
+
+/// The sensor and API URLs a `keywatch serve` started with `--data data` writes once it
+/// listens (`sensor.addr`, `api.addr`), after checking the API port accepts connections; an
+/// error after `patience`.
+pub fn collector_urls(
+    data: &std::path::Path,
+    patience: Duration,
+) -> Result<(String, String), &'static str> {
+    let deadline = std::time::Instant::now() + patience;
+    let read = |f: &str| std::fs::read_to_string(data.join(f)).ok().map(|s| s.trim().to_owned());
+    let (sensor_url, api_url) = loop {
+        if let (Some(s), Some(a)) = (read("sensor.addr"), read("api.addr"))
+            && !s.is_empty()
+            && !a.is_empty()
+        {
+            break (s, a);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err("the collector did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let api_port = api_url.rsplit(':').next().unwrap_or_default().to_owned();
+    while std::net::TcpStream::connect(format!("127.0.0.1:{api_port}")).is_err() {
+        if std::time::Instant::now() >= deadline {
+            return Err("the collector did not listen");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((sensor_url, api_url))
+}

@@ -44,24 +44,8 @@ impl Collector {
             .stderr(std::fs::File::create(dir.join("collector.log")).expect("log"))
             .spawn()
             .expect("starting the collector");
-        let read =
-            |f: &str| std::fs::read_to_string(data.join(f)).ok().map(|s| s.trim().to_owned());
-        let deadline = Instant::now() + PATIENCE;
-        let (sensor_url, api_url) = loop {
-            if let (Some(s), Some(a)) = (read("sensor.addr"), read("api.addr"))
-                && !s.is_empty()
-                && !a.is_empty()
-            {
-                break (s, a);
-            }
-            assert!(Instant::now() < deadline, "the collector did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let port = api_url.rsplit(':').next().expect("port").to_owned();
-        while std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_err() {
-            assert!(Instant::now() < deadline, "the collector did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let (sensor_url, _) =
+            keywatch_tests::collector_urls(&data, PATIENCE).unwrap_or_else(|why| panic!("{why}"));
         Self { child, data, sensor_url }
     }
 
