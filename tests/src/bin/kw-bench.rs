@@ -61,10 +61,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// Command line: `kw-bench --sensor PATH [--quick] [--json] [--rounds N]`.
+/// Command line: `kw-bench --sensor PATH [--quick] [--json] [--rounds N] [--program-cost]`.
 struct Args {
     sensor: PathBuf,
     quick: bool,
+    /// Only the file-open program's own cost per run (seconds, for tuning the kernel side).
+    program_cost: bool,
     json: bool,
     rounds: Option<usize>,
 }
@@ -73,6 +75,7 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         sensor: PathBuf::from("target/release/keywatch-sensor"),
         quick: false,
+        program_cost: false,
         json: false,
         rounds: None,
     };
@@ -82,14 +85,17 @@ fn parse_args() -> anyhow::Result<Args> {
             "--sensor" => args.sensor = it.next().context("--sensor needs a path")?.into(),
             "--quick" => args.quick = true,
             "--json" => args.json = true,
+            "--program-cost" => args.program_cost = true,
             "--rounds" => {
                 args.rounds = Some(it.next().context("--rounds needs a number")?.parse()?);
             }
             "-h" | "--help" => {
                 println!(
-                    "kw-bench --sensor PATH [--quick] [--json] [--rounds N]\n\n\
+                    "kw-bench --sensor PATH [--quick] [--json] [--rounds N] [--program-cost]\n\n\
                      Overhead of keywatch-sensor on this host, as ratios against a baseline\n\
-                     measured in the same run. Needs root."
+                     measured in the same run. Needs root.\n\n\
+                     --program-cost  only the file-open program's own nanoseconds per run\n\
+                     \x20               (kernel run-time statistics), in a few seconds"
                 );
                 std::process::exit(0);
             }
@@ -166,11 +172,24 @@ fn run() -> anyhow::Result<()> {
     progress!("creating {BURST_FILES} watched files");
     let bench = Workspace::create()?;
     let started = Instant::now();
+    if args.program_cost {
+        for (w, ns) in open_program_cost(&sensor, &bench, &plan)? {
+            println!("{:<34} {ns:>6.0} ns/run", w.label());
+        }
+        return Ok(());
+    }
 
     let overhead = overhead_rounds(&sensor, &bench, &plan)?;
+    let open_program = open_program_cost(&sensor, &bench, &plan)?;
     let delivery = delivery_sweep(&sensor, &bench, &plan)?;
     let resources = resources(&sensor, &bench, &plan)?;
-    let report = Report { overhead, delivery, resources, seconds: started.elapsed().as_secs_f64() };
+    let report = Report {
+        overhead,
+        open_program,
+        delivery,
+        resources,
+        seconds: started.elapsed().as_secs_f64(),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {
@@ -672,17 +691,34 @@ impl Overhead {
 
 /// How many loaded BPF programs carry `name` (the kernel keeps the first 15 bytes).
 fn loaded_programs_named(name: &[u8]) -> usize {
-    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
-    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    /// `struct bpf_prog_info`: `name[16]` starts at byte 64.
-    const INFO_NAME: usize = 64;
-    let bpf = |cmd: libc::c_long, attr: &mut [u32; 8]| {
-        // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the size passed.
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 32usize) }
-    };
     let name = &name[..name.len().min(15)];
-    let mut found = 0;
+    loaded_programs().iter().filter(|p| p.name.as_bytes() == name).count()
+}
+
+/// One loaded kernel program and its run-time statistics (zero unless enabled).
+struct LoadedProgram {
+    name: String,
+    run_time_ns: u64,
+    run_count: u64,
+}
+
+const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_ENABLE_STATS: libc::c_long = 32;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u32; 8]) -> libc::c_long {
+    // SAFETY: `attr` is a zero-padded `union bpf_attr` prefix of the size passed.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 32usize) }
+}
+
+/// Every kernel program loaded on the host, by name (truncated to 15 bytes by the kernel).
+fn loaded_programs() -> Vec<LoadedProgram> {
+    /// `struct bpf_prog_info`: `name[16]` at byte 64, `run_time_ns` at 192, `run_cnt` at 200.
+    const INFO_NAME: usize = 64;
+    const INFO_RUN_TIME: usize = 192;
+    const INFO_RUN_COUNT: usize = 200;
+    let mut found = Vec::new();
     let mut id = 0u32;
     loop {
         let mut attr = [id, 0, 0, 0, 0, 0, 0, 0];
@@ -701,12 +737,56 @@ fn loaded_programs_named(name: &[u8]) -> usize {
         let ok = bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) == 0;
         // SAFETY: closing the fd just obtained.
         unsafe { libc::close(fd as i32) };
-        let prog_name = &info[INFO_NAME..INFO_NAME + 16];
-        let len = prog_name.iter().position(|&b| b == 0).unwrap_or(16);
-        if ok && &prog_name[..len] == name {
-            found += 1;
+        if !ok {
+            continue;
         }
+        let name = &info[INFO_NAME..INFO_NAME + 16];
+        let len = name.iter().position(|&b| b == 0).unwrap_or(16);
+        let u64_at = |at: usize| u64::from_ne_bytes(info[at..at + 8].try_into().expect("8 bytes"));
+        found.push(LoadedProgram {
+            name: String::from_utf8_lossy(&name[..len]).into_owned(),
+            run_time_ns: u64_at(INFO_RUN_TIME),
+            run_count: u64_at(INFO_RUN_COUNT),
+        });
     }
+}
+
+/// Sum of run time and runs over the programs named `name`.
+fn program_totals(name: &str) -> (u64, u64) {
+    loaded_programs()
+        .iter()
+        .filter(|p| p.name == name)
+        .fold((0, 0), |(t, c), p| (t + p.run_time_ns, c + p.run_count))
+}
+
+/// Nanoseconds per run of the file-open program, per open workload, from the kernel's own
+/// run-time statistics (enabled only for this pass: they add two clock reads to every run, so
+/// the overhead rounds run without them).
+fn open_program_cost(
+    sensor: &Path,
+    bench: &Workspace,
+    plan: &Plan,
+) -> anyhow::Result<Vec<(Workload, f64)>> {
+    progress!("open program: kernel run-time statistics");
+    let s = SensorProcess::start(sensor, Some(&bench.config), bench)?;
+    let mut attr = [0u32; 8]; // BPF_STATS_RUN_TIME
+    let stats_fd = bpf(BPF_ENABLE_STATS, &mut attr);
+    if stats_fd < 0 {
+        s.stop()?;
+        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+    }
+    let workloads = Workloads { bench, plan, listener: Listener::open()? };
+    let mut costs = Vec::new();
+    for w in [Workload::OpenUnwatched, Workload::OpenWatched] {
+        let (t0, c0) = program_totals("sys_exit_openat");
+        workloads.run(w, plan.open_iters)?;
+        let (t1, c1) = program_totals("sys_exit_openat");
+        costs.push((w, (t1 - t0) as f64 / (c1 - c0).max(1) as f64));
+    }
+    // SAFETY: closing the stats fd obtained above turns the statistics off again.
+    unsafe { libc::close(stats_fd as i32) };
+    s.stop()?;
+    Ok(costs)
 }
 
 fn overhead_rounds(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Result<Overhead> {
@@ -1113,6 +1193,8 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
 
 struct Report {
     overhead: Overhead,
+    /// Nanoseconds per run of the file-open program, per open workload.
+    open_program: Vec<(Workload, f64)>,
     delivery: Vec<Step>,
     resources: Vec<Usage>,
     seconds: f64,
@@ -1207,6 +1289,14 @@ impl Report {
                 }
             ));
         }
+        line(format!(
+            "file-open program alone (kernel run-time statistics, separate pass): {}",
+            self.open_program
+                .iter()
+                .map(|(w, ns)| format!("{ns:.0} ns/run on {}", w.label()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         line(String::new());
         line(format!(
             "watched-access delivery: distinct = fresh driver processes each opening {BURST_FILES} \
@@ -1334,6 +1424,7 @@ impl Report {
             "rounds": self.overhead.clean.len(),
             "rounds_used": self.overhead.used().iter().filter(|&&u| u).count(),
             "overhead": overhead,
+            "open_program_ns_per_run": self.open_program.iter().map(|(w, ns)| (w.key().to_string(), json!(ns))).collect::<serde_json::Map<_, _>>(),
             "other_sensors_loaded": self.overhead.foreign,
             "delivery": {
                 "steps": delivery,
