@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -499,7 +499,8 @@ pub struct KernelOffsets {
     pub io_open_file_slot: u32,
     /// `io_kiocb.file`: the file a request works on (the socket of a connect).
     pub io_kiocb_file: u32,
-    pub _reserved0: u32,
+    /// `dentry.d_name.len`.
+    pub dentry_name_len: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -521,18 +522,28 @@ pub struct ReadWindow {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReadWindows {
-    /// `files_struct`: `fdt` and `fdtab.fd`.
-    pub files: ReadWindow,
     /// `file`: `f_inode`, `f_flags`, `f_path.dentry`.
     pub file: ReadWindow,
     /// `inode`: `i_sb`, `i_ino`.
     pub inode: ReadWindow,
     /// `super_block`: `s_dev`, `s_magic`.
     pub sb: ReadWindow,
-    /// `dentry`: `d_parent`, `d_name.name`, `d_inode`.
+    /// `dentry`: `d_parent`, `d_name.len`, `d_name.name`, `d_inode`.
     pub dentry: ReadWindow,
-    pub _pad0: u32,
-    pub _pad1: u32,
+}
+
+/// Words (`u64`) of the `WATCH_FILTER` bitmap: 2^18 bits.
+pub const FILTER_WORDS: u32 = 4096;
+
+/// The `WATCH_FILTER` word and bit of an inode number. The filter holds a bit for the inode of
+/// every watched file and watched directory (any device), so the open hook decides "not
+/// watched" for nearly every open with one inlined array read instead of reading the
+/// superblock and probing two hash maps; a set bit only means "look it up".
+#[inline(always)]
+pub fn filter_slot(ino: u64) -> (u32, u64) {
+    // Fibonacci hashing: the top 18 bits of the product spread consecutive inode numbers.
+    let bit = ino.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 18);
+    ((bit >> 6) as u32, 1u64 << (bit & 63))
 }
 
 /// Index in the `RUNTIME` array map of the sensor's own thread-group id, whose activity is never
@@ -558,6 +569,11 @@ pub struct SensorConfig {
     pub fold_window_ns: u64,
     pub offsets: KernelOffsets,
     pub windows: ReadWindows,
+    /// 1 when the kernel lets these programs walk `task_struct` through BTF pointers
+    /// (`bpf_get_current_task_btf`): the verifier checks each load against the kernel's types
+    /// and compiles it to a plain load instead of a `bpf_probe_read_kernel` call.
+    pub task_btf: u32,
+    pub _pad0: u32,
 }
 
 // Layout guards: a change here is a change of ABI_VERSION.
@@ -575,8 +591,9 @@ const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 38 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
-const _: () = assert!(size_of::<ReadWindows>() == 6 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 38 * 4 + 6 * 8);
+const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 38 * 4 + 4 * 8 + 8);
+const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]
 mod pod {

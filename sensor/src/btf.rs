@@ -86,6 +86,21 @@ impl KernelBtf {
         }
     }
 
+    /// True when the kernel knows the BPF helper `name` (`enum bpf_func_id` has
+    /// `BPF_FUNC_<name>`).
+    pub fn has_helper(&self, name: &str) -> bool {
+        let wanted = format!("BPF_FUNC_{name}");
+        let Ok(types) = self.btf.resolve_types_by_name("bpf_func_id") else {
+            return false;
+        };
+        types.iter().any(|t| match t {
+            Type::Enum(e) => {
+                e.members.iter().any(|m| self.btf.resolve_name(m).is_ok_and(|n| n == wanted))
+            }
+            _ => false,
+        })
+    }
+
     /// Offset of a member path such as `["f_path", "dentry"]` across nested structs.
     fn path_offset(&self, strukt: &str, path: &[(&str, &str)]) -> Result<u32, BtfError> {
         let mut total = 0;
@@ -141,7 +156,7 @@ impl KernelBtf {
             io_kiocb_opcode: self.member_offset("io_kiocb", "opcode").unwrap_or(NO_OFFSET),
             io_open_file_slot: self.member_offset("io_open", "file_slot").unwrap_or(NO_OFFSET),
             io_kiocb_file: self.member_offset("io_kiocb", "file").unwrap_or(NO_OFFSET),
-            _reserved0: 0,
+            dentry_name_len: self.path_offset("dentry", &[("d_name", "qstr"), ("len", "")])?,
         })
     }
 }
@@ -150,13 +165,15 @@ impl KernelBtf {
 /// programs read from one struct, so one `bpf_probe_read_kernel` replaces one per field.
 pub fn read_windows(o: &KernelOffsets) -> ReadWindows {
     ReadWindows {
-        files: read_window(&[(o.files_fdt, 8), (o.files_fdtab + o.fdtable_fd, 8)]),
         file: read_window(&[(o.file_f_inode, 8), (o.file_f_flags, 4), (o.file_dentry, 8)]),
         inode: read_window(&[(o.inode_i_sb, 8), (o.inode_i_ino, 8)]),
         sb: read_window(&[(o.sb_s_dev, 4), (o.sb_s_magic, 8)]),
-        dentry: read_window(&[(o.dentry_d_parent, 8), (o.dentry_name, 8), (o.dentry_d_inode, 8)]),
-        _pad0: 0,
-        _pad1: 0,
+        dentry: read_window(&[
+            (o.dentry_d_parent, 8),
+            (o.dentry_name_len, 4),
+            (o.dentry_name, 8),
+            (o.dentry_d_inode, 8),
+        ]),
     }
 }
 
@@ -195,6 +212,16 @@ mod tests {
     }
 
     #[test]
+    fn knows_which_helpers_this_kernel_has() {
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("skipped: no readable {VMLINUX_BTF}");
+            return;
+        };
+        assert!(btf.has_helper("probe_read_kernel"));
+        assert!(!btf.has_helper("no_such_helper"));
+    }
+
+    #[test]
     fn finds_members_inside_anonymous_unions() {
         let Ok(btf) = KernelBtf::load() else {
             eprintln!("skipped: no readable {VMLINUX_BTF}");
@@ -220,7 +247,7 @@ mod tests {
         let offsets = btf.kernel_offsets().expect("offsets");
         let w = read_windows(&offsets);
         for (name, window) in
-            [("files", w.files), ("file", w.file), ("inode", w.inode), ("dentry", w.dentry)]
+            [("file", w.file), ("inode", w.inode), ("sb", w.sb), ("dentry", w.dentry)]
         {
             assert!(window.len > 0 && window.len <= READ_WINDOW_MAX, "{name}: {window:?}");
         }

@@ -190,6 +190,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", probe_table(&report));
+                let btf = crate::btf::KernelBtf::load()?;
+                println!("\nkernel struct reads: {}", loader::kernel_reads(&btf));
             }
             Ok(())
         }

@@ -3,8 +3,10 @@
 
 use std::net::IpAddr;
 
-use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
-use sensor_ebpf::{EndpointKey, EndpointValue, FileKey, FoldKey, FoldState, NameKey};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
+use sensor_ebpf::{
+    EndpointKey, EndpointValue, FILTER_WORDS, FileKey, FoldKey, FoldState, NameKey, filter_slot,
+};
 
 use crate::watch::kernel_dev;
 
@@ -48,6 +50,65 @@ pub struct WatchMaps {
     pub(crate) sockets: HashMap<MapData, FileKey, u32>,
     pub(crate) names: HashMap<MapData, NameKey, u32>,
     pub(crate) endpoints: LpmTrie<MapData, EndpointKey, EndpointValue>,
+    pub(crate) filter: WatchFilter,
+}
+
+/// The sensor's side of the kernel's `WATCH_FILTER`: one bit per inode number of every watched
+/// file and directory. A bit is set before the first entry needing it goes into a hash map and
+/// cleared after the last one has left, so the kernel never has an entry its filter hides.
+pub struct WatchFilter {
+    map: Array<MapData, u64>,
+    words: Vec<u64>,
+    /// Bits already set when the map was opened (by a previous sensor whose pinned maps this
+    /// one adopted): kept, since their entries are not known here. They cost only look-ups.
+    inherited: Vec<u64>,
+    /// Hash-map entries behind each bit this process set, by (word, bit).
+    refs: std::collections::HashMap<(u32, u64), u32>,
+}
+
+impl WatchFilter {
+    pub fn open(map: Array<MapData, u64>) -> Result<Self, MapError> {
+        let words = (0..FILTER_WORDS).map(|i| map.get(&i, 0)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { inherited: words.clone(), words, map, refs: Default::default() })
+    }
+
+    fn set_word(&mut self, word: u32, value: u64) -> Result<(), MapError> {
+        self.map.set(word, value, 0)?;
+        self.words[word as usize] = value;
+        Ok(())
+    }
+
+    fn add(&mut self, ino: u64) -> Result<(), MapError> {
+        let (word, bit) = filter_slot(ino);
+        let value = self.words[word as usize];
+        if value & bit == 0 {
+            self.set_word(word, value | bit)?;
+        }
+        *self.refs.entry((word, bit)).or_default() += 1;
+        Ok(())
+    }
+
+    fn remove(&mut self, ino: u64) -> Result<(), MapError> {
+        let (word, bit) = filter_slot(ino);
+        let Some(refs) = self.refs.get_mut(&(word, bit)) else {
+            return Ok(());
+        };
+        *refs -= 1;
+        if *refs > 0 {
+            return Ok(());
+        }
+        self.refs.remove(&(word, bit));
+        if self.inherited[word as usize] & bit != 0 {
+            return Ok(());
+        }
+        self.set_word(word, self.words[word as usize] & !bit)
+    }
+
+    /// True when the bit of `ino` is set (what the kernel side tests).
+    pub fn contains(&self, ino: u64) -> bool {
+        let (word, bit) = filter_slot(ino);
+        self.words[word as usize] & bit != 0
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,33 +120,64 @@ pub struct MapUpdateError {
 
 impl WatchMaps {
     pub fn insert_file(&mut self, key: FileKey, watch_id: u32) -> Result<(), MapUpdateError> {
-        self.files
-            .insert(key, watch_id, 0)
-            .map_err(|source| MapUpdateError { map: "WATCHED_FILES", source })
+        let new = self.files.get(&key, 0).is_err();
+        self.filtered_insert(new, key.ino, "WATCHED_FILES", |m| m.files.insert(key, watch_id, 0))
     }
 
     pub fn remove_file(&mut self, key: &FileKey) -> Result<(), MapUpdateError> {
-        self.files.remove(key).map_err(|source| MapUpdateError { map: "WATCHED_FILES", source })
+        self.filtered_remove(key.ino, "WATCHED_FILES", |m| m.files.remove(key))
     }
 
     pub fn insert_dir(&mut self, key: FileKey, watch_id: u32) -> Result<(), MapUpdateError> {
-        self.dirs
-            .insert(key, watch_id, 0)
-            .map_err(|source| MapUpdateError { map: "WATCHED_DIRS", source })
+        let new = self.dirs.get(&key, 0).is_err();
+        self.filtered_insert(new, key.ino, "WATCHED_DIRS", |m| m.dirs.insert(key, watch_id, 0))
     }
 
     pub fn remove_dir(&mut self, key: &FileKey) -> Result<(), MapUpdateError> {
-        self.dirs.remove(key).map_err(|source| MapUpdateError { map: "WATCHED_DIRS", source })
+        self.filtered_remove(key.ino, "WATCHED_DIRS", |m| m.dirs.remove(key))
     }
 
     pub fn insert_name(&mut self, key: NameKey, watch_id: u32) -> Result<(), MapUpdateError> {
-        self.names
-            .insert(key, watch_id, 0)
-            .map_err(|source| MapUpdateError { map: "WATCHED_NAMES", source })
+        let new = self.names.get(&key, 0).is_err();
+        self.filtered_insert(new, key.dir_ino, "WATCHED_NAMES", |m| {
+            m.names.insert(key, watch_id, 0)
+        })
     }
 
     pub fn remove_name(&mut self, key: &NameKey) -> Result<(), MapUpdateError> {
-        self.names.remove(key).map_err(|source| MapUpdateError { map: "WATCHED_NAMES", source })
+        self.filtered_remove(key.dir_ino, "WATCHED_NAMES", |m| m.names.remove(key))
+    }
+
+    /// Inserts into a filtered map: a new entry's filter bit goes in first.
+    fn filtered_insert(
+        &mut self,
+        new: bool,
+        ino: u64,
+        map: &'static str,
+        insert: impl FnOnce(&mut Self) -> Result<(), MapError>,
+    ) -> Result<(), MapUpdateError> {
+        if new {
+            self.filter
+                .add(ino)
+                .map_err(|source| MapUpdateError { map: "WATCH_FILTER", source })?;
+        }
+        insert(self).map_err(|source| {
+            if new {
+                let _ = self.filter.remove(ino);
+            }
+            MapUpdateError { map, source }
+        })
+    }
+
+    /// Removes from a filtered map: the filter bit goes after the last entry needing it.
+    fn filtered_remove(
+        &mut self,
+        ino: u64,
+        map: &'static str,
+        remove: impl FnOnce(&mut Self) -> Result<(), MapError>,
+    ) -> Result<(), MapUpdateError> {
+        remove(self).map_err(|source| MapUpdateError { map, source })?;
+        self.filter.remove(ino).map_err(|source| MapUpdateError { map: "WATCH_FILTER", source })
     }
 
     pub fn insert_socket(&mut self, key: FileKey, watch_id: u32) -> Result<(), MapUpdateError> {

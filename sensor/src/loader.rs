@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::{
     btf::{BtfError, KernelBtf},
-    kernel_maps::{FoldMap, WatchMaps},
+    kernel_maps::{FoldMap, WatchFilter, WatchMaps},
     pins::{self, PinDir, PinState},
     system::{self, SystemError},
 };
@@ -247,6 +247,8 @@ impl Loaded {
             sockets: self.typed("WATCHED_SOCKETS", aya::maps::HashMap::try_from)?,
             names: self.typed("WATCHED_NAMES", aya::maps::HashMap::try_from)?,
             endpoints: self.typed("ENDPOINTS", aya::maps::LpmTrie::try_from)?,
+            filter: WatchFilter::open(self.typed("WATCH_FILTER", aya::maps::Array::try_from)?)
+                .map_err(|source| LoadError::Map { name: "WATCH_FILTER", source })?,
         })
     }
 
@@ -306,10 +308,17 @@ fn open_object(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Ebpf, LoadEr
     if crate::EBPF_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
-    let offsets = KernelBtf::load()?.kernel_offsets()?;
+    let btf = KernelBtf::load()?;
+    tracing::info!(reads = kernel_reads(&btf), "kernel struct reads");
+    let offsets = btf.kernel_offsets()?;
     let windows = crate::btf::read_windows(&offsets);
-    let config =
-        SensorConfig { fold_window_ns: opts.fold_window.as_nanos() as u64, offsets, windows };
+    let config = SensorConfig {
+        fold_window_ns: opts.fold_window.as_nanos() as u64,
+        offsets,
+        windows,
+        task_btf: u32::from(btf.has_helper("get_current_task_btf")),
+        _pad0: 0,
+    };
     let pin_paths: Vec<(&'static str, PathBuf)> = match pins {
         Some(p) => pins::MAPS.iter().map(|&name| (name, p.map_path(name))).collect(),
         None => Vec::new(),
@@ -495,6 +504,17 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     }
     loaded.set_self()?;
     Ok(loaded)
+}
+
+/// How the file programs read kernel structs on this kernel (shown by `probe`): plain loads
+/// checked by the verifier through BTF pointers where the kernel has
+/// `bpf_get_current_task_btf` (5.11+), a `bpf_probe_read_kernel` per read otherwise.
+pub fn kernel_reads(btf: &KernelBtf) -> &'static str {
+    if btf.has_helper("get_current_task_btf") {
+        "BTF pointer walk from the current task (verifier-checked plain loads)"
+    } else {
+        "bpf_probe_read_kernel per read (no bpf_get_current_task_btf on this kernel)"
+    }
 }
 
 /// Tries every program and reports what works on this host, without failing on gaps.

@@ -20,6 +20,7 @@ use sha2::{Digest as _, Sha256};
 pub const MAPS: &[&str] = &[
     "EVENTS",
     "LOST",
+    "WATCH_FILTER",
     "WATCHED_FILES",
     "WATCHED_DIRS",
     "WATCHED_NAMES",

@@ -21,9 +21,9 @@ use super::{
     fold, kread,
     maps::{
         CONNECT_FDS, EVENTS, NAME_SCRATCH, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES,
-        WATCHED_NAMES, WATCHED_SOCKETS, count_lost, offsets, windows,
+        WATCHED_NAMES, WATCHED_SOCKETS, count_lost, maybe_watched, offsets, task_btf, windows,
     },
-    task::{current_task, header},
+    task::{current_task, current_task_btf, header},
 };
 
 /// `long ret` in every `syscalls:sys_exit_*` format.
@@ -123,24 +123,34 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
 /// No `max_fds` bound check: the fd was installed by this very syscall (or, for connect, was
 /// valid for it), and fd tables only grow; a stale slot reads as NULL or fails the next read.
 #[inline(always)]
-fn file_of_fd(view: &mut kread::View, fd: u32) -> Result<*const u8, i64> {
+fn file_of_fd(fd: u32) -> Result<*const u8, i64> {
     let o = offsets();
-    let files = kread::ptr(current_task(), o.task_files)?;
-    let fds = {
-        // Until the table grows, `fdt` points at the table embedded in `files_struct`, whose
-        // `fd` the same window read holds.
-        let view = view.load(files, windows().files)?;
-        let fdt = view.ptr(o.files_fdt)?;
-        if fdt == files.wrapping_add(o.files_fdtab as usize) {
-            view.ptr(o.files_fdtab + o.fdtable_fd)?
-        } else {
-            kread::ptr(fdt, o.fdtable_fd)?
-        }
+    let fds = if task_btf() {
+        let files = kread::btf_ptr(current_task_btf(), o.task_files)?;
+        let fdt = kread::btf_ptr(files, o.files_fdt)?;
+        kread::btf_ptr(fdt, o.fdtable_fd)?
+    } else {
+        let files = kread::ptr(current_task(), o.task_files)?;
+        let fdt = kread::ptr(files, o.files_fdt)?;
+        kread::ptr(fdt, o.fdtable_fd)?
     };
     kread::ptr(fds, fd.wrapping_mul(8))
 }
 
+/// `s_dev` and `s_magic` of a superblock.
+#[inline(always)]
+fn superblock(view: &mut kread::View, sb: *const u8) -> Result<(u32, u64), i64> {
+    let o = offsets();
+    let view = view.load(sb, windows().sb)?;
+    Ok((view.at::<u32>(o.sb_s_dev)?, view.at::<u64>(o.sb_s_magic)?))
+}
+
 /// A file just opened as `fd` in the current process: matched against the watches.
+///
+/// The order keeps unwatched opens cheap: the inode numbers of the file and of its parent
+/// directory go through the watch filter first; the superblock is read and the hash maps are
+/// probed only for inodes the filter does not rule out (or names that could be a procfs
+/// secret).
 #[inline(always)]
 fn on_new_fd(fd: u32) -> Result<(), i64> {
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
@@ -151,34 +161,53 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     let o = offsets();
     let w = windows();
     let mut view = kread::View::new();
-    let file = file_of_fd(&mut view, fd)?;
-    let (inode, dentry) = {
+    let file = file_of_fd(fd)?;
+    let (inode, dentry, flags) = {
         let view = view.load(file, w.file)?;
-        (view.ptr(o.file_f_inode)?, view.ptr(o.file_dentry)?)
+        // From the window for free; read on its own later (only if needed) without one.
+        let flags = if w.file.len != 0 { Some(view.at::<u32>(o.file_f_flags)?) } else { None };
+        (view.ptr(o.file_f_inode)?, view.ptr(o.file_dentry)?, flags)
     };
     let (sb, ino) = {
         let view = view.load(inode, w.inode)?;
         (view.ptr(o.inode_i_sb)?, view.at::<u64>(o.inode_i_ino)?)
     };
-    let (dev, magic) = {
-        let view = view.load(sb, w.sb)?;
-        (view.at::<u32>(o.sb_s_dev)?, view.at::<u64>(o.sb_s_magic)?)
-    };
-    let key = FileKey { dev, _pad0: 0, ino };
+    let opened = Opened { file, dentry, flags, tgid };
 
     // The file itself first: the parent directory is only walked when it is not watched.
-    if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
-        return emit_file(&mut view, file, dentry, key, None, (watch_id, FileMatch::File), tgid);
+    let mut fs = None;
+    if maybe_watched(ino) {
+        let (dev, magic) = superblock(&mut view, sb)?;
+        fs = Some((dev, magic));
+        let key = FileKey { dev, _pad0: 0, ino };
+        if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
+            return emit_file(&mut view, &opened, key, None, (watch_id, FileMatch::File));
+        }
     }
-    let (parent, name_ptr) = {
+    let (parent, name_ptr, name_len) = {
         let view = view.load(dentry, w.dentry)?;
-        (view.ptr(o.dentry_d_parent)?, view.ptr(o.dentry_name)?)
+        (view.ptr(o.dentry_d_parent)?, view.ptr(o.dentry_name)?, view.at::<u32>(o.dentry_name_len)?)
     };
-    if magic == PROC_SUPER_MAGIC {
-        return proc_secret(file, name_ptr, parent, pid_tgid);
+    // Only "environ" and "mem" can be a procfs secret.
+    if name_len == 7 || name_len == 3 {
+        let (_, magic) = match fs {
+            Some(fs) => fs,
+            None => superblock(&mut view, sb)?,
+        };
+        if magic == PROC_SUPER_MAGIC {
+            return proc_secret(&opened, name_ptr, parent, pid_tgid);
+        }
     }
     let parent_inode = kread::ptr(parent, o.dentry_d_inode)?;
     let parent_ino: u64 = kread::at(parent_inode, o.inode_i_ino)?;
+    if !maybe_watched(parent_ino) {
+        return Ok(());
+    }
+    let (dev, _) = match fs {
+        Some(fs) => fs,
+        None => superblock(&mut view, sb)?,
+    };
+    let key = FileKey { dev, _pad0: 0, ino };
     let dir = FileKey { dev, _pad0: 0, ino: parent_ino };
     let Some(&dir_value) = (unsafe { WATCHED_DIRS.get(dir) }) else {
         return Ok(());
@@ -186,7 +215,7 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     let found = Some((parent_ino, name_ptr));
     if dir_value & DIR_ANY_NAME != 0 {
         let watch_id = dir_value & !DIR_ANY_NAME;
-        return emit_file(&mut view, file, dentry, key, found, (watch_id, FileMatch::Dir), tgid);
+        return emit_file(&mut view, &opened, key, found, (watch_id, FileMatch::Dir));
     }
     // Only opens in watched directories pay for copying and hashing the name.
     let scratch = NAME_SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
@@ -197,9 +226,25 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     };
     let name_key = NameKey { dev, _pad0: 0, dir_ino: parent_ino, hash };
     if let Some(&watch_id) = unsafe { WATCHED_NAMES.get(name_key) } {
-        return emit_file(&mut view, file, dentry, key, found, (watch_id, FileMatch::Name), tgid);
+        return emit_file(&mut view, &opened, key, found, (watch_id, FileMatch::Name));
     }
     Ok(())
+}
+
+/// A file just opened, as far as the open hook has read it.
+struct Opened {
+    file: *const u8,
+    dentry: *const u8,
+    /// `f_flags` when the file's read window held it.
+    flags: Option<u32>,
+    tgid: u32,
+}
+
+impl Opened {
+    #[inline(always)]
+    fn flags(&self) -> u32 {
+        self.flags.unwrap_or_else(|| kread::at(self.file, offsets().file_f_flags).unwrap_or(0))
+    }
 }
 
 /// Emits (or folds) a file-open record. `found`: the parent directory's inode and the name
@@ -208,27 +253,25 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
 #[inline(always)]
 fn emit_file(
     view: &mut kread::View,
-    file: *const u8,
-    dentry: *const u8,
+    opened: &Opened,
     key: FileKey,
     found: Option<(u64, *const u8)>,
     (watch_id, matched): (u32, FileMatch),
-    tgid: u32,
 ) -> Result<(), i64> {
     let o = offsets();
-    let flags: u32 = kread::at(file, o.file_f_flags).unwrap_or(0);
+    let flags = opened.flags();
     if flags & O_PATH != 0 {
         // A handle that cannot read (only stat, pass on, or re-open — which is an open).
         return Ok(());
     }
-    let fold_key = FoldKey::file(tgid, key.dev, key.ino);
+    let fold_key = FoldKey::file(opened.tgid, key.dev, key.ino);
     let Some(total) = fold::occurrence(&fold_key) else {
         return Ok(());
     };
     let (parent_ino, name_ptr) = match found {
         Some(found) => found,
         None => {
-            let view = view.load(dentry, windows().dentry)?;
+            let view = view.load(opened.dentry, windows().dentry)?;
             let parent = view.ptr(o.dentry_d_parent)?;
             let parent_inode = kread::ptr(parent, o.dentry_d_inode)?;
             (kread::at::<u64>(parent_inode, o.inode_i_ino)?, view.ptr(o.dentry_name)?)
@@ -264,7 +307,7 @@ fn emit_file(
 /// dentry (name, and the parent's name as the pid), not from the string the caller passed.
 #[inline(always)]
 fn proc_secret(
-    file: *const u8,
+    opened: &Opened,
     name_ptr: *const u8,
     parent: *const u8,
     pid_tgid: u64,
@@ -289,8 +332,7 @@ fn proc_secret(
     if target == 0 || target == tgid || target == pid_tgid as u32 {
         return Ok(()); // not a pid directory, or the caller's own process
     }
-    let flags: u32 = kread::at(file, o.file_f_flags).unwrap_or(0);
-    emit_secret(tgid, method, target, 0, flags, NO_WATCH)
+    emit_secret(tgid, method, target, 0, opened.flags(), NO_WATCH)
 }
 
 /// Decimal digits up to the first NUL; 0 when anything else appears.
@@ -368,7 +410,7 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if super::task::is_self(tgid) {
         return Ok(());
     }
-    unix_connected(file_of_fd(&mut kread::View::new(), fd)?, tgid)
+    unix_connected(file_of_fd(fd)?, tgid)
 }
 
 /// `file` (a socket) was just connected by `tgid`: a secret access when its peer is a watched

@@ -22,6 +22,19 @@ pub fn ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
     if p.is_null() { Err(-1) } else { Ok(p) }
 }
 
+/// Reads the kernel pointer at `base + offset` with a plain load, refusing NULL. Only for a
+/// `base` the verifier knows as a BTF pointer (from `bpf_get_current_task_btf` and walks from
+/// it) and an offset it knows as a constant (the frozen offsets global): it checks the load
+/// against the kernel's type and makes it fault-tolerant (a bad address reads as 0).
+#[inline(always)]
+pub fn btf_ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
+    // SAFETY: see above; volatile keeps the compiler from reshaping the address arithmetic
+    // the verifier must see.
+    let p: *const u8 =
+        unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast()) };
+    if p.is_null() { Err(-1) } else { Ok(p) }
+}
+
 /// Several fields of one kernel struct, read with one `bpf_probe_read_kernel` of the struct's
 /// [`ReadWindow`], or field by field when the loader found no window for them.
 pub struct View {

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use sensor_ebpf::{
-    EndpointKey, EndpointValue, EventKind, FileKey, FoldKey, FoldState, KernelOffsets, NAME_LEN,
-    NameKey, PinMeta, ReadWindow, ReadWindows, SensorConfig,
+    EndpointKey, EndpointValue, EventKind, FILTER_WORDS, FileKey, FoldKey, FoldState,
+    KernelOffsets, NAME_LEN, NameKey, PinMeta, ReadWindow, ReadWindows, SensorConfig, filter_slot,
 };
 
 /// Ring buffer of event records; userspace sizes it at load time.
@@ -22,6 +22,11 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(16, 0);
 /// Watched files by (dev, ino) → watch id.
 #[map]
 pub static WATCHED_FILES: HashMap<FileKey, u32> = HashMap::with_max_entries(16384, 0);
+
+/// One bit per inode number of a watched file or directory, in front of the hash maps
+/// ([`sensor_ebpf::filter_slot`]); kept by the sensor together with them.
+#[map]
+pub static WATCH_FILTER: Array<u64> = Array::with_max_entries(FILTER_WORDS, 0);
 
 /// Watched directories by (dev, ino) → watch id, with [`sensor_ebpf::DIR_ANY_NAME`] when any
 /// name matches; otherwise the name must be in [`WATCHED_NAMES`].
@@ -72,18 +77,13 @@ pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
     fold_window_ns: 1_000_000_000,
     offsets: ZERO_OFFSETS,
     windows: NO_WINDOWS,
+    task_btf: 0,
+    _pad0: 0,
 });
 
 const NO_WINDOW: ReadWindow = ReadWindow { base: 0, len: 0 };
-const NO_WINDOWS: ReadWindows = ReadWindows {
-    files: NO_WINDOW,
-    file: NO_WINDOW,
-    inode: NO_WINDOW,
-    sb: NO_WINDOW,
-    dentry: NO_WINDOW,
-    _pad0: 0,
-    _pad1: 0,
-};
+const NO_WINDOWS: ReadWindows =
+    ReadWindows { file: NO_WINDOW, inode: NO_WINDOW, sb: NO_WINDOW, dentry: NO_WINDOW };
 
 const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     task_real_parent: 0,
@@ -123,7 +123,7 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     io_kiocb_opcode: 0,
     io_open_file_slot: 0,
     io_kiocb_file: 0,
-    _reserved0: 0,
+    dentry_name_len: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole
@@ -147,6 +147,21 @@ pub fn offsets() -> &'static KernelOffsets {
 #[inline(always)]
 pub fn windows() -> &'static ReadWindows {
     &config().windows
+}
+
+/// True when the programs may walk `task_struct` through BTF pointers
+/// ([`SensorConfig::task_btf`]); a constant to the verifier, which checks only the branch taken.
+#[inline(always)]
+pub fn task_btf() -> bool {
+    config().task_btf != 0
+}
+
+/// False only when no watched file or directory has this inode number (see
+/// [`sensor_ebpf::filter_slot`]).
+#[inline(always)]
+pub fn maybe_watched(ino: u64) -> bool {
+    let (word, bit) = filter_slot(ino);
+    WATCH_FILTER.get(word).is_none_or(|&w| w & bit != 0)
 }
 
 /// Repeats of a fold key within this many nanoseconds produce no new record.

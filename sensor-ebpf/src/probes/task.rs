@@ -30,6 +30,14 @@ pub fn current_task() -> *const u8 {
     unsafe { bpf_get_current_task() as *const u8 }
 }
 
+/// The current `task_struct` as a BTF pointer, for [`kread::btf_ptr`] walks; only where
+/// [`super::maps::task_btf`] holds.
+#[inline(always)]
+pub fn current_task_btf() -> *const u8 {
+    // SAFETY: helper without preconditions.
+    unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() as *const u8 }
+}
+
 /// Boot-clock nanoseconds.
 #[inline(always)]
 pub fn now_ns() -> u64 {
