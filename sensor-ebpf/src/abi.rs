@@ -573,8 +573,21 @@ pub struct SensorConfig {
     /// (`bpf_get_current_task_btf`): the verifier checks each load against the kernel's types
     /// and compiles it to a plain load instead of a `bpf_probe_read_kernel` call.
     pub task_btf: u32,
-    pub _pad0: u32,
+    /// The kernel's BTF id of `struct file`, for [`KFUNC_RDONLY_CAST_CALL`].
+    pub file_btf_id: u32,
 }
+
+/// Placeholder of a call to the kfunc `bpf_rdonly_cast(obj, btf_id)` (kernel 6.2+), which
+/// turns a kernel address into a BTF pointer the programs may load from directly. A kfunc is
+/// called by its BTF id, which differs per kernel: the programs emit this instruction
+/// (`call`, src = kfunc, imm = a marker) and the loader patches the imm with the running
+/// kernel's id, or replaces the whole call with `r0 = 0` (a NULL result) when the kernel does
+/// not have the kfunc. Little-endian instruction bytes as one `u64`.
+pub const KFUNC_RDONLY_CAST_CALL: u64 = (KFUNC_MARKER_RDONLY_CAST as u64) << 32 | 0x2085;
+/// The marker imm of [`KFUNC_RDONLY_CAST_CALL`].
+pub const KFUNC_MARKER_RDONLY_CAST: u32 = 0x6b77_ca57;
+/// `r0 = 0`: what replaces a kfunc call the kernel does not have.
+pub const INSN_R0_ZERO: u64 = 0xb7;
 
 // Layout guards: a change here is a change of ABI_VERSION.
 const _: () = assert!(size_of::<EventHeader>() == 72);

@@ -4,6 +4,8 @@
 // A cross-CPU atomic add on a map value: the bpf target has no stable atomic read-modify-write.
 #![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "atomic_xadd"))]
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+// Kfunc calls are emitted as raw instructions (see `probes::kfunc`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod probes;

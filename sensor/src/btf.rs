@@ -101,6 +101,21 @@ impl KernelBtf {
         })
     }
 
+    /// The BTF id of the kernel function `name` (a kfunc is called by it), if the kernel has it.
+    pub fn function_id(&self, name: &str) -> Option<u32> {
+        self.type_id(name, |t| matches!(t, Type::Func(_)))
+    }
+
+    /// The BTF id of `struct name`.
+    pub fn struct_id(&self, name: &str) -> Option<u32> {
+        self.type_id(name, |t| matches!(t, Type::Struct(_)))
+    }
+
+    fn type_id(&self, name: &str, kind: impl Fn(&Type) -> bool) -> Option<u32> {
+        let ids = self.btf.resolve_ids_by_name(name).ok()?;
+        ids.into_iter().find(|&id| self.btf.resolve_type_by_id(id).is_ok_and(|t| kind(&t)))
+    }
+
     /// Offset of a member path such as `["f_path", "dentry"]` across nested structs.
     fn path_offset(&self, strukt: &str, path: &[(&str, &str)]) -> Result<u32, BtfError> {
         let mut total = 0;
@@ -219,6 +234,18 @@ mod tests {
         };
         assert!(btf.has_helper("probe_read_kernel"));
         assert!(!btf.has_helper("no_such_helper"));
+    }
+
+    #[test]
+    fn finds_kernel_function_and_struct_ids() {
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("skipped: no readable {VMLINUX_BTF}");
+            return;
+        };
+        let file = btf.struct_id("file").expect("struct file");
+        assert!(file > 0);
+        assert_ne!(btf.function_id("bpf_rdonly_cast"), Some(file));
+        assert_eq!(btf.function_id("no_such_kfunc"), None);
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl WatchFilter {
     }
 
     /// True when the bit of `ino` is set (what the kernel side tests).
-    pub fn contains(&self, ino: u64) -> bool {
+    fn contains(&self, ino: u64) -> bool {
         let (word, bit) = filter_slot(ino);
         self.words[word as usize] & bit != 0
     }
@@ -146,6 +146,12 @@ impl WatchMaps {
 
     pub fn remove_name(&mut self, key: &NameKey) -> Result<(), MapUpdateError> {
         self.filtered_remove(key.dir_ino, "WATCHED_NAMES", |m| m.names.remove(key))
+    }
+
+    /// True when the kernel's watch filter lets opens of inode `ino` (or of files in the
+    /// directory `ino`) through to the hash maps.
+    pub fn filter_passes(&self, ino: u64) -> bool {
+        self.filter.contains(ino)
     }
 
     /// Inserts into a filtered map: a new entry's filter bit goes in first.

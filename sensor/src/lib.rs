@@ -12,6 +12,7 @@ pub mod event;
 pub mod fault;
 pub mod fold;
 pub mod kernel_maps;
+pub mod kfunc;
 pub mod loader;
 pub mod observation;
 pub mod output;

@@ -182,6 +182,9 @@ pub struct LoadOptions {
     /// Pin maps and links here so capture continues across sensor restarts; `None` ties the
     /// programs to this process (tests, one-off runs).
     pub pin_dir: Option<PathBuf>,
+    /// Read kernel structs with `bpf_probe_read_kernel` only, as on kernels without BTF
+    /// pointers for these programs (how that path is tested on newer ones).
+    pub helper_reads: bool,
 }
 
 impl Default for LoadOptions {
@@ -193,6 +196,7 @@ impl Default for LoadOptions {
             // is its own event.
             fold_window: std::time::Duration::from_secs(1),
             pin_dir: None,
+            helper_reads: false,
         }
     }
 }
@@ -316,9 +320,15 @@ fn open_object(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Ebpf, LoadEr
         fold_window_ns: opts.fold_window.as_nanos() as u64,
         offsets,
         windows,
-        task_btf: u32::from(btf.has_helper("get_current_task_btf")),
-        _pad0: 0,
+        task_btf: u32::from(!opts.helper_reads && btf.has_helper("get_current_task_btf")),
+        file_btf_id: btf.struct_id("file").unwrap_or(0),
     };
+    let (object, patched) = if opts.helper_reads {
+        crate::kfunc::patch_with(crate::EBPF_OBJECT, None)
+    } else {
+        crate::kfunc::patch(crate::EBPF_OBJECT, &btf)
+    };
+    tracing::debug!(?patched, "kfunc call sites");
     let pin_paths: Vec<(&'static str, PathBuf)> = match pins {
         Some(p) => pins::MAPS.iter().map(|&name| (name, p.map_path(name))).collect(),
         None => Vec::new(),
@@ -331,7 +341,7 @@ fn open_object(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Ebpf, LoadEr
     for (name, path) in &pin_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    loader.load(crate::EBPF_OBJECT).map_err(LoadError::Object)
+    loader.load(&object).map_err(LoadError::Object)
 }
 
 /// Attaches one program; with `pins`, pins its link so it outlives this process.
@@ -510,10 +520,14 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
 /// checked by the verifier through BTF pointers where the kernel has
 /// `bpf_get_current_task_btf` (5.11+), a `bpf_probe_read_kernel` per read otherwise.
 pub fn kernel_reads(btf: &KernelBtf) -> &'static str {
-    if btf.has_helper("get_current_task_btf") {
-        "BTF pointer walk from the current task (verifier-checked plain loads)"
-    } else {
-        "bpf_probe_read_kernel per read (no bpf_get_current_task_btf on this kernel)"
+    match (btf.has_helper("get_current_task_btf"), btf.function_id("bpf_rdonly_cast").is_some()) {
+        (true, true) => {
+            "plain loads through BTF pointers (task, opened file), checked by the verifier"
+        }
+        (true, false) => {
+            "task walk through BTF pointers; opened files by bpf_probe_read_kernel (no bpf_rdonly_cast)"
+        }
+        (false, _) => "bpf_probe_read_kernel per read (no bpf_get_current_task_btf on this kernel)",
     }
 }
 

@@ -61,6 +61,36 @@ fn sensor() -> Option<Sensor> {
     start_sensor(&LoadOptions::default())
 }
 
+/// The file-open path runs as plain loads through BTF pointers on kernels that allow it, and
+/// as helper reads elsewhere: tests of what it matches run once each way.
+macro_rules! on_both_read_paths {
+    ($($test:ident),* $(,)?) => {
+        $(
+            mod $test {
+                use super::*;
+
+                #[tokio::test]
+                async fn btf_pointers() {
+                    super::$test(LoadOptions::default()).await
+                }
+
+                #[tokio::test]
+                async fn helper_reads() {
+                    super::$test(LoadOptions { helper_reads: true, ..LoadOptions::default() })
+                        .await
+                }
+            }
+        )*
+    };
+}
+
+on_both_read_paths!(
+    credential_reads_resolve_to_the_inode_whatever_the_path,
+    names_in_a_watched_directory_match_by_name_or_by_any_name,
+    unwatched_opens_and_the_sensors_own_reads_produce_nothing,
+    environ_of_another_process_by_relative_path_is_a_secret_access,
+);
+
 fn watch(sensor: &mut Sensor, path: &Path, id: u32) {
     sensor.watch_maps().insert_file(file_key(path).unwrap(), id).unwrap();
 }
@@ -83,9 +113,8 @@ fn assert_file_open(event: &Event, path: &Path, watch: u32) {
     assert_eq!(event.process.uid, 0);
 }
 
-#[tokio::test]
-async fn credential_reads_resolve_to_the_inode_whatever_the_path() {
-    let Some(mut sensor) = sensor() else { return };
+async fn credential_reads_resolve_to_the_inode_whatever_the_path(opts: LoadOptions) {
+    let Some(mut sensor) = start_sensor(&opts) else { return };
     let creds = Creds::new();
     let cred = creds.cred();
     watch(&mut sensor, &cred, 7);
@@ -190,9 +219,8 @@ async fn a_write_to_a_credential_is_flagged() {
     assert!(write, "flags {flags:#o} should say write");
 }
 
-#[tokio::test]
-async fn names_in_a_watched_directory_match_by_name_or_by_any_name() {
-    let Some(mut sensor) = sensor() else { return };
+async fn names_in_a_watched_directory_match_by_name_or_by_any_name(opts: LoadOptions) {
+    let Some(mut sensor) = start_sensor(&opts) else { return };
     let creds = Creds::new();
     let dir = file_key(creds.dir.path()).unwrap();
     // Only "token" is watched by name: it matches whatever inode it has when opened.
@@ -221,9 +249,8 @@ async fn names_in_a_watched_directory_match_by_name_or_by_any_name() {
     assert_eq!((*watch_id, *matched, name.as_str()), (4, "dir", "other"));
 }
 
-#[tokio::test]
-async fn unwatched_opens_and_the_sensors_own_reads_produce_nothing() {
-    let Some(mut sensor) = sensor() else { return };
+async fn unwatched_opens_and_the_sensors_own_reads_produce_nothing(opts: LoadOptions) {
+    let Some(mut sensor) = start_sensor(&opts) else { return };
     let creds = Creds::new();
     watch(&mut sensor, &creds.cred(), 1);
     let other = creds.path("hostname");
@@ -242,8 +269,31 @@ async fn unwatched_opens_and_the_sensors_own_reads_produce_nothing() {
 }
 
 #[tokio::test]
-async fn environ_of_another_process_by_relative_path_is_a_secret_access() {
+async fn a_removed_watch_stops_matching_and_leaves_the_filter() {
     let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    let (a, b) = (creds.cred(), creds.path("second"));
+    std::fs::write(&b, "x").unwrap();
+    let (key_a, key_b) = (file_key(&a).unwrap(), file_key(&b).unwrap());
+    watch(&mut sensor, &a, 3);
+    watch(&mut sensor, &b, 3);
+    watch(&mut sensor, &a, 5); // a changed watch id: still one entry
+    let pid = act(&["read", a.to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT).await.expect("watched read");
+    assert_file_open(&event, &a, 5);
+
+    sensor.watch_maps().remove_file(&key_a).unwrap();
+    assert!(!sensor.watch_maps().filter_passes(key_a.ino), "the filter kept a removed inode");
+    assert!(sensor.watch_maps().filter_passes(key_b.ino), "the filter lost a watched inode");
+    let pid = act(&["read", a.to_str().unwrap()]);
+    assert!(file_open_by(&mut sensor, pid, QUIET).await.is_none(), "a removed watch matched");
+    let pid = act(&["read", b.to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT).await.expect("the other watch still matches");
+    assert_file_open(&event, &b, 3);
+}
+
+async fn environ_of_another_process_by_relative_path_is_a_secret_access(opts: LoadOptions) {
+    let Some(mut sensor) = start_sensor(&opts) else { return };
     let mut target = Command::new("sleep").arg("30").spawn().unwrap();
     let target_pid = target.id();
     let pid = act(&["environ", &target_pid.to_string()]);

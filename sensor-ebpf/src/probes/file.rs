@@ -18,7 +18,8 @@ use sensor_ebpf::{
 };
 
 use super::{
-    fold, kread,
+    fold, kfunc,
+    kread::{self, Fields},
     maps::{
         CONNECT_FDS, EVENTS, NAME_SCRATCH, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES,
         WATCHED_NAMES, WATCHED_SOCKETS, count_lost, maybe_watched, offsets, task_btf, windows,
@@ -139,7 +140,7 @@ fn file_of_fd(fd: u32) -> Result<*const u8, i64> {
 
 /// `s_dev` and `s_magic` of a superblock.
 #[inline(always)]
-fn superblock(view: &mut kread::View, sb: *const u8) -> Result<(u32, u64), i64> {
+fn superblock<F: Fields>(view: &mut F, sb: *const u8) -> Result<(u32, u64), i64> {
     let o = offsets();
     let view = view.load(sb, windows().sb)?;
     Ok((view.at::<u32>(o.sb_s_dev)?, view.at::<u64>(o.sb_s_magic)?))
@@ -147,10 +148,8 @@ fn superblock(view: &mut kread::View, sb: *const u8) -> Result<(u32, u64), i64> 
 
 /// A file just opened as `fd` in the current process: matched against the watches.
 ///
-/// The order keeps unwatched opens cheap: the inode numbers of the file and of its parent
-/// directory go through the watch filter first; the superblock is read and the hash maps are
-/// probed only for inodes the filter does not rule out (or names that could be a procfs
-/// secret).
+/// Where the kernel lets these programs retype the file as a BTF pointer (`bpf_rdonly_cast`),
+/// every field is a plain load; elsewhere a helper read per struct window.
 #[inline(always)]
 fn on_new_fd(fd: u32) -> Result<(), i64> {
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
@@ -158,14 +157,28 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     if super::task::is_self(tgid) {
         return Ok(());
     }
+    let file = file_of_fd(fd)?;
+    let typed = kfunc::file_btf(file);
+    if !typed.is_null() {
+        return match_file(&mut kread::BtfView::new(), typed, pid_tgid);
+    }
+    match_file(&mut kread::View::new(), file, pid_tgid)
+}
+
+/// Matches an open file against the watch maps and reports it when watched. The order keeps
+/// opens cheap: the inode numbers of the file and of its parent directory go through the
+/// watch filter first; the superblock is read and the hash maps are probed only for inodes the
+/// filter does not rule out (or names that could be a procfs secret).
+#[inline(always)]
+fn match_file<F: Fields>(view: &mut F, file: *const u8, pid_tgid: u64) -> Result<(), i64> {
+    let tgid = (pid_tgid >> 32) as u32;
     let o = offsets();
     let w = windows();
-    let mut view = kread::View::new();
-    let file = file_of_fd(fd)?;
     let (inode, dentry, flags) = {
         let view = view.load(file, w.file)?;
         // From the window for free; read on its own later (only if needed) without one.
-        let flags = if w.file.len != 0 { Some(view.at::<u32>(o.file_f_flags)?) } else { None };
+        let flags =
+            if F::FREE || w.file.len != 0 { Some(view.at::<u32>(o.file_f_flags)?) } else { None };
         (view.ptr(o.file_f_inode)?, view.ptr(o.file_dentry)?, flags)
     };
     let (sb, ino) = {
@@ -177,11 +190,11 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     // The file itself first: the parent directory is only walked when it is not watched.
     let mut fs = None;
     if maybe_watched(ino) {
-        let (dev, magic) = superblock(&mut view, sb)?;
+        let (dev, magic) = superblock(view, sb)?;
         fs = Some((dev, magic));
         let key = FileKey { dev, _pad0: 0, ino };
         if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
-            return emit_file(&mut view, &opened, key, None, (watch_id, FileMatch::File));
+            return emit_file(view, &opened, key, None, (watch_id, FileMatch::File));
         }
     }
     let (parent, name_ptr, name_len) = {
@@ -192,20 +205,19 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     if name_len == 7 || name_len == 3 {
         let (_, magic) = match fs {
             Some(fs) => fs,
-            None => superblock(&mut view, sb)?,
+            None => superblock(view, sb)?,
         };
         if magic == PROC_SUPER_MAGIC {
             return proc_secret(&opened, name_ptr, parent, pid_tgid);
         }
     }
-    let parent_inode = kread::ptr(parent, o.dentry_d_inode)?;
-    let parent_ino: u64 = kread::at(parent_inode, o.inode_i_ino)?;
+    let parent_ino = parent_ino(view, parent)?;
     if !maybe_watched(parent_ino) {
         return Ok(());
     }
     let (dev, _) = match fs {
         Some(fs) => fs,
-        None => superblock(&mut view, sb)?,
+        None => superblock(view, sb)?,
     };
     let key = FileKey { dev, _pad0: 0, ino };
     let dir = FileKey { dev, _pad0: 0, ino: parent_ino };
@@ -215,7 +227,7 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     let found = Some((parent_ino, name_ptr));
     if dir_value & DIR_ANY_NAME != 0 {
         let watch_id = dir_value & !DIR_ANY_NAME;
-        return emit_file(&mut view, &opened, key, found, (watch_id, FileMatch::Dir));
+        return emit_file(view, &opened, key, found, (watch_id, FileMatch::Dir));
     }
     // Only opens in watched directories pay for copying and hashing the name.
     let scratch = NAME_SCRATCH.get_ptr_mut(0).ok_or(-1i64)?;
@@ -226,9 +238,17 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     };
     let name_key = NameKey { dev, _pad0: 0, dir_ino: parent_ino, hash };
     if let Some(&watch_id) = unsafe { WATCHED_NAMES.get(name_key) } {
-        return emit_file(&mut view, &opened, key, found, (watch_id, FileMatch::Name));
+        return emit_file(view, &opened, key, found, (watch_id, FileMatch::Name));
     }
     Ok(())
+}
+
+/// The inode number of directory entry `parent`.
+#[inline(always)]
+fn parent_ino<F: Fields>(view: &mut F, parent: *const u8) -> Result<u64, i64> {
+    let o = offsets();
+    let inode = view.load(parent, kread::NO_WINDOW)?.ptr(o.dentry_d_inode)?;
+    view.load(inode, kread::NO_WINDOW)?.at(o.inode_i_ino)
 }
 
 /// A file just opened, as far as the open hook has read it.
@@ -251,8 +271,8 @@ impl Opened {
 /// pointer when the caller already read them; otherwise they are read only when the fold lets a
 /// record through.
 #[inline(always)]
-fn emit_file(
-    view: &mut kread::View,
+fn emit_file<F: Fields>(
+    view: &mut F,
     opened: &Opened,
     key: FileKey,
     found: Option<(u64, *const u8)>,
@@ -271,10 +291,11 @@ fn emit_file(
     let (parent_ino, name_ptr) = match found {
         Some(found) => found,
         None => {
-            let view = view.load(opened.dentry, windows().dentry)?;
-            let parent = view.ptr(o.dentry_d_parent)?;
-            let parent_inode = kread::ptr(parent, o.dentry_d_inode)?;
-            (kread::at::<u64>(parent_inode, o.inode_i_ino)?, view.ptr(o.dentry_name)?)
+            let (parent, name_ptr) = {
+                let view = view.load(opened.dentry, windows().dentry)?;
+                (view.ptr(o.dentry_d_parent)?, view.ptr(o.dentry_name)?)
+            };
+            (parent_ino(view, parent)?, name_ptr)
         }
     };
     let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {

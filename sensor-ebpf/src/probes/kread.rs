@@ -28,11 +28,16 @@ pub fn ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
 /// against the kernel's type and makes it fault-tolerant (a bad address reads as 0).
 #[inline(always)]
 pub fn btf_ptr(base: *const u8, offset: u32) -> Result<*const u8, i64> {
-    // SAFETY: see above; volatile keeps the compiler from reshaping the address arithmetic
-    // the verifier must see.
-    let p: *const u8 =
-        unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast()) };
+    let p: *const u8 = btf_at(base, offset)?;
     if p.is_null() { Err(-1) } else { Ok(p) }
+}
+
+/// Reads the `T` at `base + offset` with a plain load; same conditions as [`btf_ptr`].
+#[inline(always)]
+pub fn btf_at<T: Copy>(base: *const u8, offset: u32) -> Result<T, i64> {
+    // SAFETY: see `btf_ptr`; volatile keeps the compiler from reshaping the address
+    // arithmetic the verifier must see.
+    Ok(unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) })
 }
 
 /// Several fields of one kernel struct, read with one `bpf_probe_read_kernel` of the struct's
@@ -45,20 +50,70 @@ pub struct View {
 
 const WINDOW_WORDS: usize = READ_WINDOW_MAX as usize / 8;
 
+/// Reads fields of kernel structs, one struct at a time: [`View`] (a helper read per window,
+/// or per field) or [`BtfView`] (plain loads through BTF pointers).
+pub trait Fields {
+    /// True when a field costs a plain load, so reading one that may not be needed is free.
+    const FREE: bool;
+
+    /// Makes the struct at `base` current, reading `window` of it where that is how it reads.
+    fn load(&mut self, base: *const u8, window: ReadWindow) -> Result<&Self, i64>;
+
+    /// The `T` at `offset` in the current struct.
+    fn at<T: Copy>(&self, offset: u32) -> Result<T, i64>;
+
+    /// The non-NULL kernel pointer at `offset` in the current struct.
+    #[inline(always)]
+    fn ptr(&self, offset: u32) -> Result<*const u8, i64> {
+        let p: *const u8 = self.at(offset)?;
+        if p.is_null() { Err(-1) } else { Ok(p) }
+    }
+}
+
+/// No window: fields read one by one.
+pub const NO_WINDOW: ReadWindow = ReadWindow { base: 0, len: 0 };
+
+/// Fields through a BTF pointer (and walks from it), with plain loads; see [`btf_ptr`].
+pub struct BtfView {
+    base: *const u8,
+}
+
+impl BtfView {
+    #[inline(always)]
+    pub fn new() -> Self {
+        BtfView { base: core::ptr::null() }
+    }
+}
+
+impl Fields for BtfView {
+    const FREE: bool = true;
+
+    #[inline(always)]
+    fn load(&mut self, base: *const u8, _window: ReadWindow) -> Result<&Self, i64> {
+        self.base = base;
+        Ok(self)
+    }
+
+    #[inline(always)]
+    fn at<T: Copy>(&self, offset: u32) -> Result<T, i64> {
+        btf_at(self.base, offset)
+    }
+}
+
 impl View {
     /// An empty view; one per program run, reused for each struct (the BPF stack is small).
     #[inline(always)]
     pub fn new() -> Self {
-        View {
-            base: core::ptr::null(),
-            window: ReadWindow { base: 0, len: 0 },
-            buf: MaybeUninit::uninit(),
-        }
+        View { base: core::ptr::null(), window: NO_WINDOW, buf: MaybeUninit::uninit() }
     }
+}
+
+impl Fields for View {
+    const FREE: bool = false;
 
     /// Reads `window` of the struct at `base` (nothing yet when the window is empty).
     #[inline(always)]
-    pub fn load(&mut self, base: *const u8, window: ReadWindow) -> Result<&Self, i64> {
+    fn load(&mut self, base: *const u8, window: ReadWindow) -> Result<&Self, i64> {
         self.base = base;
         self.window = window;
         let len = window.len;
@@ -81,9 +136,8 @@ impl View {
         Ok(self)
     }
 
-    /// The `T` at `offset` in the struct.
     #[inline(always)]
-    pub fn at<T: Copy>(&self, offset: u32) -> Result<T, i64> {
+    fn at<T: Copy>(&self, offset: u32) -> Result<T, i64> {
         if self.window.len == 0 {
             return at(self.base, offset);
         }
@@ -95,12 +149,5 @@ impl View {
         let rel = (offset.wrapping_sub(self.window.base) as u64) & mask;
         // SAFETY: in bounds of the buffer (masked above), filled by the window read.
         Ok(unsafe { self.buf.as_ptr().cast::<u8>().add(rel as usize).cast::<T>().read() })
-    }
-
-    /// The non-NULL kernel pointer at `offset` in the struct.
-    #[inline(always)]
-    pub fn ptr(&self, offset: u32) -> Result<*const u8, i64> {
-        let p: *const u8 = self.at(offset)?;
-        if p.is_null() { Err(-1) } else { Ok(p) }
     }
 }

@@ -78,7 +78,7 @@ pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
     offsets: ZERO_OFFSETS,
     windows: NO_WINDOWS,
     task_btf: 0,
-    _pad0: 0,
+    file_btf_id: 0,
 });
 
 const NO_WINDOW: ReadWindow = ReadWindow { base: 0, len: 0 };
@@ -154,6 +154,12 @@ pub fn windows() -> &'static ReadWindows {
 #[inline(always)]
 pub fn task_btf() -> bool {
     config().task_btf != 0
+}
+
+/// The kernel's BTF id of `struct file` ([`SensorConfig::file_btf_id`]).
+#[inline(always)]
+pub fn file_btf_id() -> u32 {
+    config().file_btf_id
 }
 
 /// False only when no watched file or directory has this inode number (see

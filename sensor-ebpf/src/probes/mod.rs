@@ -7,6 +7,7 @@ mod cred;
 mod exec;
 mod file;
 mod fold;
+mod kfunc;
 mod kread;
 mod lifecycle;
 mod maps;
