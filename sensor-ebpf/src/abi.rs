@@ -501,6 +501,10 @@ pub struct KernelOffsets {
     pub io_kiocb_file: u32,
     /// `dentry.d_name.len`.
     pub dentry_name_len: u32,
+    /// `vm_area_struct.vm_file`: the `struct file *` member through which an fd table slot is
+    /// loaded as a BTF pointer ([`SensorConfig::slot_btf_id`]).
+    pub vma_vm_file: u32,
+    pub _reserved0: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -573,8 +577,11 @@ pub struct SensorConfig {
     /// (`bpf_get_current_task_btf`): the verifier checks each load against the kernel's types
     /// and compiles it to a plain load instead of a `bpf_probe_read_kernel` call.
     pub task_btf: u32,
-    /// The kernel's BTF id of `struct file`, for [`KFUNC_RDONLY_CAST_CALL`].
-    pub file_btf_id: u32,
+    /// The kernel's BTF id of `struct vm_area_struct`. An fd table slot (a `struct file *`)
+    /// is retyped with [`KFUNC_RDONLY_CAST_CALL`] as the `vm_file` member of a
+    /// `vm_area_struct` placed over it, so loading that member yields the file as a BTF
+    /// pointer: any struct with a `struct file *` member would do, this one is stable.
+    pub slot_btf_id: u32,
 }
 
 /// Placeholder of a call to the kfunc `bpf_rdonly_cast(obj, btf_id)` (kernel 6.2+), which
@@ -602,10 +609,10 @@ const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 38 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 40 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 38 * 4 + 4 * 8 + 8);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 40 * 4 + 4 * 8 + 8);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

@@ -172,6 +172,8 @@ impl KernelBtf {
             io_open_file_slot: self.member_offset("io_open", "file_slot").unwrap_or(NO_OFFSET),
             io_kiocb_file: self.member_offset("io_kiocb", "file").unwrap_or(NO_OFFSET),
             dentry_name_len: self.path_offset("dentry", &[("d_name", "qstr"), ("len", "")])?,
+            vma_vm_file: self.member_offset("vm_area_struct", "vm_file")?,
+            _reserved0: 0,
         })
     }
 }
@@ -242,9 +244,9 @@ mod tests {
             eprintln!("skipped: no readable {VMLINUX_BTF}");
             return;
         };
-        let file = btf.struct_id("file").expect("struct file");
-        assert!(file > 0);
-        assert_ne!(btf.function_id("bpf_rdonly_cast"), Some(file));
+        let vma = btf.struct_id("vm_area_struct").expect("struct vm_area_struct");
+        assert!(vma > 0);
+        assert_ne!(btf.function_id("bpf_rdonly_cast"), Some(vma));
         assert_eq!(btf.function_id("no_such_kfunc"), None);
     }
 

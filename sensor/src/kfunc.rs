@@ -21,7 +21,8 @@ pub struct Patched {
 
 /// `object` with its `bpf_rdonly_cast` call sites patched for `btf`'s kernel.
 pub fn patch(object: &[u8], btf: &KernelBtf) -> (Vec<u8>, Patched) {
-    let id = btf.function_id("bpf_rdonly_cast").filter(|_| btf.struct_id("file").is_some());
+    let id =
+        btf.function_id("bpf_rdonly_cast").filter(|_| btf.struct_id("vm_area_struct").is_some());
     patch_with(object, id)
 }
 

@@ -321,7 +321,7 @@ fn open_object(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Ebpf, LoadEr
         offsets,
         windows,
         task_btf: u32::from(!opts.helper_reads && btf.has_helper("get_current_task_btf")),
-        file_btf_id: btf.struct_id("file").unwrap_or(0),
+        slot_btf_id: btf.struct_id("vm_area_struct").unwrap_or(0),
     };
     let (object, patched) = if opts.helper_reads {
         crate::kfunc::patch_with(crate::EBPF_OBJECT, None)

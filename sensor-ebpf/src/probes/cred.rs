@@ -8,7 +8,7 @@ use sensor_ebpf::{CredChangeEvent, CredSyscall, EventKind};
 use super::{
     kread,
     maps::{EVENTS, SUBMIT_FLAGS, count_lost, offsets},
-    task::{cred, current_task, current_tgid, header, is_self},
+    task::{cred, current_task, current_tgid, header, is_self, tp_field},
 };
 
 /// `long ret` in every `syscalls:sys_exit_*` format.
@@ -40,8 +40,7 @@ cred_exit! {
 }
 
 fn on_cred_exit(ctx: &TracePointContext, which: CredSyscall) -> Result<(), i64> {
-    // SAFETY: field of this tracepoint's format.
-    let ret: i64 = unsafe { ctx.read_at(RET)? };
+    let ret: i64 = tp_field(ctx, RET);
     // setfsuid/setfsgid return the previous id rather than an error code.
     let fs_call = matches!(which, CredSyscall::Setfsuid | CredSyscall::Setfsgid);
     if ret != 0 && !fs_call {

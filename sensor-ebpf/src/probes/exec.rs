@@ -9,7 +9,7 @@ use sensor_ebpf::{EventKind, ExecEvent};
 use super::{
     kread,
     maps::{EVENTS, SUBMIT_FLAGS, count_lost, offsets},
-    task::{cred, current_task, current_tgid, header, is_self},
+    task::{cred, current_task, current_tgid, header, is_self, tp_field},
 };
 
 /// Offsets in `sched:sched_process_exec` (`/sys/kernel/tracing/events/sched/sched_process_exec/format`):
@@ -44,11 +44,11 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     // at the offsets of the format above, and the file name through a checked kernel read.
     unsafe {
         (*event).header = header(EventKind::Exec);
-        (*event).old_pid = ctx.read_at::<u32>(OLD_PID).unwrap_or(0);
+        (*event).old_pid = tp_field::<u32>(ctx, OLD_PID);
         (*event).exe_mode = exe_mode;
         (*event).egid = egid;
         (*event).cap_effective = cap_effective;
-        let loc = ctx.read_at::<u32>(FILENAME_LOC).unwrap_or(0);
+        let loc = tp_field::<u32>(ctx, FILENAME_LOC);
         let name = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
         (*event).filename_len = match bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename)
         {

@@ -22,9 +22,10 @@ use super::{
     kread::{self, Fields},
     maps::{
         CONNECT_FDS, EVENTS, NAME_SCRATCH, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES,
-        WATCHED_NAMES, WATCHED_SOCKETS, count_lost, maybe_watched, offsets, task_btf, windows,
+        WATCHED_NAMES, WATCHED_SOCKETS, count_lost, maybe_watched, offsets, slot_btf_id, task_btf,
+        windows,
     },
-    task::{current_task, current_task_btf, header},
+    task::{current_task, current_task_btf, header, tp_field},
 };
 
 /// `long ret` in every `syscalls:sys_exit_*` format.
@@ -73,12 +74,9 @@ pub fn sys_exit_pidfd_getfd(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn on_open_exit(ctx: &TracePointContext) -> u32 {
-    // SAFETY: reading a field of this tracepoint's format.
-    match unsafe { ctx.read_at::<i64>(RET) } {
-        Ok(fd) if fd >= 0 => {
-            let _ = on_new_fd(fd as u32);
-        }
-        _ => {}
+    let fd: i64 = tp_field(ctx, RET);
+    if fd >= 0 {
+        let _ = on_new_fd(fd as u32);
     }
     0
 }
@@ -95,13 +93,11 @@ pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
 /// socket is the request's file.
 fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     let o = offsets();
-    // SAFETY: reading fields of this tracepoint's format.
-    let res: i32 = unsafe { ctx.read_at(URING_RES)? };
+    let res: i32 = tp_field(ctx, URING_RES);
     if res < 0 || o.io_kiocb_opcode == NO_OFFSET {
         return Ok(());
     }
-    // SAFETY: as above.
-    let req: *const u8 = unsafe { ctx.read_at(URING_REQ)? };
+    let req: *const u8 = tp_field(ctx, URING_REQ);
     let opcode: u8 = kread::at(req, o.io_kiocb_opcode)?;
     if opcode == IORING_OP_CONNECT && o.io_kiocb_file != NO_OFFSET {
         let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
@@ -119,25 +115,6 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     on_new_fd(res as u32)
 }
 
-/// The file behind `fd` in the current task (`current->files->fdt->fd[fd]`).
-///
-/// No `max_fds` bound check: the fd was installed by this very syscall (or, for connect, was
-/// valid for it), and fd tables only grow; a stale slot reads as NULL or fails the next read.
-#[inline(always)]
-fn file_of_fd(fd: u32) -> Result<*const u8, i64> {
-    let o = offsets();
-    let fds = if task_btf() {
-        let files = kread::btf_ptr(current_task_btf(), o.task_files)?;
-        let fdt = kread::btf_ptr(files, o.files_fdt)?;
-        kread::btf_ptr(fdt, o.fdtable_fd)?
-    } else {
-        let files = kread::ptr(current_task(), o.task_files)?;
-        let fdt = kread::ptr(files, o.files_fdt)?;
-        kread::ptr(fdt, o.fdtable_fd)?
-    };
-    kread::ptr(fds, fd.wrapping_mul(8))
-}
-
 /// `s_dev` and `s_magic` of a superblock.
 #[inline(always)]
 fn superblock<F: Fields>(view: &mut F, sb: *const u8) -> Result<(u32, u64), i64> {
@@ -148,7 +125,7 @@ fn superblock<F: Fields>(view: &mut F, sb: *const u8) -> Result<(u32, u64), i64>
 
 /// A file just opened as `fd` in the current process: matched against the watches.
 ///
-/// Where the kernel lets these programs retype the file as a BTF pointer (`bpf_rdonly_cast`),
+/// Where the kernel lets these programs hold the file as a BTF pointer ([`file_btf_of_fd`]),
 /// every field is a plain load; elsewhere a helper read per struct window.
 #[inline(always)]
 fn on_new_fd(fd: u32) -> Result<(), i64> {
@@ -157,12 +134,44 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     if super::task::is_self(tgid) {
         return Ok(());
     }
-    let file = file_of_fd(fd)?;
-    let typed = kfunc::file_btf(file);
-    if !typed.is_null() {
-        return match_file(&mut kread::BtfView::new(), typed, pid_tgid);
+    if let Some(file) = file_btf_of_fd(fd) {
+        return match_file(&mut kread::BtfView::new(), file, pid_tgid);
     }
-    match_file(&mut kread::View::new(), file, pid_tgid)
+    match_file(&mut kread::View::new(), file_of_fd(fd)?, pid_tgid)
+}
+
+/// The file behind `fd` as a BTF pointer, where the kernel allows: the fd table is walked
+/// with plain loads, and its slot — a `struct file *` at a plain address — is loaded as the
+/// `vm_file` member of a `vm_area_struct` retyped over it (see
+/// [`sensor_ebpf::SensorConfig::slot_btf_id`]), which yields a BTF pointer to the file.
+#[inline(always)]
+fn file_btf_of_fd(fd: u32) -> Option<*const u8> {
+    if !task_btf() {
+        return None;
+    }
+    let o = offsets();
+    let files = kread::btf_ptr(current_task_btf(), o.task_files).ok()?;
+    let fdt = kread::btf_ptr(files, o.files_fdt).ok()?;
+    let fds = kread::btf_ptr(fdt, o.fdtable_fd).ok()?;
+    let slot = fds.wrapping_add(fd as usize * 8);
+    let holder = kfunc::rdonly_cast(slot.wrapping_sub(o.vma_vm_file as usize), slot_btf_id());
+    if holder.is_null() {
+        return None;
+    }
+    kread::btf_ptr(holder, o.vma_vm_file).ok()
+}
+
+/// The file behind `fd` (`current->files->fdt->fd[fd]`), read with helpers.
+///
+/// No `max_fds` bound check: the fd was installed by this very syscall (or, for connect, was
+/// valid for it), and fd tables only grow; a stale slot reads as NULL or fails the next read.
+#[inline(always)]
+fn file_of_fd(fd: u32) -> Result<*const u8, i64> {
+    let o = offsets();
+    let files = kread::ptr(current_task(), o.task_files)?;
+    let fdt = kread::ptr(files, o.files_fdt)?;
+    let fds = kread::ptr(fdt, o.fdtable_fd)?;
+    kread::ptr(fds, fd.wrapping_mul(8))
 }
 
 /// Matches an open file against the watch maps and reports it when watched. The order keeps
@@ -416,8 +425,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 const AF_UNIX: u16 = 1;
 
 fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: reading a field of this tracepoint's format.
-    let ret: i64 = unsafe { ctx.read_at(RET)? };
+    let ret: i64 = tp_field(ctx, RET);
     if ret != 0 {
         return Ok(());
     }
@@ -473,8 +481,8 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 }
 
 fn try_connect_enter(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: fields of this tracepoint's format: fd at 16, uservaddr at 24.
-    let (fd, addr): (u64, *const u8) = unsafe { (ctx.read_at(16)?, ctx.read_at(24)?) };
+    // Fields of this tracepoint's format: fd at 16, uservaddr at 24.
+    let (fd, addr): (u64, *const u8) = (tp_field(ctx, 16), tp_field(ctx, 24));
     // SAFETY: checked user read of the address family.
     let family: u16 = unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr.cast::<u16>())? };
     if family != AF_UNIX {

@@ -78,7 +78,7 @@ pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
     offsets: ZERO_OFFSETS,
     windows: NO_WINDOWS,
     task_btf: 0,
-    file_btf_id: 0,
+    slot_btf_id: 0,
 });
 
 const NO_WINDOW: ReadWindow = ReadWindow { base: 0, len: 0 };
@@ -124,6 +124,8 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     io_open_file_slot: 0,
     io_kiocb_file: 0,
     dentry_name_len: 0,
+    vma_vm_file: 0,
+    _reserved0: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole
@@ -156,10 +158,10 @@ pub fn task_btf() -> bool {
     config().task_btf != 0
 }
 
-/// The kernel's BTF id of `struct file` ([`SensorConfig::file_btf_id`]).
+/// The kernel's BTF id of `struct vm_area_struct` ([`SensorConfig::slot_btf_id`]).
 #[inline(always)]
-pub fn file_btf_id() -> u32 {
-    config().file_btf_id
+pub fn slot_btf_id() -> u32 {
+    config().slot_btf_id
 }
 
 /// False only when no watched file or directory has this inode number (see

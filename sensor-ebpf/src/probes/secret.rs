@@ -7,7 +7,7 @@ use sensor_ebpf::{NO_WATCH, SecretMethod};
 
 use super::{
     file::emit_secret,
-    task::{current_tgid, is_self},
+    task::{current_tgid, is_self, tp_field},
 };
 
 /// First syscall argument in every `syscalls:sys_enter_*` format; each next one 8 bytes on.
@@ -32,8 +32,7 @@ pub fn sys_enter_ptrace(ctx: TracePointContext) -> u32 {
 }
 
 fn try_ptrace(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: fields of this tracepoint's format.
-    let (request, pid): (u64, u64) = unsafe { (ctx.read_at(ARG0)?, ctx.read_at(ARG1)?) };
+    let (request, pid): (u64, u64) = (tp_field(ctx, ARG0), tp_field(ctx, ARG1));
     if !matches!(
         request,
         PTRACE_ATTACH
@@ -52,12 +51,9 @@ fn try_ptrace(ctx: &TracePointContext) -> Result<(), i64> {
 /// `process_vm_readv(pid_t pid, …)`.
 #[tracepoint(category = "syscalls", name = "sys_enter_process_vm_readv")]
 pub fn sys_enter_process_vm_readv(ctx: TracePointContext) -> u32 {
-    // SAFETY: field of this tracepoint's format.
-    match unsafe { ctx.read_at::<u64>(ARG0) } {
-        Ok(pid) => match report(SecretMethod::ProcessVmReadv, pid as u32, 0) {
-            Ok(()) | Err(_) => 0,
-        },
-        Err(_) => 0,
+    let pid: u64 = tp_field(&ctx, ARG0);
+    match report(SecretMethod::ProcessVmReadv, pid as u32, 0) {
+        Ok(()) | Err(_) => 0,
     }
 }
 
@@ -70,8 +66,7 @@ pub fn sys_enter_keyctl(ctx: TracePointContext) -> u32 {
 }
 
 fn try_keyctl(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: fields of this tracepoint's format.
-    let (option, key): (u64, u64) = unsafe { (ctx.read_at(ARG0)?, ctx.read_at(ARG1)?) };
+    let (option, key): (u64, u64) = (tp_field(ctx, ARG0), tp_field(ctx, ARG1));
     if option as u32 as u64 != KEYCTL_READ {
         return Ok(());
     }

@@ -11,6 +11,16 @@ use super::{
     maps::{RUNTIME, offsets},
 };
 
+/// A field of a tracepoint's record at `offset` of its format, loaded straight from the
+/// context: the verifier allows constant-offset loads from a tracepoint context, which cost a
+/// fraction of a `bpf_probe_read_kernel` call (and run on every syscall of a hooked kind).
+#[inline(always)]
+pub fn tp_field<T: Copy>(ctx: &aya_ebpf::programs::TracePointContext, offset: usize) -> T {
+    use aya_ebpf::EbpfContext as _;
+    // SAFETY: `offset` lies within the record (the callers' formats); the verifier checks it.
+    unsafe { core::ptr::read_volatile(ctx.as_ptr().cast::<u8>().add(offset).cast::<T>()) }
+}
+
 /// Thread-group id of the current task.
 #[inline(always)]
 pub fn current_tgid() -> u32 {
