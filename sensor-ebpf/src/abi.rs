@@ -504,7 +504,10 @@ pub struct KernelOffsets {
     /// `vm_area_struct.vm_file`: the `struct file *` member through which an fd table slot is
     /// loaded as a BTF pointer ([`SensorConfig::slot_btf_id`]).
     pub vma_vm_file: u32,
-    pub _reserved0: u32,
+    /// `pt_regs.di` and `pt_regs.si`: the first two syscall arguments as the caller passed them
+    /// (x86-64), read at syscall exit; [`NO_OFFSET`] elsewhere.
+    pub pt_regs_di: u32,
+    pub pt_regs_si: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -582,6 +585,10 @@ pub struct SensorConfig {
     /// `vm_area_struct` placed over it, so loading that member yields the file as a BTF
     /// pointer: any struct with a `struct file *` member would do, this one is stable.
     pub slot_btf_id: u32,
+    /// 1 when the secret-access syscall hooks run at syscall exit and read their arguments from
+    /// the task's saved registers (`bpf_task_pt_regs`, 5.15+): then no syscall enter
+    /// tracepoint is used at all, which spares every syscall on the host its enter-side call.
+    pub args_at_exit: u32,
 }
 
 /// Placeholder of a call to the kfunc `bpf_rdonly_cast(obj, btf_id)` (kernel 6.2+), which
@@ -609,10 +616,10 @@ const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 40 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 40 * 4 + 4 * 8 + 8);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 41 * 4 + 4 * 8 + 12);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

@@ -173,7 +173,9 @@ impl KernelBtf {
             io_kiocb_file: self.member_offset("io_kiocb", "file").unwrap_or(NO_OFFSET),
             dentry_name_len: self.path_offset("dentry", &[("d_name", "qstr"), ("len", "")])?,
             vma_vm_file: self.member_offset("vm_area_struct", "vm_file")?,
-            _reserved0: 0,
+            // x86-64 register names; other architectures read arguments at syscall entry.
+            pt_regs_di: self.member_offset("pt_regs", "di").unwrap_or(NO_OFFSET),
+            pt_regs_si: self.member_offset("pt_regs", "si").unwrap_or(NO_OFFSET),
         })
     }
 }

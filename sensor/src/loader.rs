@@ -1,7 +1,8 @@
 //! Loads the kernel object, configures it for this kernel and attaches its programs.
 //!
-//! [`PROGRAMS`] is the one table of what attaches where; `keywatch-sensor probe` prints it with
-//! the outcome on this host. A program that fails is never a silent gap: the sensor refuses to
+//! [`PROGRAMS`] (with one of two sets of secret-access syscall hooks, chosen by
+//! [`KernelMode`]) is the one table of what attaches where; `keywatch-sensor probe` prints it
+//! with the outcome on this host. A program that fails is never a silent gap: the sensor refuses to
 //! start unless the operator allowed that gap by name.
 
 use std::{
@@ -17,7 +18,7 @@ use aya::{
         links::{FdLink, PinnedLink},
     },
 };
-use sensor_ebpf::{EventKind, PinMeta, RUNTIME_SELF_TGID, SensorConfig};
+use sensor_ebpf::{EventKind, KernelOffsets, NO_OFFSET, PinMeta, RUNTIME_SELF_TGID, SensorConfig};
 use serde::Serialize;
 
 use crate::{
@@ -92,10 +93,6 @@ pub const PROGRAMS: &[ProgramSpec] = &[
         "credential/secret files and agent sockets: io_uring openat, connect",
         "5.5",
     ),
-    tp("sys_enter_ptrace", "syscalls", "secret access: ptrace", "4.7"),
-    tp("sys_enter_process_vm_readv", "syscalls", "secret access: process_vm_readv", "4.7"),
-    tp("sys_enter_keyctl", "syscalls", "secret access: keyctl read", "4.7"),
-    tp("sys_enter_connect", "syscalls", "secret access: unix socket connect (fd)", "4.7"),
     tp("sys_exit_connect", "syscalls", "secret access: watched unix socket connect", "4.7"),
     cg("connect4", "auth endpoints: IPv4 connect", "4.17"),
     cg("connect6", "auth endpoints: IPv6 connect", "4.17"),
@@ -111,6 +108,49 @@ pub const PROGRAMS: &[ProgramSpec] = &[
     tp("sys_exit_setfsgid", "syscalls", "privilege change: setfsgid", "4.7"),
     tp("sys_exit_capset", "syscalls", "privilege change: capset", "4.7"),
 ];
+
+/// Secret-access syscall hooks that read their arguments at syscall exit from the task's saved
+/// registers (5.15+, x86-64): no syscall enter tracepoint at all, which spares every syscall on
+/// the host the enter-side call.
+const ARGS_AT_EXIT: &[ProgramSpec] = &[
+    tp("sys_exit_ptrace", "syscalls", "secret access: ptrace", "5.15"),
+    tp("sys_exit_process_vm_readv", "syscalls", "secret access: process_vm_readv", "5.15"),
+    tp("sys_exit_keyctl", "syscalls", "secret access: keyctl read", "5.15"),
+];
+
+/// The same hooks on kernels where only the enter record has the arguments.
+const ARGS_AT_ENTER: &[ProgramSpec] = &[
+    tp("sys_enter_ptrace", "syscalls", "secret access: ptrace", "4.7"),
+    tp("sys_enter_process_vm_readv", "syscalls", "secret access: process_vm_readv", "4.7"),
+    tp("sys_enter_keyctl", "syscalls", "secret access: keyctl read", "4.7"),
+    tp("sys_enter_connect", "syscalls", "secret access: unix socket connect (fd)", "4.7"),
+];
+
+/// What the running kernel lets the programs do, decided once from its BTF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelMode {
+    /// Walk kernel structs through BTF pointers ([`SensorConfig::task_btf`]).
+    pub task_btf: bool,
+    /// Read syscall arguments at exit ([`SensorConfig::args_at_exit`]).
+    pub args_at_exit: bool,
+}
+
+impl KernelMode {
+    pub fn of(btf: &KernelBtf, offsets: &KernelOffsets, opts: &LoadOptions) -> Self {
+        let task_btf = !opts.helper_reads && btf.has_helper("get_current_task_btf");
+        let args_at_exit = task_btf
+            && btf.has_helper("task_pt_regs")
+            && offsets.pt_regs_di != NO_OFFSET
+            && offsets.pt_regs_si != NO_OFFSET;
+        Self { task_btf, args_at_exit }
+    }
+
+    /// The programs to attach on this kernel: [`PROGRAMS`] and one set of secret-access
+    /// syscall hooks.
+    pub fn programs(self) -> impl Iterator<Item = &'static ProgramSpec> {
+        PROGRAMS.iter().chain(if self.args_at_exit { ARGS_AT_EXIT } else { ARGS_AT_ENTER })
+    }
+}
 
 const fn tp(
     name: &'static str,
@@ -308,25 +348,35 @@ fn prepare_host() -> Result<(), LoadError> {
     Ok(())
 }
 
-fn open_object(opts: &LoadOptions, pins: Option<&PinDir>) -> Result<Ebpf, LoadError> {
+/// The running kernel's BTF, the offsets the programs need and the mode they run in.
+fn kernel(opts: &LoadOptions) -> Result<(KernelBtf, KernelOffsets, KernelMode), LoadError> {
+    let btf = KernelBtf::load()?;
+    let offsets = btf.kernel_offsets()?;
+    let mode = KernelMode::of(&btf, &offsets, opts);
+    tracing::info!(reads = kernel_reads(&btf), ?mode, "kernel struct reads");
+    Ok((btf, offsets, mode))
+}
+
+fn open_object(
+    opts: &LoadOptions,
+    pins: Option<&PinDir>,
+    (btf, offsets, mode): &(KernelBtf, KernelOffsets, KernelMode),
+) -> Result<Ebpf, LoadError> {
     if crate::EBPF_OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
-    let btf = KernelBtf::load()?;
-    tracing::info!(reads = kernel_reads(&btf), "kernel struct reads");
-    let offsets = btf.kernel_offsets()?;
-    let windows = crate::btf::read_windows(&offsets);
     let config = SensorConfig {
         fold_window_ns: opts.fold_window.as_nanos() as u64,
-        offsets,
-        windows,
-        task_btf: u32::from(!opts.helper_reads && btf.has_helper("get_current_task_btf")),
+        offsets: *offsets,
+        windows: crate::btf::read_windows(offsets),
+        task_btf: u32::from(mode.task_btf),
         slot_btf_id: btf.struct_id("vm_area_struct").unwrap_or(0),
+        args_at_exit: u32::from(mode.args_at_exit),
     };
     let (object, patched) = if opts.helper_reads {
         crate::kfunc::patch_with(crate::EBPF_OBJECT, None)
     } else {
-        crate::kfunc::patch(crate::EBPF_OBJECT, &btf)
+        crate::kfunc::patch(crate::EBPF_OBJECT, btf)
     };
     tracing::debug!(?patched, "kfunc call sites");
     let pin_paths: Vec<(&'static str, PathBuf)> = match pins {
@@ -427,10 +477,9 @@ impl CgroupRoot {
     }
 }
 
-fn attach_all(ebpf: &mut Ebpf, pins: Option<&PinDir>) -> Vec<ProgramStatus> {
+fn attach_all(ebpf: &mut Ebpf, pins: Option<&PinDir>, mode: KernelMode) -> Vec<ProgramStatus> {
     let cgroup = CgroupRoot::open();
-    PROGRAMS
-        .iter()
+    mode.programs()
         .map(|spec| {
             let outcome = attach(ebpf, spec, &cgroup, pins);
             status(spec, outcome)
@@ -450,10 +499,13 @@ fn status(spec: &ProgramSpec, outcome: Result<(), String>) -> ProgramStatus {
 }
 
 /// Pinned programs left by a compatible sensor: their maps, and which programs still run.
-fn adopt(pins: &PinDir) -> Result<(HashMap<String, Map>, Vec<ProgramStatus>), LoadError> {
+fn adopt(
+    pins: &PinDir,
+    mode: KernelMode,
+) -> Result<(HashMap<String, Map>, Vec<ProgramStatus>), LoadError> {
     let maps = pins.open_maps()?;
-    let report = PROGRAMS
-        .iter()
+    let report = mode
+        .programs()
         .map(|spec| {
             let outcome = match PinnedLink::from_pin(pins.link_path(spec.name)) {
                 Ok(_) => Ok(()),
@@ -471,10 +523,12 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     prepare_host()?;
     let pins = opts.pin_dir.as_deref().map(PinDir::lock).transpose()?;
     let mut origin = Origin::Loaded;
+    let kernel = kernel(opts)?;
+    let mode = kernel.2;
     let (ebpf, pinned_maps, report) = match pins.as_ref().map(PinDir::state) {
         Some(PinState::Compatible) => {
             origin = Origin::Adopted;
-            let (maps, report) = adopt(pins.as_ref().expect("pins present"))?;
+            let (maps, report) = adopt(pins.as_ref().expect("pins present"), mode)?;
             (None, maps, report)
         }
         state => {
@@ -483,8 +537,8 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
                 p.clear()?;
                 origin = Origin::Replaced { reason };
             }
-            let mut ebpf = open_object(opts, pins.as_ref())?;
-            let report = attach_all(&mut ebpf, pins.as_ref());
+            let mut ebpf = open_object(opts, pins.as_ref(), &kernel)?;
+            let report = attach_all(&mut ebpf, pins.as_ref(), mode);
             (Some(ebpf), HashMap::new(), report)
         }
     };
@@ -534,6 +588,8 @@ pub fn kernel_reads(btf: &KernelBtf) -> &'static str {
 /// Tries every program and reports what works on this host, without failing on gaps.
 pub fn probe() -> Result<Vec<ProgramStatus>, LoadError> {
     prepare_host()?;
-    let mut ebpf = open_object(&LoadOptions::default(), None)?;
-    Ok(attach_all(&mut ebpf, None))
+    let opts = LoadOptions::default();
+    let kernel = kernel(&opts)?;
+    let mut ebpf = open_object(&opts, None, &kernel)?;
+    Ok(attach_all(&mut ebpf, None, kernel.2))
 }

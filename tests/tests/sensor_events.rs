@@ -62,7 +62,8 @@ fn sensor() -> Option<Sensor> {
 }
 
 /// The file-open path runs as plain loads through BTF pointers on kernels that allow it, and
-/// as helper reads elsewhere: tests of what it matches run once each way.
+/// as helper reads elsewhere; secret-access syscall arguments are read at exit, or at entry
+/// elsewhere. Tests of what they match run once each way (helper reads imply entry hooks).
 macro_rules! on_both_read_paths {
     ($($test:ident),* $(,)?) => {
         $(
@@ -89,6 +90,8 @@ on_both_read_paths!(
     names_in_a_watched_directory_match_by_name_or_by_any_name,
     unwatched_opens_and_the_sensors_own_reads_produce_nothing,
     environ_of_another_process_by_relative_path_is_a_secret_access,
+    ptrace_attach_and_process_vm_readv_are_secret_accesses,
+    a_connect_to_a_watched_unix_socket_names_the_listening_process,
 );
 
 fn watch(sensor: &mut Sensor, path: &Path, id: u32) {
@@ -309,9 +312,8 @@ async fn environ_of_another_process_by_relative_path_is_a_secret_access(opts: Lo
     assert_eq!(event.process.ppid, std::process::id());
 }
 
-#[tokio::test]
-async fn ptrace_attach_and_process_vm_readv_are_secret_accesses() {
-    let Some(mut sensor) = sensor() else { return };
+async fn ptrace_attach_and_process_vm_readv_are_secret_accesses(opts: LoadOptions) {
+    let Some(mut sensor) = start_sensor(&opts) else { return };
     for (action, method) in [("ptrace", "ptrace"), ("vm-readv", "process_vm_readv")] {
         let mut target = Command::new("sleep").arg("30").spawn().unwrap();
         let target_pid = target.id();
@@ -372,19 +374,18 @@ async fn connects_and_udp_sends_to_watched_endpoints_are_reported() {
     assert!(noise.is_none(), "unwatched endpoint reported: {noise:?}");
 }
 
-#[tokio::test]
-async fn a_connect_to_a_watched_unix_socket_names_the_listening_process() {
-    unix_socket_connect_is_a_secret_access("unix").await;
+async fn a_connect_to_a_watched_unix_socket_names_the_listening_process(opts: LoadOptions) {
+    unix_socket_connect_is_a_secret_access(&opts, "unix").await;
 }
 
 #[tokio::test]
 async fn a_connect_to_a_watched_unix_socket_through_io_uring_is_seen() {
-    unix_socket_connect_is_a_secret_access("uring-unix").await;
+    unix_socket_connect_is_a_secret_access(&LoadOptions::default(), "uring-unix").await;
 }
 
 /// kw-actor `action` connects to a watched socket this test listens on, like an ssh-agent.
-async fn unix_socket_connect_is_a_secret_access(action: &str) {
-    let Some(mut sensor) = sensor() else { return };
+async fn unix_socket_connect_is_a_secret_access(opts: &LoadOptions, action: &str) {
+    let Some(mut sensor) = start_sensor(opts) else { return };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.sock");
     let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();

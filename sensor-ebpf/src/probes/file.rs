@@ -22,10 +22,10 @@ use super::{
     kread::{self, Fields},
     maps::{
         CONNECT_FDS, EVENTS, NAME_SCRATCH, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES,
-        WATCHED_NAMES, WATCHED_SOCKETS, count_lost, maybe_watched, offsets, slot_btf_id, task_btf,
-        windows,
+        WATCHED_NAMES, WATCHED_SOCKETS, args_at_exit, count_lost, maybe_watched, offsets,
+        slot_btf_id, task_btf, windows,
     },
-    task::{current_task, current_task_btf, header, tp_field},
+    task::{current_task, current_task_btf, exit_args, header, tp_field},
 };
 
 /// `long ret` in every `syscalls:sys_exit_*` format.
@@ -429,12 +429,21 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if ret != 0 {
         return Ok(());
     }
-    // The fd is an argument, gone at exit: `sys_enter_connect` saved it for unix sockets.
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    let Some(&fd) = (unsafe { CONNECT_FDS.get(pid_tgid) }) else {
-        return Ok(());
+    let fd = if args_at_exit() {
+        let (fd, addr) = exit_args()?;
+        if user_family(addr as *const u8)? != AF_UNIX {
+            return Ok(());
+        }
+        fd as u32
+    } else {
+        // Not in the record at exit: `sys_enter_connect` saved it for unix sockets.
+        let Some(&fd) = (unsafe { CONNECT_FDS.get(pid_tgid) }) else {
+            return Ok(());
+        };
+        let _ = CONNECT_FDS.remove(pid_tgid);
+        fd
     };
-    let _ = CONNECT_FDS.remove(pid_tgid);
     let tgid = (pid_tgid >> 32) as u32;
     if super::task::is_self(tgid) {
         return Ok(());
@@ -472,7 +481,15 @@ fn unix_connected(file: *const u8, tgid: u32) -> Result<(), i64> {
     emit_secret(tgid, SecretMethod::UnixSocket, target, ino, 0, watch_id)
 }
 
-/// `connect(int fd, …)`: remembers the fd for the exit hook, only for AF_UNIX addresses.
+/// The address family of the `sockaddr` the caller passed.
+#[inline(always)]
+fn user_family(addr: *const u8) -> Result<u16, i64> {
+    // SAFETY: checked user read.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr.cast::<u16>()) }.map_err(i64::from)
+}
+
+/// `connect(int fd, …)`: remembers the fd for the exit hook, only for AF_UNIX addresses (on
+/// kernels where the exit hook cannot read the arguments itself).
 #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     match try_connect_enter(&ctx) {
@@ -483,9 +500,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 fn try_connect_enter(ctx: &TracePointContext) -> Result<(), i64> {
     // Fields of this tracepoint's format: fd at 16, uservaddr at 24.
     let (fd, addr): (u64, *const u8) = (tp_field(ctx, 16), tp_field(ctx, 24));
-    // SAFETY: checked user read of the address family.
-    let family: u16 = unsafe { aya_ebpf::helpers::bpf_probe_read_user(addr.cast::<u16>())? };
-    if family != AF_UNIX {
+    if user_family(addr)? != AF_UNIX {
         return Ok(());
     }
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();

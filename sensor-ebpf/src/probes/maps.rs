@@ -79,6 +79,7 @@ pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
     windows: NO_WINDOWS,
     task_btf: 0,
     slot_btf_id: 0,
+    args_at_exit: 0,
 });
 
 const NO_WINDOW: ReadWindow = ReadWindow { base: 0, len: 0 };
@@ -125,7 +126,8 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     io_kiocb_file: 0,
     dentry_name_len: 0,
     vma_vm_file: 0,
-    _reserved0: 0,
+    pt_regs_di: 0,
+    pt_regs_si: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole
@@ -156,6 +158,12 @@ pub fn windows() -> &'static ReadWindows {
 #[inline(always)]
 pub fn task_btf() -> bool {
     config().task_btf != 0
+}
+
+/// True when syscall arguments are read at exit ([`SensorConfig::args_at_exit`]).
+#[inline(always)]
+pub fn args_at_exit() -> bool {
+    config().args_at_exit != 0
 }
 
 /// The kernel's BTF id of `struct vm_area_struct` ([`SensorConfig::slot_btf_id`]).

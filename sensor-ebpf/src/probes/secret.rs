@@ -1,13 +1,15 @@
 //! Secret access across processes by syscall: ptrace attach/seize/peek, process_vm_readv and
-//! keyctl reads. Enter hooks: the arguments are what matters, and a failed attempt is itself
-//! worth knowing.
+//! keyctl reads — attempts, whether or not they succeed (a failed one is itself worth
+//! knowing). The arguments are what matters: exit hooks read them from the task's saved
+//! registers where the kernel allows ([`super::maps::args_at_exit`]), enter hooks from the record elsewhere;
+//! the loader attaches one set or the other.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use sensor_ebpf::{NO_WATCH, SecretMethod};
 
 use super::{
     file::emit_secret,
-    task::{current_tgid, is_self, tp_field},
+    task::{current_tgid, exit_args, is_self, tp_field},
 };
 
 /// First syscall argument in every `syscalls:sys_enter_*` format; each next one 8 bytes on.
@@ -31,8 +33,19 @@ pub fn sys_enter_ptrace(ctx: TracePointContext) -> u32 {
     }
 }
 
+#[tracepoint(category = "syscalls", name = "sys_exit_ptrace")]
+pub fn sys_exit_ptrace(_ctx: TracePointContext) -> u32 {
+    match exit_args().and_then(|(request, pid)| ptrace(request, pid)) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
 fn try_ptrace(ctx: &TracePointContext) -> Result<(), i64> {
-    let (request, pid): (u64, u64) = (tp_field(ctx, ARG0), tp_field(ctx, ARG1));
+    ptrace(tp_field(ctx, ARG0), tp_field(ctx, ARG1))
+}
+
+#[inline(always)]
+fn ptrace(request: u64, pid: u64) -> Result<(), i64> {
     if !matches!(
         request,
         PTRACE_ATTACH
@@ -57,6 +70,13 @@ pub fn sys_enter_process_vm_readv(ctx: TracePointContext) -> u32 {
     }
 }
 
+#[tracepoint(category = "syscalls", name = "sys_exit_process_vm_readv")]
+pub fn sys_exit_process_vm_readv(_ctx: TracePointContext) -> u32 {
+    match exit_args().and_then(|(pid, _)| report(SecretMethod::ProcessVmReadv, pid as u32, 0)) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
 /// `keyctl(int option, unsigned long arg2, …)`: KEYCTL_READ of key `arg2`.
 #[tracepoint(category = "syscalls", name = "sys_enter_keyctl")]
 pub fn sys_enter_keyctl(ctx: TracePointContext) -> u32 {
@@ -65,8 +85,19 @@ pub fn sys_enter_keyctl(ctx: TracePointContext) -> u32 {
     }
 }
 
+#[tracepoint(category = "syscalls", name = "sys_exit_keyctl")]
+pub fn sys_exit_keyctl(_ctx: TracePointContext) -> u32 {
+    match exit_args().and_then(|(option, key)| keyctl(option, key)) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
 fn try_keyctl(ctx: &TracePointContext) -> Result<(), i64> {
-    let (option, key): (u64, u64) = (tp_field(ctx, ARG0), tp_field(ctx, ARG1));
+    keyctl(tp_field(ctx, ARG0), tp_field(ctx, ARG1))
+}
+
+#[inline(always)]
+fn keyctl(option: u64, key: u64) -> Result<(), i64> {
     if option as u32 as u64 != KEYCTL_READ {
         return Ok(());
     }

@@ -48,6 +48,20 @@ pub fn current_task_btf() -> *const u8 {
     unsafe { aya_ebpf::helpers::generated::bpf_get_current_task_btf() as *const u8 }
 }
 
+/// The first two arguments of the syscall now exiting, from the current task's saved user
+/// registers (`di`, `si` on x86-64, which these syscalls leave as the caller set them); only
+/// where [`super::maps::args_at_exit`] holds.
+#[inline(always)]
+pub fn exit_args() -> Result<(u64, u64), i64> {
+    let o = offsets();
+    // SAFETY: the helper takes the current task's BTF pointer and returns a BTF pointer to its
+    // registers, loaded from with plain, verifier-checked loads.
+    let regs = unsafe {
+        aya_ebpf::helpers::generated::bpf_task_pt_regs(current_task_btf() as *mut _) as *const u8
+    };
+    Ok((kread::btf_at(regs, o.pt_regs_di)?, kread::btf_at(regs, o.pt_regs_si)?))
+}
+
 /// Boot-clock nanoseconds.
 #[inline(always)]
 pub fn now_ns() -> u64 {
