@@ -349,7 +349,7 @@ fn prepare_host() -> Result<(), LoadError> {
 }
 
 /// The running kernel's BTF, the offsets the programs need and the mode they run in.
-fn kernel(opts: &LoadOptions) -> Result<(KernelBtf, KernelOffsets, KernelMode), LoadError> {
+fn inspect_kernel(opts: &LoadOptions) -> Result<(KernelBtf, KernelOffsets, KernelMode), LoadError> {
     let btf = KernelBtf::load()?;
     let offsets = btf.kernel_offsets()?;
     let mode = KernelMode::of(&btf, &offsets, opts);
@@ -395,6 +395,9 @@ fn open_object(
 }
 
 /// Attaches one program; with `pins`, pins its link so it outlives this process.
+/// How a program the kernel refused to load (the verifier) is reported.
+const LOAD_REFUSED: &str = "load refused: ";
+
 fn attach(
     ebpf: &mut Ebpf,
     spec: &ProgramSpec,
@@ -402,7 +405,7 @@ fn attach(
     pins: Option<&PinDir>,
 ) -> Result<(), String> {
     let program = ebpf.program_mut(spec.name).ok_or("not in the eBPF object")?;
-    let loaded = |e: aya::programs::ProgramError| format!("load refused: {}", brief(&e));
+    let loaded = |e: aya::programs::ProgramError| format!("{LOAD_REFUSED}{}", brief(&e));
     let attached = |e: aya::programs::ProgramError| {
         let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
         format!("attach failed: {e}{cause}")
@@ -523,7 +526,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     prepare_host()?;
     let pins = opts.pin_dir.as_deref().map(PinDir::lock).transpose()?;
     let mut origin = Origin::Loaded;
-    let kernel = kernel(opts)?;
+    let kernel = inspect_kernel(opts)?;
     let mode = kernel.2;
     let (ebpf, pinned_maps, report) = match pins.as_ref().map(PinDir::state) {
         Some(PinState::Compatible) => {
@@ -538,7 +541,29 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
                 origin = Origin::Replaced { reason };
             }
             let mut ebpf = open_object(opts, pins.as_ref(), &kernel)?;
-            let report = attach_all(&mut ebpf, pins.as_ref(), mode);
+            let mut report = attach_all(&mut ebpf, pins.as_ref(), mode);
+            let refused: Vec<_> = report
+                .iter()
+                .filter(|s| s.reason.as_deref().is_some_and(|r| r.starts_with(LOAD_REFUSED)))
+                .map(|s| s.program)
+                .collect();
+            if !refused.is_empty() && !opts.helper_reads {
+                // A verifier that refuses the BTF-pointer or exit-argument programs (a kernel
+                // that advertises what it does not allow these program types): the portable
+                // programs instead, rather than no sensor.
+                tracing::warn!(
+                    ?refused,
+                    "programs refused in the fast mode; loading the portable ones instead (helper reads, syscall arguments at entry)"
+                );
+                drop(ebpf);
+                if let Some(p) = &pins {
+                    p.clear()?;
+                }
+                let portable = LoadOptions { helper_reads: true, ..opts.clone() };
+                let kernel = inspect_kernel(&portable)?;
+                ebpf = open_object(&portable, pins.as_ref(), &kernel)?;
+                report = attach_all(&mut ebpf, pins.as_ref(), kernel.2);
+            }
             (Some(ebpf), HashMap::new(), report)
         }
     };
@@ -589,7 +614,7 @@ pub fn kernel_reads(btf: &KernelBtf) -> &'static str {
 pub fn probe() -> Result<Vec<ProgramStatus>, LoadError> {
     prepare_host()?;
     let opts = LoadOptions::default();
-    let kernel = kernel(&opts)?;
+    let kernel = inspect_kernel(&opts)?;
     let mut ebpf = open_object(&opts, None, &kernel)?;
     Ok(attach_all(&mut ebpf, None, kernel.2))
 }
