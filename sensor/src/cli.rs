@@ -185,13 +185,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Probe { json } => {
-            let report = loader::probe()?;
+            let (report, mode) = loader::probe()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", probe_table(&report));
-                let btf = crate::btf::KernelBtf::load()?;
-                println!("\nkernel struct reads: {}", loader::kernel_reads(&btf));
+                println!("\nkernel struct reads: {}", mode.reads());
             }
             Ok(())
         }

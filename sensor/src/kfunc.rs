@@ -8,26 +8,18 @@
 
 use sensor_ebpf::{INSN_R0_ZERO, KFUNC_RDONLY_CAST_CALL};
 
-use crate::btf::KernelBtf;
-
 /// How the kfunc call sites were patched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Patched {
     /// Call sites found.
     pub sites: usize,
-    /// The kernel has `bpf_rdonly_cast` (and `struct file`): the calls are live.
+    /// The calls are live (a kfunc id was given and the object has call sites).
     pub rdonly_cast: bool,
 }
 
-/// `object` with its `bpf_rdonly_cast` call sites patched for `btf`'s kernel.
-pub fn patch(object: &[u8], btf: &KernelBtf) -> (Vec<u8>, Patched) {
-    let id =
-        btf.function_id("bpf_rdonly_cast").filter(|_| btf.struct_id("vm_area_struct").is_some());
-    patch_with(object, id)
-}
-
-/// `object` with its `bpf_rdonly_cast` call sites patched to call `kfunc_id`, or to yield NULL.
-pub fn patch_with(object: &[u8], kfunc_id: Option<u32>) -> (Vec<u8>, Patched) {
+/// `object` with its `bpf_rdonly_cast` call sites patched to call `kfunc_id` (the running
+/// kernel's, from [`crate::loader::KernelMode`]), or to yield NULL.
+pub fn patch(object: &[u8], kfunc_id: Option<u32>) -> (Vec<u8>, Patched) {
     let mut out = object.to_vec();
     let marker = KFUNC_RDONLY_CAST_CALL.to_le_bytes();
     let replacement = match kfunc_id {
@@ -62,7 +54,7 @@ mod tests {
 
     #[test]
     fn every_call_site_gets_the_kernels_id() {
-        let (out, patched) = patch_with(&object_with_calls(3), Some(0x1234));
+        let (out, patched) = patch(&object_with_calls(3), Some(0x1234));
         assert_eq!(patched, Patched { sites: 3, rdonly_cast: true });
         let call = u64::from_le_bytes(out[8..16].try_into().unwrap());
         assert_eq!(call & 0xff, 0x85, "still a call");
@@ -73,7 +65,7 @@ mod tests {
 
     #[test]
     fn without_the_kfunc_each_call_yields_null() {
-        let (out, patched) = patch_with(&object_with_calls(2), None);
+        let (out, patched) = patch(&object_with_calls(2), None);
         assert_eq!(patched, Patched { sites: 2, rdonly_cast: false });
         assert_eq!(&out[8..16], &INSN_R0_ZERO.to_le_bytes());
         assert_eq!(&out[24..32], &INSN_R0_ZERO.to_le_bytes());
@@ -84,7 +76,7 @@ mod tests {
         if crate::EBPF_OBJECT.is_empty() {
             return;
         }
-        let (_, patched) = patch_with(crate::EBPF_OBJECT, Some(1));
+        let (_, patched) = patch(crate::EBPF_OBJECT, Some(1));
         assert!(patched.sites > 0, "the file programs call bpf_rdonly_cast");
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! [`PROGRAMS`] (with one of two sets of secret-access syscall hooks, chosen by
 //! [`KernelMode`]) is the one table of what attaches where; `keywatch-sensor probe` prints it
-//! with the outcome on this host. A program that fails is never a silent gap: the sensor refuses to
-//! start unless the operator allowed that gap by name.
+//! with the outcome on this host. A program that fails is never a silent gap: the sensor
+//! refuses to start unless the operator allowed that gap by name.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -131,6 +131,9 @@ const ARGS_AT_ENTER: &[ProgramSpec] = &[
 pub struct KernelMode {
     /// Walk kernel structs through BTF pointers ([`SensorConfig::task_btf`]).
     pub task_btf: bool,
+    /// The kernel's BTF id of the kfunc `bpf_rdonly_cast`, when the open path holds files as
+    /// BTF pointers (see [`crate::kfunc`]); `None`: helper reads.
+    pub rdonly_cast: Option<u32>,
     /// Read syscall arguments at exit ([`SensorConfig::args_at_exit`]).
     pub args_at_exit: bool,
 }
@@ -138,11 +141,23 @@ pub struct KernelMode {
 impl KernelMode {
     pub fn of(btf: &KernelBtf, offsets: &KernelOffsets, opts: &LoadOptions) -> Self {
         let task_btf = !opts.helper_reads && btf.has_helper("get_current_task_btf");
+        let rdonly_cast = btf
+            .function_id("bpf_rdonly_cast")
+            .filter(|_| task_btf && btf.struct_id("vm_area_struct").is_some());
         let args_at_exit = task_btf
             && btf.has_helper("task_pt_regs")
             && offsets.pt_regs_di != NO_OFFSET
             && offsets.pt_regs_si != NO_OFFSET;
-        Self { task_btf, args_at_exit }
+        Self { task_btf, rdonly_cast, args_at_exit }
+    }
+
+    /// How the file programs read kernel structs (shown by `probe`).
+    pub fn reads(self) -> &'static str {
+        if self.rdonly_cast.is_some() {
+            "plain loads through BTF pointers (task, opened file), checked by the verifier"
+        } else {
+            "bpf_probe_read_kernel per struct window (no BTF pointers to files on this kernel)"
+        }
     }
 
     /// The programs to attach on this kernel: [`PROGRAMS`] and one set of secret-access
@@ -353,7 +368,7 @@ fn inspect_kernel(opts: &LoadOptions) -> Result<(KernelBtf, KernelOffsets, Kerne
     let btf = KernelBtf::load()?;
     let offsets = btf.kernel_offsets()?;
     let mode = KernelMode::of(&btf, &offsets, opts);
-    tracing::info!(reads = kernel_reads(&btf), ?mode, "kernel struct reads");
+    tracing::info!(reads = mode.reads(), ?mode, "kernel struct reads");
     Ok((btf, offsets, mode))
 }
 
@@ -373,11 +388,7 @@ fn open_object(
         slot_btf_id: btf.struct_id("vm_area_struct").unwrap_or(0),
         args_at_exit: u32::from(mode.args_at_exit),
     };
-    let (object, patched) = if opts.helper_reads {
-        crate::kfunc::patch_with(crate::EBPF_OBJECT, None)
-    } else {
-        crate::kfunc::patch(crate::EBPF_OBJECT, btf)
-    };
+    let (object, patched) = crate::kfunc::patch(crate::EBPF_OBJECT, mode.rdonly_cast);
     tracing::debug!(?patched, "kfunc call sites");
     let pin_paths: Vec<(&'static str, PathBuf)> = match pins {
         Some(p) => pins::MAPS.iter().map(|&name| (name, p.map_path(name))).collect(),
@@ -394,10 +405,10 @@ fn open_object(
     loader.load(&object).map_err(LoadError::Object)
 }
 
-/// Attaches one program; with `pins`, pins its link so it outlives this process.
 /// How a program the kernel refused to load (the verifier) is reported.
 const LOAD_REFUSED: &str = "load refused: ";
 
+/// Attaches one program; with `pins`, pins its link so it outlives this process.
 fn attach(
     ebpf: &mut Ebpf,
     spec: &ProgramSpec,
@@ -595,26 +606,11 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     Ok(loaded)
 }
 
-/// How the file programs read kernel structs on this kernel (shown by `probe`): plain loads
-/// checked by the verifier through BTF pointers where the kernel has
-/// `bpf_get_current_task_btf` (5.11+), a `bpf_probe_read_kernel` per read otherwise.
-pub fn kernel_reads(btf: &KernelBtf) -> &'static str {
-    match (btf.has_helper("get_current_task_btf"), btf.function_id("bpf_rdonly_cast").is_some()) {
-        (true, true) => {
-            "plain loads through BTF pointers (task, opened file), checked by the verifier"
-        }
-        (true, false) => {
-            "task walk through BTF pointers; opened files by bpf_probe_read_kernel (no bpf_rdonly_cast)"
-        }
-        (false, _) => "bpf_probe_read_kernel per read (no bpf_get_current_task_btf on this kernel)",
-    }
-}
-
 /// Tries every program and reports what works on this host, without failing on gaps.
-pub fn probe() -> Result<Vec<ProgramStatus>, LoadError> {
+pub fn probe() -> Result<(Vec<ProgramStatus>, KernelMode), LoadError> {
     prepare_host()?;
     let opts = LoadOptions::default();
     let kernel = inspect_kernel(&opts)?;
     let mut ebpf = open_object(&opts, None, &kernel)?;
-    Ok(attach_all(&mut ebpf, None, kernel.2))
+    Ok((attach_all(&mut ebpf, None, kernel.2), kernel.2))
 }
