@@ -462,7 +462,6 @@ pub struct KernelOffsets {
     pub cred_cap_effective: u32,
     pub files_fdt: u32,
     pub fdtable_fd: u32,
-    pub fdtable_max_fds: u32,
     pub file_f_inode: u32,
     pub file_f_flags: u32,
     /// `file.f_path.dentry` (offset of f_path plus offset of path.dentry).
@@ -489,9 +488,6 @@ pub struct KernelOffsets {
     pub unix_path_dentry: u32,
     /// `pid.numbers[0].nr`.
     pub pid_nr: u32,
-    /// `files_struct.fdtab`, the embedded first fd table (`fdt` points at it until the table
-    /// grows).
-    pub files_fdtab: u32,
     /// `io_kiocb.opcode`; [`NO_OFFSET`] when the kernel has no io_uring.
     pub io_kiocb_opcode: u32,
     /// `io_open.file_slot` (in the request's command area): non-zero for an open into a
@@ -616,10 +612,10 @@ const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 39 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 41 * 4 + 4 * 8 + 12);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 39 * 4 + 4 * 8 + 12);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

@@ -145,7 +145,6 @@ impl KernelBtf {
             cred_cap_effective: self.member_offset("cred", "cap_effective")?,
             files_fdt: self.member_offset("files_struct", "fdt")?,
             fdtable_fd: self.member_offset("fdtable", "fd")?,
-            fdtable_max_fds: self.member_offset("fdtable", "max_fds")?,
             file_f_inode: self.member_offset("file", "f_inode")?,
             file_f_flags: self.member_offset("file", "f_flags")?,
             file_dentry: self.path_offset("file", &[("f_path", "path"), ("dentry", "")])?,
@@ -166,7 +165,6 @@ impl KernelBtf {
             unix_peer: self.member_offset("unix_sock", "peer")?,
             unix_path_dentry: self.path_offset("unix_sock", &[("path", "path"), ("dentry", "")])?,
             pid_nr: self.path_offset("pid", &[("numbers", "upid"), ("nr", "")])?,
-            files_fdtab: self.member_offset("files_struct", "fdtab")?,
             // Only with CONFIG_IO_URING.
             io_kiocb_opcode: self.member_offset("io_kiocb", "opcode").unwrap_or(NO_OFFSET),
             io_open_file_slot: self.member_offset("io_open", "file_slot").unwrap_or(NO_OFFSET),

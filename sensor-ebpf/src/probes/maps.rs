@@ -8,8 +8,10 @@ use aya_ebpf::{
 };
 use sensor_ebpf::{
     EndpointKey, EndpointValue, EventKind, FILTER_WORDS, FileKey, FoldKey, FoldState,
-    KernelOffsets, NAME_LEN, NameKey, PinMeta, ReadWindow, ReadWindows, SensorConfig, filter_slot,
+    KernelOffsets, NAME_LEN, NameKey, PinMeta, ReadWindows, SensorConfig, filter_slot,
 };
+
+use super::kread::NO_WINDOW;
 
 /// Ring buffer of event records; userspace sizes it at load time.
 #[map]
@@ -82,7 +84,6 @@ pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
     args_at_exit: 0,
 });
 
-const NO_WINDOW: ReadWindow = ReadWindow { base: 0, len: 0 };
 const NO_WINDOWS: ReadWindows =
     ReadWindows { file: NO_WINDOW, inode: NO_WINDOW, sb: NO_WINDOW, dentry: NO_WINDOW };
 
@@ -100,7 +101,6 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     cred_cap_effective: 0,
     files_fdt: 0,
     fdtable_fd: 0,
-    fdtable_max_fds: 0,
     file_f_inode: 0,
     file_f_flags: 0,
     file_dentry: 0,
@@ -120,7 +120,6 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     unix_peer: 0,
     unix_path_dentry: 0,
     pid_nr: 0,
-    files_fdtab: 0,
     io_kiocb_opcode: 0,
     io_open_file_slot: 0,
     io_kiocb_file: 0,

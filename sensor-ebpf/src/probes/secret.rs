@@ -1,8 +1,8 @@
 //! Secret access across processes by syscall: ptrace attach/seize/peek, process_vm_readv and
 //! keyctl reads — attempts, whether or not they succeed (a failed one is itself worth
 //! knowing). The arguments are what matters: exit hooks read them from the task's saved
-//! registers where the kernel allows ([`super::maps::args_at_exit`]), enter hooks from the record elsewhere;
-//! the loader attaches one set or the other.
+//! registers where the kernel allows ([`super::maps::args_at_exit`]), enter hooks from the
+//! record elsewhere; the loader attaches one set or the other.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use sensor_ebpf::{NO_WATCH, SecretMethod};
