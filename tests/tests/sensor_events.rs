@@ -149,17 +149,23 @@ async fn credential_reads_resolve_to_the_inode_whatever_the_path(opts: LoadOptio
     }
 }
 
+/// Watches a fresh credential as `id`, runs kw-actor `action` on it and returns the credential
+/// and the actor's file event.
+async fn act_on_a_watched_credential(sensor: &mut Sensor, action: &str, id: u32) -> (Creds, Event) {
+    let creds = Creds::new();
+    watch(sensor, &creds.cred(), id);
+    let pid = act(&[action, creds.cred().to_str().unwrap()]);
+    let event = file_open_by(sensor, pid, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no file event for kw-actor {action} (pid {pid})"));
+    (creds, event)
+}
+
 #[tokio::test]
 async fn a_credential_opened_through_io_uring_is_reported() {
     let Some(mut sensor) = sensor() else { return };
-    let creds = Creds::new();
-    let cred = creds.cred();
-    watch(&mut sensor, &cred, 9);
-    let pid = act(&["uring-read", cred.to_str().unwrap()]);
-    let event = file_open_by(&mut sensor, pid, WAIT)
-        .await
-        .unwrap_or_else(|| panic!("no file event for the io_uring open by pid {pid}"));
-    let key = file_key(&cred).unwrap();
+    let (creds, event) = act_on_a_watched_credential(&mut sensor, "uring-read", 9).await;
+    let key = file_key(&creds.cred()).unwrap();
     let Detail::FileOpen { watch_id, ino, dev, write, .. } = &event.detail else {
         panic!("not a file open: {event:?}");
     };
@@ -173,14 +179,8 @@ async fn a_credential_opened_through_io_uring_is_reported() {
 #[tokio::test]
 async fn a_credential_opened_by_file_handle_is_reported() {
     let Some(mut sensor) = sensor() else { return };
-    let creds = Creds::new();
-    let cred = creds.cred();
-    watch(&mut sensor, &cred, 11);
-    let pid = act(&["by-handle", cred.to_str().unwrap()]);
-    let event = file_open_by(&mut sensor, pid, WAIT)
-        .await
-        .unwrap_or_else(|| panic!("no file event for the open by handle of pid {pid}"));
-    assert_file_open(&event, &cred, 11);
+    let (creds, event) = act_on_a_watched_credential(&mut sensor, "by-handle", 11).await;
+    assert_file_open(&event, &creds.cred(), 11);
 }
 
 #[tokio::test]
@@ -213,10 +213,7 @@ async fn a_credential_fd_taken_from_another_process_is_reported() {
 #[tokio::test]
 async fn a_write_to_a_credential_is_flagged() {
     let Some(mut sensor) = sensor() else { return };
-    let creds = Creds::new();
-    watch(&mut sensor, &creds.cred(), 3);
-    let pid = act(&["write", creds.cred().to_str().unwrap()]);
-    let event = file_open_by(&mut sensor, pid, WAIT).await.expect("file event for the write");
+    let (creds, event) = act_on_a_watched_credential(&mut sensor, "write", 3).await;
     assert_file_open(&event, &creds.cred(), 3);
     let Detail::FileOpen { write, flags, .. } = event.detail else { unreachable!() };
     assert!(write, "flags {flags:#o} should say write");
