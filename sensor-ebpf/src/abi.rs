@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -12,6 +12,8 @@ pub const PATH_LEN: usize = 256;
 pub const NAME_LEN: usize = 128;
 /// `TASK_COMM_LEN` in the kernel.
 pub const COMM_LEN: usize = 16;
+/// Bytes of a process's arguments an exec record carries.
+pub const ARGS_LEN: usize = 512;
 /// Watch id meaning "no watch".
 pub const NO_WATCH: u32 = u32::MAX;
 
@@ -110,8 +112,8 @@ pub struct EventHeader {
     pub comm: [u8; COMM_LEN],
 }
 
-/// `sched:sched_process_exec`: the new program's file name as the kernel resolved it, and the
-/// credentials after exec (the header carries uid/euid).
+/// `sched:sched_process_exec`: the new program's file name as the kernel resolved it, the file
+/// it is, its arguments, and the credentials after exec (the header carries uid/euid).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExecEvent {
@@ -126,7 +128,19 @@ pub struct ExecEvent {
     pub egid: u32,
     /// Effective capabilities after exec.
     pub cap_effective: u64,
+    /// Inode and device (kernel encoding) of the executed file; 0 when unreadable. They tell
+    /// which file a relative or `/dev/fd/N` file name was.
+    pub exe_ino: u64,
+    pub exe_dev: u32,
+    /// Bytes of `args` in use.
+    pub args_len: u32,
+    /// Bytes of arguments the process has (more than `args_len` when they were cut).
+    pub args_total: u32,
+    pub _pad0: u32,
     pub filename: [u8; PATH_LEN],
+    /// `argv` as the new program sees it, NUL-separated (like `/proc/PID/cmdline`), read at
+    /// exec so a process that is gone before the sensor looks still has its command line.
+    pub args: [u8; ARGS_LEN],
 }
 
 /// A new process: the header is the parent, `child_tgid` the child.
@@ -504,6 +518,9 @@ pub struct KernelOffsets {
     /// (x86-64), read at syscall exit; [`NO_OFFSET`] elsewhere.
     pub pt_regs_di: u32,
     pub pt_regs_si: u32,
+    /// `mm_struct.arg_start` and `arg_end`: where a process's arguments lie in its memory.
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -601,7 +618,7 @@ pub const INSN_R0_ZERO: u64 = 0xb7;
 
 // Layout guards: a change here is a change of ABI_VERSION.
 const _: () = assert!(size_of::<EventHeader>() == 72);
-const _: () = assert!(size_of::<ExecEvent>() == 72 + 24 + PATH_LEN);
+const _: () = assert!(size_of::<ExecEvent>() == 72 + 48 + PATH_LEN + ARGS_LEN);
 const _: () = assert!(size_of::<ForkEvent>() == 80);
 const _: () = assert!(size_of::<ExitEvent>() == 80);
 const _: () = assert!(size_of::<FileOpenEvent>() == 72 + 48 + NAME_LEN);
@@ -612,10 +629,10 @@ const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 39 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 39 * 4 + 4 * 8 + 12);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 41 * 4 + 4 * 8 + 12);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

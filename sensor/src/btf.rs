@@ -174,6 +174,8 @@ impl KernelBtf {
             // x86-64 register names; other architectures read arguments at syscall entry.
             pt_regs_di: self.member_offset("pt_regs", "di").unwrap_or(NO_OFFSET),
             pt_regs_si: self.member_offset("pt_regs", "si").unwrap_or(NO_OFFSET),
+            mm_arg_start: self.member_offset("mm_struct", "arg_start")?,
+            mm_arg_end: self.member_offset("mm_struct", "arg_end")?,
         })
     }
 }

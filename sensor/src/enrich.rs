@@ -12,7 +12,7 @@ const O_DIRECTORY: u32 = 0o200000;
 use crate::{
     event::{Detail, Event, ProcessRef},
     observation::{Identity, Observation, What},
-    process::{ExeHasher, ProcessInfo, ProcessTable},
+    process::{ExeHasher, ExecFacts, ProcessInfo, ProcessTable},
     watch_sync::SharedView,
 };
 
@@ -97,7 +97,7 @@ impl Enricher {
                 self.push_lifecycle(&mut out, &event, What::Fork { child_pid: *child_pid });
             }
             Detail::Exec { filename, egid, cap_effective, exe_mode, .. } => {
-                self.table.on_exec(pid, filename, event.time_ns);
+                self.table.on_exec(pid, &exec_facts(&event), event.time_ns);
                 let after = self.sync_creds(&event.process, *egid, Some(*cap_effective));
                 self.push_lifecycle(&mut out, &event, What::Exec { filename: filename.clone() });
                 let setid = exe_mode & 0o6000 != 0;
@@ -297,6 +297,26 @@ impl Enricher {
             self.table.set_exe_sha256(info.pid, info.start_time_ns, &info.exe, h.clone());
         }
         hash
+    }
+}
+
+/// The table's view of an exec record.
+fn exec_facts(event: &Event) -> ExecFacts {
+    let Detail::Exec { filename, exe_dev, exe_ino, args, args_cut, .. } = &event.detail else {
+        return ExecFacts::default();
+    };
+    let p = &event.process;
+    ExecFacts {
+        filename: filename.clone(),
+        exe: (*exe_ino != 0).then_some((*exe_dev, *exe_ino)),
+        args: args.clone(),
+        args_cut: *args_cut,
+        comm: p.comm.clone(),
+        uid: p.uid,
+        euid: p.euid,
+        gid: p.gid,
+        login_uid: p.login_uid,
+        cgroup_id: p.cgroup_id,
     }
 }
 

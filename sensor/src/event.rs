@@ -51,6 +51,13 @@ pub enum Detail {
         old_pid: u32,
         /// Mode bits of the executed file (setuid 0o4000, setgid 0o2000).
         exe_mode: u32,
+        /// Device (kernel encoding) and inode of the executed file; 0 when unknown.
+        exe_dev: u32,
+        exe_ino: u64,
+        /// Arguments as the kernel saw them at exec, `argv[0]` first.
+        args: Vec<String>,
+        /// The record carried only the first bytes of the arguments.
+        args_cut: bool,
         egid: u32,
         cap_effective: u64,
     },
@@ -206,10 +213,15 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
     let detail = match kind {
         EventKind::Exec => {
             let e: ExecEvent = read(bytes, "exec")?;
+            let args_len = (e.args_len as usize).min(e.args.len());
             Detail::Exec {
                 filename: text(&e.filename, e.filename_len),
                 old_pid: e.old_pid,
                 exe_mode: e.exe_mode,
+                exe_dev: e.exe_dev,
+                exe_ino: e.exe_ino,
+                args: crate::process::split_cmdline(&e.args[..args_len]),
+                args_cut: e.args_total > e.args_len,
                 egid: e.egid,
                 cap_effective: e.cap_effective,
             }
@@ -286,7 +298,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
 
 #[cfg(test)]
 mod tests {
-    use sensor_ebpf::{COMM_LEN, PATH_LEN};
+    use sensor_ebpf::{ARGS_LEN, COMM_LEN, PATH_LEN};
 
     use super::*;
 
@@ -319,6 +331,8 @@ mod tests {
     fn decodes_exec_record() {
         let mut filename = [0u8; PATH_LEN];
         filename[..9].copy_from_slice(b"/bin/true");
+        let mut args = [0u8; ARGS_LEN];
+        args[..12].copy_from_slice(b"true\0--help\0");
         let rec = ExecEvent {
             header: header(1),
             old_pid: 11,
@@ -326,7 +340,13 @@ mod tests {
             exe_mode: 0o4755,
             egid: 100,
             cap_effective: 0,
+            exe_ino: 77,
+            exe_dev: 8 << 20,
+            args_len: 12,
+            args_total: 40,
+            _pad0: 0,
             filename,
+            args,
         };
         let event = decode(&bytes_of(&rec), &Clock::new(1_000)).unwrap();
         assert_eq!(event.time_ns, 6_000);
@@ -336,7 +356,8 @@ mod tests {
         assert_eq!(event.process.login_uid, None);
         assert!(matches!(
             &event.detail,
-            Detail::Exec { filename, old_pid: 11, exe_mode: 0o4755, .. } if filename == "/bin/true"
+            Detail::Exec { filename, old_pid: 11, exe_mode: 0o4755, exe_ino: 77, args, args_cut: true, .. }
+                if filename == "/bin/true" && args == &["true", "--help"]
         ));
     }
 

@@ -36,6 +36,10 @@ use crate::{
 
 /// Longest time a record waits in the ring before the reader looks again.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// Most events handed downstream in one batch. Events go downstream in batches, one per
+/// drain of the ring at most this large, so the next stage wakes once per drain rather than
+/// once per event (a thread wakeup costs more than the event it carries).
+pub const BATCH_MAX: usize = 256;
 /// How often fold tails (occurrences no record carried) are collected from the kernel.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 /// On stop, how long the reader waits for downstream to make what it read durable.
@@ -209,7 +213,9 @@ struct Reader {
     ring: Ring,
     fold_map: FoldMap,
     folds: FoldTracker,
-    tx: Option<mpsc::Sender<Event>>,
+    tx: Option<mpsc::Sender<Vec<Event>>>,
+    /// Events read but not yet handed downstream.
+    batch: Vec<Event>,
     clock: Clock,
     progress: Arc<Progress>,
     stats: Arc<ReaderStats>,
@@ -218,20 +224,34 @@ struct Reader {
 }
 
 impl Reader {
-    /// Sends `event` with the next mark; false when downstream is gone.
+    /// Queues `event` with the next mark, handing the batch downstream when it is full;
+    /// false when downstream is gone.
     fn send(&mut self, mut event: Event, ring_pos: u64) -> bool {
-        let Some(tx) = &self.tx else { return false };
+        if self.tx.is_none() {
+            return false;
+        }
         self.next_mark += 1;
         event.mark = self.next_mark;
         self.pending.push_back(Pending { mark: event.mark, ring_pos, fold: event.fold });
         self.stats.occurrences.fetch_add(u64::from(event.count), Ordering::Relaxed);
-        tx.blocking_send(event).is_ok()
+        self.batch.push(event);
+        self.batch.len() < BATCH_MAX || self.flush()
+    }
+
+    /// Hands the queued events downstream; false when downstream is gone.
+    fn flush(&mut self) -> bool {
+        let Some(tx) = &self.tx else { return false };
+        if self.batch.is_empty() {
+            return true;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_MAX));
+        tx.blocking_send(batch).is_ok()
     }
 
     /// Drains the ring; false when downstream is gone or the reader is told to stop.
     fn drain(&mut self, stop: &AtomicBool) -> bool {
         while !stop.load(Ordering::Relaxed) {
-            let Some(record) = self.ring.next() else { return true };
+            let Some(record) = self.ring.next() else { return self.flush() };
             let end = record.end;
             self.stats.records.fetch_add(1, Ordering::Relaxed);
             match decode(record.data, &self.clock) {
@@ -248,6 +268,7 @@ impl Reader {
                 }
             }
         }
+        self.flush();
         false
     }
 
@@ -257,7 +278,7 @@ impl Reader {
         let tails = self.folds.sweep(&entries, self.clock.now_unix_ns(), boot_now_ns());
         // A tail covers no record: every record before the read cursor was sent before it.
         let pos = self.ring.read_pos();
-        tails.into_iter().all(|tail| self.send(tail, pos))
+        tails.into_iter().all(|tail| self.send(tail, pos)) && self.flush()
     }
 
     /// Commits the ring up to what downstream has made durable, checkpointing the fold totals
@@ -333,14 +354,15 @@ impl Reader {
     }
 }
 
-/// Starts draining `ring` into `tx`. Sending blocks when downstream is full, which leaves
-/// records in the ring (where the kernel counts any it cannot queue) rather than in memory.
-/// The ring is committed as `progress` reports events done.
+/// Starts draining `ring` into `tx`, in batches of at most [`BATCH_MAX`] events. Sending
+/// blocks when downstream is full, which leaves records in the ring (where the kernel counts
+/// any it cannot queue) rather than in memory. The ring is committed as `progress` reports
+/// events done.
 pub fn spawn(
     ring: Ring,
     fold_map: FoldMap,
     folds: FoldTracker,
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Vec<Event>>,
     clock: Clock,
     progress: Arc<Progress>,
 ) -> ReaderHandle {
@@ -351,6 +373,7 @@ pub fn spawn(
         fold_map,
         folds,
         tx: Some(tx),
+        batch: Vec::with_capacity(BATCH_MAX),
         clock,
         progress,
         stats: Arc::clone(&stats),

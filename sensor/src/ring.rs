@@ -145,7 +145,6 @@ pub struct Ring {
     size: u64,
     read: u64,
     committed: u64,
-    fd: Option<RawFd>,
     identity: Option<RingIdentity>,
     // Keeps the map (and so the mapping's backing) alive.
     _map: Option<Box<dyn Send>>,
@@ -199,7 +198,7 @@ impl Ring {
             }
         };
         let mapping = Mapping { consumer, consumer_len: page, producer, producer_len, owned: true };
-        Ok(Self::with_mapping(mapping, page, u64::from(size), Some(raw)))
+        Ok(Self::with_mapping(mapping, page, u64::from(size)))
     }
 
     /// A consumer over memory laid out like the kernel's mapping: `consumer` holds
@@ -222,17 +221,16 @@ impl Ring {
             producer_len: data_offset + 2 * size as usize,
             owned: false,
         };
-        Self::with_mapping(mapping, data_offset, size, None)
+        Self::with_mapping(mapping, data_offset, size)
     }
 
-    fn with_mapping(mapping: Mapping, data_offset: usize, size: u64, fd: Option<RawFd>) -> Self {
+    fn with_mapping(mapping: Mapping, data_offset: usize, size: u64) -> Self {
         let mut ring = Self {
             mapping,
             data_offset,
             size,
             read: 0,
             committed: 0,
-            fd,
             identity: None,
             _map: None,
         };
@@ -274,19 +272,8 @@ impl Ring {
     #[expect(clippy::should_implement_trait, reason = "the record borrows the ring")]
     pub fn next(&mut self) -> Option<Record<'_>> {
         let producer = self.producer_pos();
-        let mask = self.size - 1;
         while self.read != producer {
-            let offset = self.data_offset + (self.read & mask) as usize;
-            // SAFETY: offset < data_offset + size and the header is 8-byte aligned inside the
-            // producer mapping.
-            let header = unsafe {
-                self.mapping
-                    .producer
-                    .add(offset)
-                    .cast::<AtomicU32>()
-                    .as_ref()
-                    .load(Ordering::Acquire)
-            };
+            let (offset, header) = self.head();
             if header & BUSY_BIT != 0 {
                 return None;
             }
@@ -316,6 +303,23 @@ impl Ring {
         None
     }
 
+    /// Offset in the mapping and header word of the record at the read cursor (which must be
+    /// behind the producer).
+    fn head(&self) -> (usize, u32) {
+        let offset = self.data_offset + (self.read & (self.size - 1)) as usize;
+        // SAFETY: offset < data_offset + size and the header is 8-byte aligned inside the
+        // producer mapping.
+        let header = unsafe {
+            self.mapping.producer.add(offset).cast::<AtomicU32>().as_ref().load(Ordering::Acquire)
+        };
+        (offset, header)
+    }
+
+    /// A finished record waits at the read cursor.
+    fn record_waiting(&self) -> bool {
+        self.read != self.producer_pos() && self.head().1 & BUSY_BIT == 0
+    }
+
     /// Hands the space before `upto` back to the kernel (at most up to the read cursor; never
     /// backwards).
     pub fn commit(&mut self, upto: u64) {
@@ -326,22 +330,24 @@ impl Ring {
         }
     }
 
-    /// Waits until the kernel signals data, `also` is readable, or `timeout` passes (records
-    /// are submitted without wakeups, so this is mostly a timer).
+    /// Waits until `also` is readable or `timeout` passes; returns at once while records are
+    /// waiting to be read.
+    ///
+    /// Records are submitted without wakeups, so this is a timer. The ring's own descriptor is
+    /// deliberately not polled: it reads as ready while any record is uncommitted, which is
+    /// the case for as long as downstream works on what was read, and polling it would turn
+    /// every such wait into a busy loop.
     pub fn wait(&self, timeout: std::time::Duration, also: Option<RawFd>) {
-        let mut fds: Vec<libc::pollfd> = [self.fd, also]
-            .into_iter()
-            .flatten()
-            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
-            .collect();
-        if fds.is_empty() {
-            std::thread::sleep(timeout);
+        if self.record_waiting() {
             return;
         }
-        // SAFETY: valid pollfds; the result only shortens the wait.
-        unsafe {
-            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout.as_millis() as i32)
+        let Some(fd) = also else {
+            std::thread::sleep(timeout);
+            return;
         };
+        let mut pollfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd; the result only shortens the wait.
+        unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as i32) };
     }
 }
 

@@ -26,6 +26,9 @@ use crate::{
 
 /// Events buffered between stages.
 const CHANNEL_CAPACITY: usize = 16 * 1024;
+/// Batches of events buffered between the reader and the next stage: as many events as
+/// [`CHANNEL_CAPACITY`] when the batches are full, which they are whenever the stage lags.
+const BATCH_CHANNEL_CAPACITY: usize = CHANNEL_CAPACITY / reader::BATCH_MAX;
 
 /// A started sensor. Dropping it stops the reader and detaches every program.
 ///
@@ -36,7 +39,9 @@ pub struct Sensor {
     // Field order is drop order: stop the reader before the maps and programs go.
     reader: ReaderHandle,
     loaded: Loaded,
-    events: mpsc::Receiver<Event>,
+    events: mpsc::Receiver<Vec<Event>>,
+    /// The rest of the batch [`Sensor::next_event`] is returning from.
+    unreturned: std::vec::IntoIter<Event>,
     watch_maps: Option<WatchMaps>,
     progress: Arc<Progress>,
     ring: Option<RingIdentity>,
@@ -57,7 +62,7 @@ impl Sensor {
         let ring_identity = ring.identity();
         let fold_map = loaded.take_fold_map()?;
         let watch_maps = loaded.take_watch_maps()?;
-        let (tx, events) = mpsc::channel(CHANNEL_CAPACITY);
+        let (tx, events) = mpsc::channel(BATCH_CHANNEL_CAPACITY);
         let folds = FoldTracker::new(opts.fold_window);
         let progress = Arc::new(progress);
         let reader =
@@ -66,6 +71,7 @@ impl Sensor {
             reader,
             loaded,
             events,
+            unreturned: Vec::new().into_iter(),
             watch_maps: Some(watch_maps),
             progress,
             ring: ring_identity,
@@ -75,7 +81,12 @@ impl Sensor {
     /// The next event; `None` once the reader has stopped. Returning it makes it done: its ring
     /// record may be released.
     pub async fn next_event(&mut self) -> Option<Event> {
-        let event = self.events.recv().await?;
+        let event = loop {
+            if let Some(event) = self.unreturned.next() {
+                break event;
+            }
+            self.unreturned = self.events.recv().await?.into_iter();
+        };
         self.progress.durable(event.mark);
         Some(event)
     }
@@ -173,18 +184,20 @@ impl Agent {
         std::thread::Builder::new()
             .name("enricher".into())
             .spawn(move || {
-                while let Some(event) = events.blocking_recv() {
-                    let mark = event.mark;
-                    for observation in enricher.enrich(event) {
-                        let carries = observation.mark;
-                        if tx.blocking_send(observation).is_err() {
-                            return;
+                while let Some(batch) = events.blocking_recv() {
+                    for event in batch {
+                        let mark = event.mark;
+                        for observation in enricher.enrich(event) {
+                            let carries = observation.mark;
+                            if tx.blocking_send(observation).is_err() {
+                                return;
+                            }
+                            if carries != 0 {
+                                progress.stage_emitted(carries);
+                            }
                         }
-                        if carries != 0 {
-                            progress.stage_emitted(carries);
-                        }
+                        progress.stage_seen(mark);
                     }
-                    progress.stage_seen(mark);
                 }
             })
             .expect("spawning the enricher thread");

@@ -174,11 +174,48 @@ async fn a_process_that_reads_and_exits_at_once_is_attributed_exactly() {
     let o = file_open_by(&mut agent, pid).await.expect("read observed");
     let actor = Path::new(env!("CARGO_BIN_EXE_kw-actor"));
     assert_eq!(Path::new(&o.process.exe), actor, "exe of the short-lived process");
+    let cmdline = [actor.to_str().unwrap(), "read", cred.to_str().unwrap()];
+    assert_eq!(o.process.cmdline, cmdline, "command line of the short-lived process");
     assert_eq!(o.process.ppid, std::process::id());
     let parent = o.process.ancestors.first().expect("ancestry");
     assert_eq!(parent.pid, std::process::id(), "nearest ancestor is the test");
     assert_eq!(parent.exe, std::env::current_exe().unwrap());
     assert!(o.process.exe_sha256.as_ref().is_some_and(|h| h.len() == 64), "exe hashed");
+}
+
+#[tokio::test]
+async fn a_program_run_by_a_relative_name_is_named_by_its_full_path() {
+    let dir = tempdir();
+    let cred = dir.path().join("token");
+    std::fs::write(&cred, "t").unwrap();
+    let copy = dir.path().join("renamed-actor");
+    std::fs::copy(env!("CARGO_BIN_EXE_kw-actor"), &copy).unwrap();
+    let Some(mut agent) = agent(vec![spec("token", &[cred.display().to_string()])]).await else {
+        return;
+    };
+    // `./renamed-actor` is all the kernel's exec record names; the shell (its parent) stays a
+    // while, the program itself is gone at once. A copy just written can be briefly busy
+    // (another test's fork may hold its descriptor): retry.
+    let script = format!(
+        "cd '{}' && for i in 1 2 3 4 5; do ./renamed-actor read token && break; sleep 0.1; done; sleep 2",
+        dir.path().display()
+    );
+    let mut shell = Command::new("/bin/sh").args(["-c", &script]).spawn().unwrap();
+    let o = wait_until(
+        WAIT,
+        agent.next_matching(|o| {
+            o.process.comm == "renamed-actor" && matches!(o.what, What::FileOpen { .. })
+        }),
+    )
+    .await
+    .expect("read by the renamed program observed");
+    let full = std::fs::canonicalize(&copy).unwrap();
+    assert_eq!(Path::new(&o.process.exe), full, "exe named by its full path");
+    assert_eq!(o.process.cmdline, ["./renamed-actor", "read", "token"]);
+    assert_eq!(o.process.ppid, shell.id(), "parent is the shell");
+    assert!(o.process.exe_sha256.as_ref().is_some_and(|h| h.len() == 64), "exe hashed");
+    shell.kill().unwrap();
+    shell.wait().unwrap();
 }
 
 #[tokio::test]

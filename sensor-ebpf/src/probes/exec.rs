@@ -1,10 +1,12 @@
 //! Process lifecycle: exec, with the credentials and file mode after it (setuid/setgid exec).
 
 use aya_ebpf::{
-    EbpfContext as _, helpers::bpf_probe_read_kernel_str_bytes, macros::tracepoint,
+    EbpfContext as _,
+    helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_probe_read_user},
+    macros::tracepoint,
     programs::TracePointContext,
 };
-use sensor_ebpf::{EventKind, ExecEvent};
+use sensor_ebpf::{ARGS_LEN, EventKind, ExecEvent};
 
 use super::{
     kread,
@@ -33,7 +35,9 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     let cred = cred(task)?;
     let egid: u32 = kread::at(cred, o.cred_egid).unwrap_or(0);
     let cap_effective: u64 = kread::at(cred, o.cred_cap_effective).unwrap_or(0);
-    let exe_mode = exe_mode(task).unwrap_or(0);
+    let mm = kread::ptr(task, o.task_mm).unwrap_or_default();
+    let exe = exe_file(mm).unwrap_or(ExeFile { mode: 0, ino: 0, dev: 0 });
+    let (args_at, args_total) = args_span(mm).unwrap_or((0, 0));
 
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count_lost(EventKind::Exec);
@@ -45,9 +49,18 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     unsafe {
         (*event).header = header(EventKind::Exec);
         (*event).old_pid = tp_field::<u32>(ctx, OLD_PID);
-        (*event).exe_mode = exe_mode;
+        (*event).exe_mode = exe.mode;
+        (*event).exe_ino = exe.ino;
+        (*event).exe_dev = exe.dev;
         (*event).egid = egid;
         (*event).cap_effective = cap_effective;
+        (*event).args_total = args_total;
+        // The arguments sit in the new program's memory, just set up by the exec; a bounded
+        // read (the verifier checks the size against the record) of at most ARGS_LEN bytes.
+        let want = if args_total > ARGS_LEN as u32 { ARGS_LEN as u32 } else { args_total };
+        let read = bpf_probe_read_user((*event).args.as_mut_ptr().cast(), want, args_at as *const _);
+        (*event).args_len = if read == 0 { want } else { 0 };
+        (*event)._pad0 = 0;
         let loc = tp_field::<u32>(ctx, FILENAME_LOC);
         let name = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
         (*event).filename_len = match bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename)
@@ -60,12 +73,28 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// `i_mode` of the task's executable (`task->mm->exe_file->f_inode->i_mode`).
-fn exe_mode(task: *const u8) -> Result<u32, i64> {
+/// The executed file as the kernel holds it (`mm->exe_file->f_inode`).
+struct ExeFile {
+    mode: u32,
+    ino: u64,
+    dev: u32,
+}
+
+fn exe_file(mm: *const u8) -> Result<ExeFile, i64> {
     let o = offsets();
-    let mm = kread::ptr(task, o.task_mm)?;
     let file = kread::ptr(mm, o.mm_exe_file)?;
     let inode = kread::ptr(file, o.file_f_inode)?;
     let mode: u16 = kread::at(inode, o.inode_i_mode)?;
-    Ok(mode as u32)
+    let ino: u64 = kread::at(inode, o.inode_i_ino)?;
+    let sb = kread::ptr(inode, o.inode_i_sb)?;
+    let dev: u32 = kread::at(sb, o.sb_s_dev)?;
+    Ok(ExeFile { mode: mode as u32, ino, dev })
+}
+
+/// Where the arguments start in the process's memory, and how many bytes they take.
+fn args_span(mm: *const u8) -> Result<(u64, u32), i64> {
+    let o = offsets();
+    let start: u64 = kread::at(mm, o.mm_arg_start)?;
+    let end: u64 = kread::at(mm, o.mm_arg_end)?;
+    Ok((start, end.saturating_sub(start).min(u32::MAX as u64) as u32))
 }

@@ -127,6 +127,8 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     vma_vm_file: 0,
     pt_regs_di: 0,
     pt_regs_si: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole

@@ -71,6 +71,10 @@ impl ExeHasher {
         {
             return hash;
         }
+        // A relative name would be looked up from the sensor's own directory.
+        if !exe.is_absolute() {
+            return None;
+        }
         match self.hash_file(exe) {
             Ok(hash) => hash,
             Err(e) => {

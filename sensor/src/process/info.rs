@@ -30,6 +30,8 @@ pub struct ProcessInfo {
     pub cmdline: Vec<String>,
     /// cgroup v2 path (the `0::` line of `/proc/PID/cgroup`).
     pub cgroup_path: String,
+    /// The kernel's id of that cgroup, once an event told it (0 until then).
+    pub cgroup_id: u64,
     /// Container id found in the cgroup path (docker, containerd, cri-o, podman).
     pub container_id: Option<String>,
     /// Kubernetes pod UID found in the cgroup path.
@@ -59,6 +61,7 @@ impl ProcessInfo {
             exe_sha256: None,
             cmdline: Vec::new(),
             cgroup_path: String::new(),
+            cgroup_id: 0,
             container_id: None,
             pod_uid: None,
             systemd_unit: None,

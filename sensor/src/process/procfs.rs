@@ -113,6 +113,7 @@ impl ProcFs {
             exe_sha256: None,
             cmdline: self.read_cmdline(pid).unwrap_or_default(),
             cgroup_path,
+            cgroup_id: 0,
             container_id: identity.container_id,
             pod_uid: identity.pod_uid,
             systemd_unit: identity.systemd_unit,
@@ -120,6 +121,12 @@ impl ProcFs {
             tty: tty_name(stat.tty_nr),
             exited: None,
         })
+    }
+
+    /// The working directory of `pid` (`/proc/PID/cwd`).
+    pub fn read_cwd(&self, pid: u32) -> Result<PathBuf, ProcReadError> {
+        let path = self.path(pid, "cwd");
+        fs::read_link(&path).map_err(|source| ProcReadError::Read { path, source })
     }
 
     /// Start time of `pid`, Unix ns, from `/proc/PID/stat` alone (cheap identity check).
@@ -137,13 +144,14 @@ impl ProcFs {
         })
     }
 
-    fn read_cmdline(&self, pid: u32) -> Result<Vec<String>, ProcReadError> {
+    pub fn read_cmdline(&self, pid: u32) -> Result<Vec<String>, ProcReadError> {
         let path = self.path(pid, "cmdline");
         let bytes = fs::read(&path).map_err(|source| ProcReadError::Read { path, source })?;
         Ok(split_cmdline(&bytes))
     }
 
-    fn read_cgroup(&self, pid: u32) -> Result<String, ProcReadError> {
+    /// The cgroup v2 path of `pid`.
+    pub fn read_cgroup(&self, pid: u32) -> Result<String, ProcReadError> {
         let text = read_string(&self.path(pid, "cgroup"))?;
         // cgroup v2 is the `0::` line, also present on hybrid hierarchies.
         Ok(text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_string())
@@ -202,7 +210,8 @@ fn status_ids(status: &str, key: &str) -> Option<(u32, u32)> {
     Some((ids.next()?.ok()?, ids.next()?.ok()?))
 }
 
-fn split_cmdline(bytes: &[u8]) -> Vec<String> {
+/// Arguments from NUL-separated bytes (`/proc/PID/cmdline`, an exec record).
+pub fn split_cmdline(bytes: &[u8]) -> Vec<String> {
     let bytes = bytes.strip_suffix(b"\0").unwrap_or(bytes);
     if bytes.is_empty() {
         return Vec::new();

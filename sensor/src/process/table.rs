@@ -1,10 +1,34 @@
 //! The process table, kept exact by lifecycle events.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
 
+use super::cgroup::parse_cgroup_path;
 use super::info::{Ancestor, ProcessInfo};
 use super::procfs::{ProcFs, ProcReadError};
+use crate::watch::kernel_dev;
+
+/// What the kernel reported about one exec (see [`ProcessTable::on_exec`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecFacts {
+    /// The file name the kernel executed, as the caller gave it.
+    pub filename: String,
+    /// Device (kernel encoding) and inode of the executed file, when known.
+    pub exe: Option<(u32, u64)>,
+    /// Arguments, `argv[0]` first.
+    pub args: Vec<String>,
+    /// `args` holds only the first bytes of longer arguments.
+    pub args_cut: bool,
+    /// comm after the exec.
+    pub comm: String,
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub login_uid: Option<u32>,
+    /// The cgroup the process runs in.
+    pub cgroup_id: u64,
+}
 
 /// How long an exited process stays resolvable: events are read from the ring buffer in batches
 /// and may name a process that has exited since.
@@ -109,57 +133,91 @@ impl ProcessTable {
         self.push_new(child, time_ns);
     }
 
-    /// `pid` executed `exe_from_kernel`. The kernel's path is authoritative; uid, cgroup, tty
-    /// and the like are re-read from `/proc` while the process still exists, else the inherited
-    /// values stay. The command line is taken from `/proc` only when `/proc` still shows this
-    /// exe (a later exec may already have replaced it), else left empty: an inherited command
-    /// line would describe the parent's program.
-    pub fn on_exec(&mut self, pid: u32, exe_from_kernel: &str, time_ns: u64) {
+    /// `pid` executed a program; `exec` is what the kernel reported at that moment, which is
+    /// authoritative: it stays right for a process that is gone before anyone looks at `/proc`.
+    /// The rest (tty, session, cgroup while its id is unchanged) is inherited from the fork;
+    /// `/proc` is read only for what the record cannot tell: a cgroup the process moved to, a
+    /// relative file name, arguments longer than the record holds, or a process whose fork was
+    /// missed.
+    pub fn on_exec(&mut self, pid: u32, exec: &ExecFacts, time_ns: u64) {
         self.gc(time_ns);
-        let tolerance = self.tolerance_ns();
-        let fresh = self.proc.read(pid).ok();
-        let current = self.entries.get_mut(&pid).and_then(|v| v.last_mut());
-        let entry = match current {
-            Some(entry) if entry.is_alive() => entry,
-            _ => {
-                // Unknown, or the pid was recycled and its fork was missed.
-                let base = fresh
-                    .clone()
-                    .filter(|f| f.start_time_ns <= time_ns + tolerance)
-                    .unwrap_or_else(|| ProcessInfo::minimal(pid, time_ns));
-                self.push_new(base, time_ns);
-                let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) else {
-                    return;
-                };
-                entry
-            }
+        let alive = self.entries.get(&pid).and_then(|v| v.last()).is_some_and(|e| e.is_alive());
+        if !alive {
+            // Unknown, or the pid was recycled and its fork was missed.
+            let tolerance = self.tolerance_ns();
+            let base = self
+                .proc
+                .read(pid)
+                .ok()
+                .filter(|f| f.start_time_ns <= time_ns + tolerance)
+                .unwrap_or_else(|| ProcessInfo::minimal(pid, time_ns));
+            self.push_new(base, time_ns);
+        }
+        let Some(ppid) = self.get(pid).map(|e| e.ppid) else { return };
+        let exe = self.exe_path(pid, ppid, exec);
+        let cmdline = match exec.args_cut {
+            // /proc has them whole while the process lives and still runs these arguments.
+            true => self
+                .proc
+                .read_cmdline(pid)
+                .ok()
+                .filter(|full| full.len() >= exec.args.len() && full.first() == exec.args.first())
+                .unwrap_or_else(|| exec.args.clone()),
+            false => exec.args.clone(),
         };
-        let exe = Path::new(exe_from_kernel);
-        let same_process = fresh
-            .as_ref()
-            .is_some_and(|f| f.start_time_ns.abs_diff(entry.start_time_ns) <= tolerance);
-        match fresh.filter(|_| same_process) {
-            Some(fresh) => {
-                let same_exe = fresh.exe == exe;
-                let start_time_ns = entry.start_time_ns;
-                let old_comm = std::mem::take(&mut entry.comm);
-                *entry = ProcessInfo {
-                    start_time_ns,
-                    comm: if same_exe { fresh.comm.clone() } else { old_comm },
-                    cmdline: if same_exe { fresh.cmdline.clone() } else { Vec::new() },
-                    ..fresh
-                };
-                if !same_exe {
-                    entry.comm = comm_of(exe);
-                }
-            }
-            None => {
-                entry.comm = comm_of(exe);
-                entry.cmdline.clear();
+        let moved = self.get(pid).is_some_and(|e| e.cgroup_id != exec.cgroup_id);
+        let cgroup = moved.then(|| self.proc.read_cgroup(pid).ok()).flatten();
+        let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) else { return };
+        entry.comm = if exec.comm.is_empty() { comm_of(&exe) } else { exec.comm.clone() };
+        entry.exe = exe;
+        entry.exe_sha256 = None;
+        entry.cmdline = cmdline;
+        entry.uid = exec.uid;
+        entry.euid = exec.euid;
+        entry.gid = exec.gid;
+        entry.login_uid = exec.login_uid;
+        if let Some(path) = cgroup {
+            let identity = parse_cgroup_path(&path);
+            entry.cgroup_path = path;
+            entry.container_id = identity.container_id;
+            entry.pod_uid = identity.pod_uid;
+            entry.systemd_unit = identity.systemd_unit;
+        }
+        entry.cgroup_id = exec.cgroup_id;
+    }
+
+    /// The path of the file `pid` executed. The kernel's file name when it is one from the
+    /// root; a name relative to the caller's directory, or the `/dev/fd/N` of an `execveat`,
+    /// says little, so then `/proc`'s link (while the process lives), else the name under the
+    /// parent's working directory — each only when it is the very file the kernel executed.
+    /// The name as given when neither is.
+    fn exe_path(&self, pid: u32, ppid: u32, exec: &ExecFacts) -> PathBuf {
+        let name = Path::new(&exec.filename);
+        let by_fd = name.starts_with("/dev/fd");
+        if name.is_absolute() && !by_fd {
+            return name.to_path_buf();
+        }
+        let is_executed = |path: &Path| match (exec.exe, std::fs::metadata(path)) {
+            (Some((dev, ino)), Ok(meta)) => kernel_dev(meta.dev()) == dev && meta.ino() == ino,
+            _ => false,
+        };
+        // A deleted or memfd program has no path to check: its link is taken as the kernel's.
+        let unlinked = |path: &Path| std::fs::metadata(path).is_err();
+        if let Ok(linked) = self.proc.read_exe(pid)
+            && (is_executed(&linked) || unlinked(&linked))
+        {
+            return linked;
+        }
+        if !by_fd
+            && let Ok(cwd) = self.proc.read_cwd(ppid)
+        {
+            // `components` drops the `.` of `./name`.
+            let joined: PathBuf = cwd.join(name).components().collect();
+            if is_executed(&joined) {
+                return joined;
             }
         }
-        entry.exe = exe.to_path_buf();
-        entry.exe_sha256 = None;
+        name.to_path_buf()
     }
 
     /// `pid` exited. It stays resolvable for the retention period, then a later call drops it.
@@ -292,7 +350,15 @@ impl ProcessTable {
             if entry.is_alive() {
                 let keep_hash = (entry.exe == info.exe).then(|| entry.exe_sha256.take());
                 let start_time_ns = entry.start_time_ns;
-                *entry = ProcessInfo { start_time_ns, exe_sha256: keep_hash.flatten(), ..info };
+                // The kernel's cgroup id stays true while the path it was learnt with does.
+                let cgroup_id =
+                    if entry.cgroup_path == info.cgroup_path { entry.cgroup_id } else { 0 };
+                *entry = ProcessInfo {
+                    start_time_ns,
+                    cgroup_id,
+                    exe_sha256: keep_hash.flatten(),
+                    ..info
+                };
             }
             return;
         }

@@ -11,6 +11,18 @@ use super::*;
 
 const SEC: u64 = 1_000_000_000;
 
+/// An exec record naming only the file.
+fn ran(filename: &str) -> ExecFacts {
+    ExecFacts { filename: filename.into(), ..ExecFacts::default() }
+}
+
+/// The kernel's identity of a file: (device in kernel encoding, inode).
+fn kernel_file_id(path: &Path) -> (u32, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(path).expect("stat");
+    (crate::watch::kernel_dev(meta.dev()), meta.ino())
+}
+
 fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
@@ -125,9 +137,14 @@ fn fork_exec_exit_then_retention_and_gc() {
     assert_eq!(forked.ppid, me);
     assert_eq!(forked.start_time_ns, t0);
 
-    // Exec: the kernel's path wins, the rest comes from /proc.
+    // Exec: what the kernel reported is what the entry says.
     wait_exec(pid, &sleep);
-    table.on_exec(pid, sleep.to_str().expect("utf-8 path"), t0 + 1000);
+    let exec = ExecFacts {
+        args: vec!["sleep".into(), "30".into()],
+        comm: "sleep".into(),
+        ..ran(sleep.to_str().expect("utf-8 path"))
+    };
+    table.on_exec(pid, &exec, t0 + 1000);
     let execd = table.get(pid).expect("exec'd child");
     assert_eq!(execd.exe, sleep);
     assert_eq!(execd.cmdline, vec!["sleep", "30"]);
@@ -160,14 +177,18 @@ fn exec_after_the_process_is_gone_keeps_inherited_info() {
     let mut table = ProcessTable::default();
     table.on_fork(1, parent, 10 * SEC);
     table.on_fork(parent, child, 11 * SEC);
-    table.on_exec(child, "/usr/bin/curl", 12 * SEC);
+    table.on_exec(child, &ran("/usr/bin/curl"), 12 * SEC);
     let info = table.get(child).expect("child");
     assert_eq!(info.exe, Path::new("/usr/bin/curl"));
     assert_eq!(info.comm, "curl");
     assert_eq!(info.ppid, parent);
     assert!(info.cmdline.is_empty(), "an inherited cmdline would be the parent's");
+    // The record's arguments are the command line, whether or not /proc still shows them.
+    let exec = ExecFacts { args: vec!["curl".into(), "-s".into()], ..ran("/usr/bin/curl") };
+    table.on_exec(child, &exec, 12 * SEC + 1);
+    assert_eq!(table.get(child).map(|i| i.cmdline.clone()), Some(vec!["curl".into(), "-s".into()]));
     // Long names are cut like the kernel cuts comm.
-    table.on_exec(child, "/opt/bin/a-very-long-program-name", 13 * SEC);
+    table.on_exec(child, &ran("/opt/bin/a-very-long-program-name"), 13 * SEC);
     assert_eq!(table.get(child).map(|i| i.comm.as_str()), Some("a-very-long-pro"));
 }
 
@@ -178,14 +199,14 @@ fn recycled_pid_is_never_confused() {
     // First holder of `pid`: a shell that starts a child, then exits.
     table.on_fork(1, old_parent, SEC);
     table.on_fork(old_parent, pid, 2 * SEC);
-    table.on_exec(pid, "/bin/bash", 2 * SEC + 1);
+    table.on_exec(pid, &ran("/bin/bash"), 2 * SEC + 1);
     table.on_fork(pid, grandchild, 3 * SEC);
-    table.on_exec(grandchild, "/usr/bin/aws", 3 * SEC + 1);
+    table.on_exec(grandchild, &ran("/usr/bin/aws"), 3 * SEC + 1);
     table.on_exit(pid, 4 * SEC);
 
     // The pid is recycled by an unrelated process.
     table.on_fork(1, pid, 5 * SEC);
-    table.on_exec(pid, "/usr/sbin/cron", 5 * SEC + 1);
+    table.on_exec(pid, &ran("/usr/sbin/cron"), 5 * SEC + 1);
 
     let current = table.get(pid).expect("new holder");
     assert_eq!(current.exe, Path::new("/usr/sbin/cron"));
@@ -199,7 +220,7 @@ fn recycled_pid_is_never_confused() {
 
     // An exec for a pid whose entry has exited is a new process too (its fork was missed).
     table.on_exit(grandchild, 6 * SEC);
-    table.on_exec(grandchild, "/usr/bin/true", 7 * SEC);
+    table.on_exec(grandchild, &ran("/usr/bin/true"), 7 * SEC);
     assert!(table.get(grandchild).is_some_and(|p| p.is_alive() && p.start_time_ns == 7 * SEC));
     assert!(
         table.get_at(grandchild, 3 * SEC + 5).is_some_and(|p| p.exe == Path::new("/usr/bin/aws"))
@@ -288,4 +309,64 @@ fn size_cap_skips_large_files() {
         hasher.hash_file(&small).expect("hash").as_deref(),
         Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
     );
+}
+
+#[test]
+fn relative_exec_resolves_to_the_file_the_kernel_ran() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("renamed-sleep");
+    fs::copy(sleep_binary(), &copy).expect("copy sleep");
+    let id = kernel_file_id(&copy);
+    let copy = fs::canonicalize(&copy).expect("canonical copy");
+    let me = std::process::id();
+    let mut table = ProcessTable::default();
+
+    // Alive: /proc's link names it.
+    let mut child = Spawned::new(copy.to_str().expect("utf-8"), &["30"]);
+    wait_exec(child.pid(), &copy);
+    table.on_fork(me, child.pid(), now_ns());
+    let exec = ExecFacts { exe: Some(id), ..ran("./renamed-sleep") };
+    table.on_exec(child.pid(), &exec, now_ns());
+    assert_eq!(table.get(child.pid()).map(|i| i.exe.clone()), Some(copy.clone()));
+    child.kill();
+
+    // Gone: the name under the parent's working directory, since it is the same file. The
+    // parent here is a process started in that directory.
+    let parent = Command::new("sleep").arg("30").current_dir(dir.path()).spawn().expect("spawn");
+    let mut parent = Spawned(parent);
+    let gone = 5_000_101;
+    table.on_fork(parent.pid(), gone, now_ns());
+    table.on_exec(gone, &exec, now_ns());
+    assert_eq!(table.get(gone).map(|i| i.exe.clone()), Some(copy.clone()));
+
+    // A different file of that name is not taken for it: the name stays as given.
+    let other = ExecFacts { exe: Some((id.0, id.1 + 1)), ..ran("./renamed-sleep") };
+    table.on_exec(gone, &other, now_ns());
+    assert_eq!(table.get(gone).map(|i| i.exe.clone()), Some(PathBuf::from("./renamed-sleep")));
+    parent.kill();
+}
+
+#[test]
+fn long_arguments_come_whole_from_proc_and_a_new_cgroup_is_read() {
+    // sleep adds up its arguments: a 700-digit zero keeps it sleeping 30 s.
+    let long = "0".repeat(700);
+    let mut child = Spawned::new("sleep", &["30", &long]);
+    let sleep = sleep_binary();
+    wait_exec(child.pid(), &sleep);
+    let mut table = ProcessTable::default();
+    table.on_fork(std::process::id(), child.pid(), now_ns());
+    // The record holds a cut copy; the cgroup id is one the table has not seen for it.
+    let exec = ExecFacts {
+        args: vec!["sleep".into(), "30".into(), "0".repeat(100)],
+        args_cut: true,
+        cgroup_id: 12345,
+        ..ran(sleep.to_str().expect("utf-8"))
+    };
+    table.on_exec(child.pid(), &exec, now_ns());
+    let info = table.get(child.pid()).expect("child");
+    assert_eq!(info.cmdline, vec!["sleep".to_string(), "30".into(), long]);
+    assert_eq!(info.cgroup_id, 12345);
+    let cgroup = ProcFs::default().read_cgroup(child.pid()).expect("cgroup");
+    assert_eq!(info.cgroup_path, cgroup);
+    child.kill();
 }
