@@ -42,6 +42,8 @@ pub struct ProcFs {
     /// every time it is computed (pid-reuse checks compare them).
     boot_to_unix_ns: i128,
     clock_ticks_per_sec: u64,
+    /// Where the cgroup2 hierarchy is mounted, to learn a cgroup's id (its directory's inode).
+    cgroup_root: Option<PathBuf>,
 }
 
 impl Default for ProcFs {
@@ -55,16 +57,23 @@ impl ProcFs {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         // SAFETY: sysconf has no memory effects.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        Self::with_clock(
+        let mut proc = Self::with_clock(
             root,
             crate::system::boot_to_unix_offset_ns(),
             u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100),
-        )
+        );
+        proc.cgroup_root = crate::system::cgroup2_mount().ok();
+        proc
     }
 
     /// A procfs tree with explicit clock constants (for fake trees in tests).
     pub fn with_clock(root: impl Into<PathBuf>, boot_to_unix_ns: i128, ticks_per_sec: u64) -> Self {
-        Self { root: root.into(), boot_to_unix_ns, clock_ticks_per_sec: ticks_per_sec.max(1) }
+        Self {
+            root: root.into(),
+            boot_to_unix_ns,
+            clock_ticks_per_sec: ticks_per_sec.max(1),
+            cgroup_root: None,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -112,8 +121,8 @@ impl ProcFs {
             exe: self.read_exe(pid).unwrap_or_default(),
             exe_sha256: None,
             cmdline: self.read_cmdline(pid).unwrap_or_default(),
+            cgroup_id: self.cgroup_id(&cgroup_path),
             cgroup_path,
-            cgroup_id: 0,
             container_id: identity.container_id,
             pod_uid: identity.pod_uid,
             systemd_unit: identity.systemd_unit,
@@ -121,6 +130,14 @@ impl ProcFs {
             tty: tty_name(stat.tty_nr),
             exited: None,
         })
+    }
+
+    /// The kernel's id of the cgroup at `path` (as `/proc/PID/cgroup` gives it): on cgroup v2
+    /// the inode number of its directory. 0 when unknown.
+    pub fn cgroup_id(&self, path: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(root) = &self.cgroup_root else { return 0 };
+        fs::metadata(root.join(path.trim_start_matches('/'))).map_or(0, |m| m.ino())
     }
 
     /// The working directory of `pid` (`/proc/PID/cwd`).

@@ -208,9 +208,7 @@ impl ProcessTable {
         {
             return linked;
         }
-        if !by_fd
-            && let Ok(cwd) = self.proc.read_cwd(ppid)
-        {
+        if !by_fd && let Ok(cwd) = self.proc.read_cwd(ppid) {
             // `components` drops the `.` of `./name`.
             let joined: PathBuf = cwd.join(name).components().collect();
             if is_executed(&joined) {

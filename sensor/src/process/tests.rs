@@ -111,6 +111,13 @@ fn seed_reads_a_spawned_child() {
     assert!(
         !info.cgroup_path.is_empty() || !Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
     );
+    // The cgroup's id is its directory's inode, which the kernel's events carry.
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = Path::new("/sys/fs/cgroup").join(info.cgroup_path.trim_start_matches('/'));
+        assert_eq!(info.cgroup_id, fs::metadata(dir).expect("cgroup directory").ino());
+        assert_ne!(info.cgroup_id, 0);
+    }
 
     let me = table.get(std::process::id()).expect("test process in table");
     assert_eq!(me.exe, std::env::current_exe().expect("current exe"));
