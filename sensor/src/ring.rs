@@ -225,15 +225,8 @@ impl Ring {
     }
 
     fn with_mapping(mapping: Mapping, data_offset: usize, size: u64) -> Self {
-        let mut ring = Self {
-            mapping,
-            data_offset,
-            size,
-            read: 0,
-            committed: 0,
-            identity: None,
-            _map: None,
-        };
+        let mut ring =
+            Self { mapping, data_offset, size, read: 0, committed: 0, identity: None, _map: None };
         let start = ring.consumer_pos().load(Ordering::Acquire);
         ring.read = start;
         ring.committed = start;

@@ -58,7 +58,8 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         // The arguments sit in the new program's memory, just set up by the exec; a bounded
         // read (the verifier checks the size against the record) of at most ARGS_LEN bytes.
         let want = if args_total > ARGS_LEN as u32 { ARGS_LEN as u32 } else { args_total };
-        let read = bpf_probe_read_user((*event).args.as_mut_ptr().cast(), want, args_at as *const _);
+        let read =
+            bpf_probe_read_user((*event).args.as_mut_ptr().cast(), want, args_at as *const _);
         (*event).args_len = if read == 0 { want } else { 0 };
         (*event)._pad0 = 0;
         let loc = tp_field::<u32>(ctx, FILENAME_LOC);
