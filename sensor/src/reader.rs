@@ -35,7 +35,7 @@ use crate::{
 };
 
 /// Longest time a record waits in the ring before the reader looks again.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(5);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Most events handed downstream in one batch. Events go downstream in batches, one per
 /// drain of the ring at most this large, so the next stage wakes once per drain rather than
 /// once per event (a thread wakeup costs more than the event it carries).
