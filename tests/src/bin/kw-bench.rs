@@ -836,6 +836,26 @@ fn open_program_cost(
     plan: &Plan,
 ) -> anyhow::Result<Vec<(Workload, f64)>> {
     progress!("open program: kernel run-time statistics");
+    with_program_stats(sensor, bench, |_| {
+        let workloads = Workloads { bench, plan, listener: Listener::open()? };
+        let mut costs = Vec::new();
+        for w in [Workload::OpenUnwatched, Workload::OpenWatched] {
+            let (t0, c0) = program_totals("sys_exit_openat");
+            workloads.run(w, plan.open_iters)?;
+            let (t1, c1) = program_totals("sys_exit_openat");
+            costs.push((w, (t1 - t0) as f64 / (c1 - c0).max(1) as f64));
+        }
+        Ok(costs)
+    })
+}
+
+/// Runs `f` with a sensor attached and the kernel's run-time statistics on (only for such a
+/// pass: they add two clock reads to every program run).
+fn with_program_stats<R>(
+    sensor: &Path,
+    bench: &Workspace,
+    f: impl FnOnce(&SensorProcess) -> anyhow::Result<R>,
+) -> anyhow::Result<R> {
     let s = SensorProcess::start(sensor, Some(&bench.config), bench)?;
     let mut attr = [0u32; 8]; // BPF_STATS_RUN_TIME
     let stats_fd = bpf(BPF_ENABLE_STATS, &mut attr);
@@ -843,30 +863,17 @@ fn open_program_cost(
         s.stop()?;
         bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
     }
-    let workloads = Workloads { bench, plan, listener: Listener::open()? };
-    let mut costs = Vec::new();
-    for w in [Workload::OpenUnwatched, Workload::OpenWatched] {
-        let (t0, c0) = program_totals("sys_exit_openat");
-        workloads.run(w, plan.open_iters)?;
-        let (t1, c1) = program_totals("sys_exit_openat");
-        costs.push((w, (t1 - t0) as f64 / (c1 - c0).max(1) as f64));
-    }
+    let result = f(&s);
     // SAFETY: closing the stats fd obtained above turns the statistics off again.
     unsafe { libc::close(stats_fd as i32) };
     s.stop()?;
-    Ok(costs)
+    result
 }
 
-/// Nanoseconds of kernel program time per `fork+exec /bin/true`, per program (kernel
-/// run-time statistics), printed.
+/// Prints the nanoseconds of kernel program time per `fork+exec /bin/true`, per program (kernel
+/// run-time statistics), and the CPU time of the sensor's threads per operation: what the
+/// sensor adds to a fork+exec, without the noise of wall-clock ratios.
 fn fork_exec_program_cost(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Result<()> {
-    let s = SensorProcess::start(sensor, Some(&bench.config), bench)?;
-    let mut attr = [0u32; 8]; // BPF_STATS_RUN_TIME
-    let stats_fd = bpf(BPF_ENABLE_STATS, &mut attr);
-    if stats_fd < 0 {
-        s.stop()?;
-        bail!("BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
-    }
     let totals = || {
         let mut by_name = std::collections::BTreeMap::<String, (u64, u64)>::new();
         for p in loaded_programs() {
@@ -877,14 +884,15 @@ fn fork_exec_program_cost(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyh
         by_name
     };
     let iters = plan.fork_iters * 10;
-    let sensor_ns = || host_cpu_ns(Some(s.child.id())) - host_cpu_ns(None);
-    let (before, sensor_before, started) = (totals(), sensor_ns(), Instant::now());
-    fork_exec_true(iters)?;
-    let (after, sensor_after) = (totals(), sensor_ns());
-    let wall_ns = started.elapsed().as_nanos() as f64 / iters as f64;
-    // SAFETY: closing the stats fd obtained above turns the statistics off again.
-    unsafe { libc::close(stats_fd as i32) };
-    s.stop()?;
+    let (before, after, sensor, wall_ns) = with_program_stats(sensor, bench, |s| {
+        let sensor_ns = || host_cpu_ns(Some(s.child.id())) - host_cpu_ns(None);
+        let (before, sensor_before, started) = (totals(), sensor_ns(), Instant::now());
+        fork_exec_true(iters)?;
+        let (after, sensor_after) = (totals(), sensor_ns());
+        let wall_ns = started.elapsed().as_nanos() as f64 / iters as f64;
+        let sensor = sensor_after.saturating_sub(sensor_before) as f64 / iters as f64;
+        Ok((before, after, sensor, wall_ns))
+    })?;
     let mut sum = 0.0;
     println!("{:<18} {:>10} {:>12}", "program", "runs/op", "ns/op");
     for (name, (t1, c1)) in &after {
@@ -896,7 +904,6 @@ fn fork_exec_program_cost(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyh
         }
     }
     println!("{:<18} {:>10} {sum:>12.0}", "all programs", "");
-    let sensor = sensor_after.saturating_sub(sensor_before) as f64 / iters as f64;
     println!("{:<18} {:>10} {sensor:>12.0}", "sensor threads", "");
     println!(
         "fork+exec took {wall_ns:.0} ns (attached); programs + sensor = {:.1}% of it",
