@@ -5,7 +5,9 @@
 //!    event undeclared (each one a new alert: the collector's worst case) and once with the
 //!    events declared by a workload (nothing to alert on: the common case);
 //! 2. latency: p50/p99 from an event entering the uplink to its ack, at 1,000 events/s;
-//! 3. baseline: a bare tonic stream of similar events (plaintext, a server that acks without
+//! 3. the uplink alone against a server that acks without storing, plaintext and with mTLS
+//!    (the collector's own CA and TLS set-up), which separates the transport from the store;
+//! 4. baseline: a bare tonic stream of similar events (plaintext, a server that acks without
 //!    storing) in the same run, and the ratio.
 //!
 //! `kw-uplink-bench --collector-bin PATH [--events N] [--seconds S]`; `cargo xtask bench uplink`
@@ -234,6 +236,48 @@ async fn spawn_bare() -> anyhow::Result<String> {
     Ok(format!("http://{addr}"))
 }
 
+/// Starts the acking server behind the collector's own TLS set-up (a server certificate from
+/// the collector's CA in `data`, client certificates verified), so an enrolled uplink streams
+/// to it with mTLS exactly as to the collector: the transport without the store.
+async fn spawn_bare_mtls(data: &Path) -> anyhow::Result<String> {
+    let pki = collector::pki::Pki::load_or_create(data, &[])?;
+    let config = collector::tls::server_config(&pki, true)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming =
+        collector::tls::incoming(listener, config, tokio_util::sync::CancellationToken::new());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::sensor_service_server::SensorServiceServer::new(Bare))
+            .serve_with_incoming(incoming),
+    );
+    Ok(format!("https://{addr}"))
+}
+
+/// Events/s from an uplink configured with `target` and `security` to whatever acks it.
+async fn uplink_alone(
+    target: Target,
+    security: Security,
+    host: &str,
+    spool: PathBuf,
+    events: u64,
+) -> anyhow::Result<f64> {
+    let hello = pb::Hello { host_id: host.into(), ..Default::default() };
+    let config = UplinkConfig::new(target, security, hello, spool);
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let up = Uplink::start(config, rx).await?;
+    let first = up.open_report.next_seq;
+    let start = Instant::now();
+    for i in 0..events {
+        tx.send(observation(i)).await?;
+    }
+    let acked = up.wait_acked(first + events - 1, Duration::from_secs(600)).await;
+    let secs = start.elapsed().as_secs_f64();
+    drop(tx);
+    up.shutdown().await;
+    Ok((acked + 1 - first) as f64 / secs)
+}
+
 async fn bare_baseline(events: u64) -> anyhow::Result<f64> {
     let url = spawn_bare().await?;
     let mut client = pb::sensor_service_client::SensorServiceClient::connect(url).await?;
@@ -356,26 +400,21 @@ async fn main() -> anyhow::Result<()> {
         pct(0.99).as_secs_f64() * 1e3
     );
 
-    // 1b. The uplink alone (spool, batching, stream; plaintext) against the acking server.
+    // 1b. The uplink alone against a server that only acknowledges: plaintext, then mTLS with
+    // the identity the declared run enrolled (same CA, so the same handshake as the collector's).
     // (After the declarations, the latency run above measured the declared, common case.)
     let target = Target::parse(&spawn_bare().await?, true).map_err(anyhow::Error::msg)?;
-    let hello = pb::Hello { host_id: "bench-spool".into(), ..Default::default() };
-    let config = UplinkConfig::new(target, Security::Insecure, hello, tmp.path().join("s3/spool"));
-    let (tx, rx) = mpsc::channel(16 * 1024);
-    let up = Uplink::start(config, rx).await?;
-    let first = up.open_report.next_seq;
-    let start = Instant::now();
-    for i in 0..events {
-        tx.send(observation(i)).await?;
-    }
-    let acked = up.wait_acked(first + events - 1, Duration::from_secs(600)).await;
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "uplink only  spool + batching + stream, acking server:      {:>10.0} events/s",
-        (acked + 1 - first) as f64 / secs
-    );
-    drop(tx);
-    up.shutdown().await;
+    let spool = tmp.path().join("s3/spool");
+    let plain = uplink_alone(target, Security::Insecure, "bench-spool", spool, events).await?;
+    println!("uplink only  spool + batching + stream, acking server:      {plain:>10.0} events/s");
+    let data = tmp.path().join("keywatch-data");
+    let target =
+        Target::parse(&spawn_bare_mtls(&data).await?, false).map_err(anyhow::Error::msg)?;
+    let state = tmp.path().join("s1");
+    let security = Security::Mtls { state_dir: state.clone(), token: None };
+    let mtls =
+        uplink_alone(target, security, "bench-declared", state.join("spool"), events).await?;
+    println!("uplink mTLS  spool + batching + mTLS stream, acking server: {mtls:>10.0} events/s");
 
     // 3. Baseline.
     let bare = bare_baseline(events).await?;
