@@ -33,6 +33,11 @@ pub struct ExecFacts {
 /// How long an exited process stays resolvable: events are read from the ring buffer in batches
 /// and may name a process that has exited since.
 pub const DEFAULT_RETENTION_NS: u64 = 60 * 1_000_000_000;
+/// Most exited processes kept at once, whatever their age: a host starting thousands of short
+/// processes a second (a build, a fork bomb) would otherwise grow the table by ~1.5 KiB each
+/// for the whole retention period. Events are read within milliseconds, so the newest of these
+/// are the ones that can still be named.
+pub const DEFAULT_MAX_EXITED: usize = 8 * 1024;
 
 /// Longest comm the kernel keeps (TASK_COMM_LEN - 1).
 const COMM_LEN: usize = 15;
@@ -48,6 +53,7 @@ const COMM_LEN: usize = 15;
 pub struct ProcessTable {
     proc: ProcFs,
     retention_ns: u64,
+    max_exited: usize,
     /// Per pid, the processes that held it, oldest first. Only the last can be alive.
     entries: HashMap<u32, Vec<ProcessInfo>>,
     /// Exited processes in exit order: (exit time, pid, start time), for garbage collection.
@@ -66,6 +72,7 @@ impl ProcessTable {
         Self {
             proc,
             retention_ns: DEFAULT_RETENTION_NS,
+            max_exited: DEFAULT_MAX_EXITED,
             entries: HashMap::new(),
             exits: VecDeque::new(),
         }
@@ -74,6 +81,12 @@ impl ProcessTable {
     /// Keeps exited processes for `retention_ns` instead of the default.
     pub fn with_retention(mut self, retention_ns: u64) -> Self {
         self.retention_ns = retention_ns;
+        self
+    }
+
+    /// Keeps at most `max_exited` exited processes instead of [`DEFAULT_MAX_EXITED`].
+    pub fn with_max_exited(mut self, max_exited: usize) -> Self {
+        self.max_exited = max_exited;
         self
     }
 
@@ -229,11 +242,13 @@ impl ProcessTable {
         }
     }
 
-    /// Drops exited processes whose retention ended before `now_ns` (Unix ns). The lifecycle
-    /// calls run this themselves; call it on a timer when events are rare.
+    /// Drops exited processes whose retention ended before `now_ns` (Unix ns), and the oldest
+    /// exited ones beyond the cap ([`Self::with_max_exited`]). The lifecycle calls run this themselves; call
+    /// it on a timer when events are rare.
     pub fn gc(&mut self, now_ns: u64) {
         while let Some(&(exit_ns, pid, start)) = self.exits.front() {
-            if exit_ns.saturating_add(self.retention_ns) > now_ns {
+            let expired = exit_ns.saturating_add(self.retention_ns) <= now_ns;
+            if !expired && self.exits.len() <= self.max_exited {
                 break;
             }
             self.exits.pop_front();

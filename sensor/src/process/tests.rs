@@ -377,3 +377,21 @@ fn long_arguments_come_whole_from_proc_and_a_new_cgroup_is_read() {
     assert_eq!(info.cgroup_path, cgroup);
     child.kill();
 }
+
+#[test]
+fn exited_processes_are_capped_by_count_as_well_as_by_age() {
+    let mut table = ProcessTable::default().with_retention(3600 * SEC).with_max_exited(2);
+    // Pids above pid_max: never in /proc.
+    let pids = [5_000_201, 5_000_202, 5_000_203];
+    for (i, &pid) in pids.iter().enumerate() {
+        let t = (i as u64 + 1) * SEC;
+        table.on_fork(1, pid, t);
+        table.on_exec(pid, &ran("/usr/bin/true"), t + 1);
+        table.on_exit(pid, t + 2);
+    }
+    // The cap applies at the next event: the oldest exited process goes first.
+    table.on_fork(1, 5_000_204, 10 * SEC);
+    assert!(table.get(pids[0]).is_none(), "oldest exited process dropped");
+    assert!(table.get(pids[1]).is_some() && table.get(pids[2]).is_some());
+    assert!(table.get(5_000_204).is_some_and(|p| p.is_alive()), "live processes are never dropped");
+}
