@@ -204,6 +204,19 @@ fn ip_of(family: u32, addr: [u8; 16]) -> IpAddr {
     }
 }
 
+impl Event {
+    /// Only keeps the process table exact (a fork, an exit, an exec that changes no ids): it
+    /// can wait a little for company before going downstream, since nothing is reported from
+    /// it unless lifecycle output is asked for.
+    pub fn is_bookkeeping(&self) -> bool {
+        match &self.detail {
+            Detail::Fork { .. } | Detail::Exit { .. } => true,
+            Detail::Exec { exe_mode, .. } => exe_mode & 0o6000 == 0,
+            _ => false,
+        }
+    }
+}
+
 /// Decodes one ring-buffer record.
 pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes, "header")?;
@@ -359,6 +372,24 @@ mod tests {
             Detail::Exec { filename, old_pid: 11, exe_mode: 0o4755, exe_ino: 77, args, args_cut: true, .. }
                 if filename == "/bin/true" && args == &["true", "--help"]
         ));
+        // A setuid exec may be a privilege change: never held back as bookkeeping.
+        assert!(!event.is_bookkeeping());
+        let plain = Event {
+            detail: Detail::Exec {
+                filename: "/bin/true".into(),
+                old_pid: 11,
+                exe_mode: 0o755,
+                exe_dev: 0,
+                exe_ino: 0,
+                args: Vec::new(),
+                args_cut: false,
+                egid: 0,
+                cap_effective: 0,
+            },
+            ..event.clone()
+        };
+        assert!(plain.is_bookkeeping());
+        assert!(Event { detail: Detail::Fork { child_pid: 12 }, ..event }.is_bookkeeping());
     }
 
     #[test]

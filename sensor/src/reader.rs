@@ -40,6 +40,10 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// drain of the ring at most this large, so the next stage wakes once per drain rather than
 /// once per event (a thread wakeup costs more than the event it carries).
 pub const BATCH_MAX: usize = 256;
+/// Longest a batch holding only bookkeeping events ([`Event::is_bookkeeping`]) waits for an
+/// event worth reporting before it goes downstream anyway: a host that starts processes by
+/// the thousand then wakes the next stage a few times a second, not at every drain.
+pub const BOOKKEEPING_DELAY: Duration = Duration::from_millis(100);
 /// How often fold tails (occurrences no record carried) are collected from the kernel.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 /// On stop, how long the reader waits for downstream to make what it read durable.
@@ -216,6 +220,9 @@ struct Reader {
     tx: Option<mpsc::Sender<Vec<Event>>>,
     /// Events read but not yet handed downstream.
     batch: Vec<Event>,
+    /// When the batch got its first event, and whether it holds one worth reporting.
+    batch_started: Instant,
+    batch_urgent: bool,
     clock: Clock,
     progress: Arc<Progress>,
     stats: Arc<ReaderStats>,
@@ -234,8 +241,22 @@ impl Reader {
         event.mark = self.next_mark;
         self.pending.push_back(Pending { mark: event.mark, ring_pos, fold: event.fold });
         self.stats.occurrences.fetch_add(u64::from(event.count), Ordering::Relaxed);
+        if self.batch.is_empty() {
+            self.batch_started = Instant::now();
+        }
+        self.batch_urgent |= !event.is_bookkeeping();
         self.batch.push(event);
         self.batch.len() < BATCH_MAX || self.flush()
+    }
+
+    /// Hands the queued events downstream unless they are only bookkeeping younger than
+    /// [`BOOKKEEPING_DELAY`]; false when downstream is gone.
+    fn flush_due(&mut self) -> bool {
+        if self.batch_urgent || self.batch_started.elapsed() >= BOOKKEEPING_DELAY {
+            self.flush()
+        } else {
+            self.tx.is_some()
+        }
     }
 
     /// Hands the queued events downstream; false when downstream is gone.
@@ -245,13 +266,14 @@ impl Reader {
             return true;
         }
         let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH_MAX));
+        self.batch_urgent = false;
         tx.blocking_send(batch).is_ok()
     }
 
     /// Drains the ring; false when downstream is gone or the reader is told to stop.
     fn drain(&mut self, stop: &AtomicBool) -> bool {
         while !stop.load(Ordering::Relaxed) {
-            let Some(record) = self.ring.next() else { return self.flush() };
+            let Some(record) = self.ring.next() else { return self.flush_due() };
             let end = record.end;
             self.stats.records.fetch_add(1, Ordering::Relaxed);
             match decode(record.data, &self.clock) {
@@ -334,7 +356,9 @@ impl Reader {
             self.ring.wait(POLL_INTERVAL, self.progress.durable.wake_fd());
             self.progress.durable.reset();
         }
-        // Close the channel so the stages flush, then commit what they make durable.
+        // Hand over what is held back, close the channel so the stages flush, then commit what
+        // they make durable.
+        self.flush();
         self.tx = None;
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
@@ -374,6 +398,8 @@ pub fn spawn(
         folds,
         tx: Some(tx),
         batch: Vec::with_capacity(BATCH_MAX),
+        batch_started: Instant::now(),
+        batch_urgent: false,
         clock,
         progress,
         stats: Arc::clone(&stats),
