@@ -14,6 +14,8 @@ pub const NAME_LEN: usize = 128;
 pub const COMM_LEN: usize = 16;
 /// Bytes of a process's arguments an exec record carries.
 pub const ARGS_LEN: usize = 512;
+/// Bytes of the executed file's own name an exec record carries.
+pub const EXE_NAME_LEN: usize = 64;
 /// Watch id meaning "no watch".
 pub const NO_WATCH: u32 = u32::MAX;
 
@@ -136,11 +138,15 @@ pub struct ExecEvent {
     pub args_len: u32,
     /// Bytes of arguments the process has (more than `args_len` when they were cut).
     pub args_total: u32,
-    pub _pad0: u32,
+    /// Bytes of `exe_name` in use, NUL excluded.
+    pub exe_name_len: u32,
     pub filename: [u8; PATH_LEN],
     /// `argv` as the new program sees it, NUL-separated (like `/proc/PID/cmdline`), read at
     /// exec so a process that is gone before the sensor looks still has its command line.
     pub args: [u8; ARGS_LEN],
+    /// The executed file's own name (its dentry): `memfd:NAME` for a program run from memory,
+    /// which the file name (`/dev/fd/N`) does not tell once the process is gone.
+    pub exe_name: [u8; EXE_NAME_LEN],
 }
 
 /// A new process: the header is the parent, `child_tgid` the child.
@@ -618,7 +624,7 @@ pub const INSN_R0_ZERO: u64 = 0xb7;
 
 // Layout guards: a change here is a change of ABI_VERSION.
 const _: () = assert!(size_of::<EventHeader>() == 72);
-const _: () = assert!(size_of::<ExecEvent>() == 72 + 48 + PATH_LEN + ARGS_LEN);
+const _: () = assert!(size_of::<ExecEvent>() == 72 + 48 + PATH_LEN + ARGS_LEN + EXE_NAME_LEN);
 const _: () = assert!(size_of::<ForkEvent>() == 80);
 const _: () = assert!(size_of::<ExitEvent>() == 80);
 const _: () = assert!(size_of::<FileOpenEvent>() == 72 + 48 + NAME_LEN);

@@ -302,13 +302,15 @@ impl Enricher {
 
 /// The table's view of an exec record.
 fn exec_facts(event: &Event) -> ExecFacts {
-    let Detail::Exec { filename, exe_dev, exe_ino, args, args_cut, .. } = &event.detail else {
+    let Detail::Exec { filename, exe_dev, exe_ino, exe_name, args, args_cut, .. } = &event.detail
+    else {
         return ExecFacts::default();
     };
     let p = &event.process;
     ExecFacts {
         filename: filename.clone(),
         exe: (*exe_ino != 0).then_some((*exe_dev, *exe_ino)),
+        exe_name: exe_name.clone(),
         args: args.clone(),
         args_cut: *args_cut,
         comm: p.comm.clone(),

@@ -54,6 +54,8 @@ pub enum Detail {
         /// Device (kernel encoding) and inode of the executed file; 0 when unknown.
         exe_dev: u32,
         exe_ino: u64,
+        /// The executed file's own name (`memfd:NAME` for a program run from memory).
+        exe_name: String,
         /// Arguments as the kernel saw them at exec, `argv[0]` first.
         args: Vec<String>,
         /// The record carried only the first bytes of the arguments.
@@ -233,6 +235,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
                 exe_mode: e.exe_mode,
                 exe_dev: e.exe_dev,
                 exe_ino: e.exe_ino,
+                exe_name: text(&e.exe_name, e.exe_name_len),
                 args: crate::process::split_cmdline(&e.args[..args_len]),
                 args_cut: e.args_total > e.args_len,
                 egid: e.egid,
@@ -311,7 +314,7 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
 
 #[cfg(test)]
 mod tests {
-    use sensor_ebpf::{ARGS_LEN, COMM_LEN, PATH_LEN};
+    use sensor_ebpf::{ARGS_LEN, COMM_LEN, EXE_NAME_LEN, PATH_LEN};
 
     use super::*;
 
@@ -340,6 +343,12 @@ mod tests {
         unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
+    fn exe_name_of(name: &str) -> [u8; EXE_NAME_LEN] {
+        let mut out = [0u8; EXE_NAME_LEN];
+        out[..name.len()].copy_from_slice(name.as_bytes());
+        out
+    }
+
     #[test]
     fn decodes_exec_record() {
         let mut filename = [0u8; PATH_LEN];
@@ -357,9 +366,10 @@ mod tests {
             exe_dev: 8 << 20,
             args_len: 12,
             args_total: 40,
-            _pad0: 0,
+            exe_name_len: 4,
             filename,
             args,
+            exe_name: exe_name_of("true"),
         };
         let event = decode(&bytes_of(&rec), &Clock::new(1_000)).unwrap();
         assert_eq!(event.time_ns, 6_000);
@@ -369,8 +379,8 @@ mod tests {
         assert_eq!(event.process.login_uid, None);
         assert!(matches!(
             &event.detail,
-            Detail::Exec { filename, old_pid: 11, exe_mode: 0o4755, exe_ino: 77, args, args_cut: true, .. }
-                if filename == "/bin/true" && args == &["true", "--help"]
+            Detail::Exec { filename, old_pid: 11, exe_mode: 0o4755, exe_ino: 77, exe_name, args, args_cut: true, .. }
+                if filename == "/bin/true" && args == &["true", "--help"] && exe_name == "true"
         ));
         // A setuid exec may be a privilege change: never held back as bookkeeping.
         assert!(!event.is_bookkeeping());
@@ -381,6 +391,7 @@ mod tests {
                 exe_mode: 0o755,
                 exe_dev: 0,
                 exe_ino: 0,
+                exe_name: "true".into(),
                 args: Vec::new(),
                 args_cut: false,
                 egid: 0,

@@ -54,6 +54,15 @@ async fn file_open_by(agent: &mut Agent, pid: u32) -> Option<Observation> {
     .await
 }
 
+/// A fresh credential file `token` in a temporary directory, and an agent watching it.
+async fn agent_watching_a_token() -> Option<(tempfile::TempDir, std::path::PathBuf, Agent)> {
+    let dir = tempdir();
+    let cred = dir.path().join("token");
+    std::fs::write(&cred, "t").unwrap();
+    let agent = agent(vec![spec("token", &[cred.display().to_string()])]).await?;
+    Some((dir, cred, agent))
+}
+
 fn tempdir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -163,12 +172,7 @@ async fn a_credential_in_a_directory_created_after_start_is_watched() {
 
 #[tokio::test]
 async fn a_process_that_reads_and_exits_at_once_is_attributed_exactly() {
-    let dir = tempdir();
-    let cred = dir.path().join("token");
-    std::fs::write(&cred, "t").unwrap();
-    let Some(mut agent) = agent(vec![spec("token", &[cred.display().to_string()])]).await else {
-        return;
-    };
+    let Some((_dir, cred, mut agent)) = agent_watching_a_token().await else { return };
     // kw-actor execs, reads and exits within a millisecond: long gone when the event is read.
     let pid = act(&["read", cred.to_str().unwrap()]);
     let o = file_open_by(&mut agent, pid).await.expect("read observed");
@@ -185,14 +189,9 @@ async fn a_process_that_reads_and_exits_at_once_is_attributed_exactly() {
 
 #[tokio::test]
 async fn a_program_run_by_a_relative_name_is_named_by_its_full_path() {
-    let dir = tempdir();
-    let cred = dir.path().join("token");
-    std::fs::write(&cred, "t").unwrap();
+    let Some((dir, _cred, mut agent)) = agent_watching_a_token().await else { return };
     let copy = dir.path().join("renamed-actor");
     std::fs::copy(env!("CARGO_BIN_EXE_kw-actor"), &copy).unwrap();
-    let Some(mut agent) = agent(vec![spec("token", &[cred.display().to_string()])]).await else {
-        return;
-    };
     // `./renamed-actor` is all the kernel's exec record names; the shell (its parent) stays a
     // while, the program itself is gone at once. A copy just written can be briefly busy
     // (another test's fork may hold its descriptor): retry.
@@ -216,6 +215,22 @@ async fn a_program_run_by_a_relative_name_is_named_by_its_full_path() {
     assert!(o.process.exe_sha256.as_ref().is_some_and(|h| h.len() == 64), "exe hashed");
     shell.kill().unwrap();
     shell.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_program_run_from_memory_is_named_as_such_and_never_hashed_wrongly() {
+    let Some((_dir, cred, mut agent)) = agent_watching_a_token().await else { return };
+    // fexecve of a memfd: the kernel's file name is `/dev/fd/N`; the process reads and exits.
+    let pid = act(&["from-memory", cred.to_str().unwrap()]);
+    let o = file_open_by(&mut agent, pid).await.expect("read by the program run from memory");
+    assert_eq!(o.process.exe, "/memfd:kw-fileless", "exe of a program with no file");
+    assert_eq!(o.process.cmdline, ["kw-fileless", "read", cred.to_str().unwrap()]);
+    // Hashed through /proc while it lived, or not at all: never some other file's hash.
+    if let Some(hash) = &o.process.exe_sha256 {
+        let out = Command::new("sha256sum").arg(env!("CARGO_BIN_EXE_kw-actor")).output().unwrap();
+        let actor_hash = String::from_utf8_lossy(&out.stdout);
+        assert!(actor_hash.starts_with(hash.as_str()), "hash {hash} is not the program's");
+    }
 }
 
 #[tokio::test]

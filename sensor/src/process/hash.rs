@@ -71,8 +71,9 @@ impl ExeHasher {
         {
             return hash;
         }
-        // A relative name would be looked up from the sensor's own directory.
-        if !exe.is_absolute() {
+        // A relative name would be looked up from the sensor's own directory, and a
+        // descriptor's (`/dev/fd/3`) would open the sensor's own descriptor.
+        if !exe.is_absolute() || super::table::names_a_descriptor(exe) {
             return None;
         }
         match self.hash_file(exe) {

@@ -16,6 +16,8 @@ pub struct ExecFacts {
     pub filename: String,
     /// Device (kernel encoding) and inode of the executed file, when known.
     pub exe: Option<(u32, u64)>,
+    /// The executed file's own name (`memfd:NAME` for a program run from memory).
+    pub exe_name: String,
     /// Arguments, `argv[0]` first.
     pub args: Vec<String>,
     /// `args` holds only the first bytes of longer arguments.
@@ -200,13 +202,14 @@ impl ProcessTable {
     }
 
     /// The path of the file `pid` executed. The kernel's file name when it is one from the
-    /// root; a name relative to the caller's directory, or the `/dev/fd/N` of an `execveat`,
-    /// says little, so then `/proc`'s link (while the process lives), else the name under the
-    /// parent's working directory — each only when it is the very file the kernel executed.
-    /// The name as given when neither is.
+    /// root; a name relative to the caller's directory, or a descriptor's (`/dev/fd/N`,
+    /// `/proc/self/fd/N`: `fexecve`, `execveat`), says little, so then `/proc`'s link (while
+    /// the process lives), else the name under the parent's working directory — each only
+    /// when it is the very file the kernel executed — else, for a program run from memory,
+    /// `/memfd:NAME` as `/proc` shows it. The name as given when none of these is.
     fn exe_path(&self, pid: u32, ppid: u32, exec: &ExecFacts) -> PathBuf {
         let name = Path::new(&exec.filename);
-        let by_fd = name.starts_with("/dev/fd");
+        let by_fd = names_a_descriptor(name);
         if name.is_absolute() && !by_fd {
             return name.to_path_buf();
         }
@@ -227,6 +230,9 @@ impl ProcessTable {
             if is_executed(&joined) {
                 return joined;
             }
+        }
+        if exec.exe_name.starts_with("memfd:") {
+            return PathBuf::from(format!("/{}", exec.exe_name));
         }
         name.to_path_buf()
     }
@@ -390,6 +396,17 @@ impl ProcessTable {
             self.exits.push_back((time_ns, previous.pid, previous.start_time_ns));
         }
         list.push(info);
+    }
+}
+
+/// True for a path that names an open descriptor (`/dev/fd/N`, `/proc/PID/fd/N`): meaningful
+/// only to the process that held it.
+pub fn names_a_descriptor(path: &Path) -> bool {
+    let mut parts = path.components().skip(1).map(|c| c.as_os_str());
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(dev), Some(fd), _) if dev == "dev" && fd == "fd" => true,
+        (Some(proc), Some(_), Some(fd)) if proc == "proc" && fd == "fd" => true,
+        _ => false,
     }
 }
 

@@ -395,3 +395,22 @@ fn exited_processes_are_capped_by_count_as_well_as_by_age() {
     assert!(table.get(pids[1]).is_some() && table.get(pids[2]).is_some());
     assert!(table.get(5_000_204).is_some_and(|p| p.is_alive()), "live processes are never dropped");
 }
+
+#[test]
+fn a_program_run_from_memory_is_named_as_proc_names_it() {
+    assert!(table::names_a_descriptor(Path::new("/dev/fd/3")));
+    assert!(table::names_a_descriptor(Path::new("/proc/self/fd/7")));
+    assert!(table::names_a_descriptor(Path::new("/proc/4242/fd/7")));
+    assert!(!table::names_a_descriptor(Path::new("/usr/bin/fd")));
+    assert!(!table::names_a_descriptor(Path::new("/proc/self/exe")));
+    // Gone before anyone looked (a pid above pid_max): the record's dentry name tells.
+    let mut table = ProcessTable::default();
+    let pid = 5_000_301;
+    table.on_fork(1, pid, SEC);
+    let exec = ExecFacts { exe_name: "memfd:payload".into(), ..ran("/dev/fd/3") };
+    table.on_exec(pid, &exec, SEC + 1);
+    assert_eq!(table.get(pid).map(|p| p.exe.clone()), Some(PathBuf::from("/memfd:payload")));
+    // A descriptor's name is never hashed: it would open the sensor's own descriptor.
+    let hasher = ExeHasher::default();
+    assert_eq!(hasher.hash_process(table.proc_fs(), pid, Path::new("/dev/fd/3")), None);
+}

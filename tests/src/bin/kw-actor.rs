@@ -17,6 +17,9 @@ fn main() -> ExitCode {
     let result = match arg(0) {
         // read PATH: open and read a file.
         "read" => read(arg(1)),
+        // from-memory PATH: copy this program into a memfd named `kw-fileless` and run it from
+        // there (fexecve) as `kw-fileless read PATH`: a program with no file on disk.
+        "from-memory" => from_memory(arg(1)),
         // read-in DIR NAME: chdir to DIR, open NAME relative to it.
         "read-in" => std::env::set_current_dir(arg(1)).and_then(|()| read(arg(2))),
         // openat DIR NAME: openat(dirfd(DIR), NAME).
@@ -74,6 +77,27 @@ fn main() -> ExitCode {
 fn read(path: &str) -> std::io::Result<()> {
     let mut buf = Vec::new();
     File::open(path)?.read_to_end(&mut buf).map(drop)
+}
+
+fn from_memory(path: &str) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    // SAFETY: NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"kw-fileless".as_ptr(), 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned here from now on.
+    let mut memfd = unsafe { File::from_raw_fd(fd) };
+    memfd.write_all(&std::fs::read("/proc/self/exe")?)?;
+    let args =
+        ["kw-fileless", "read", path].map(|a| CString::new(a).map_err(std::io::Error::other));
+    let [a0, a1, a2] = args;
+    let (a0, a1, a2) = (a0?, a1?, a2?);
+    let argv = [a0.as_ptr(), a1.as_ptr(), a2.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null()];
+    // SAFETY: NULL-terminated argv/envp of NUL-terminated strings alive across the call.
+    unsafe { libc::fexecve(memfd.as_raw_fd(), argv.as_ptr(), envp.as_ptr()) };
+    Err(std::io::Error::last_os_error())
 }
 
 fn by_handle(path: &str) -> std::io::Result<()> {

@@ -156,6 +156,16 @@ async fn throughput(
     events: u64,
 ) -> anyhow::Result<(f64, f64)> {
     let (up, tx, first) = uplink(url, token, state, host).await?;
+    drive(up, tx, first, events).await
+}
+
+/// Sends `events` observations through `up` and waits for the last ack; events/s and seconds.
+async fn drive(
+    up: Uplink,
+    tx: mpsc::Sender<Observation>,
+    first: u64,
+    events: u64,
+) -> anyhow::Result<(f64, f64)> {
     let start = Instant::now();
     for i in 0..events {
         tx.send(observation(i)).await?;
@@ -267,15 +277,7 @@ async fn uplink_alone(
     let (tx, rx) = mpsc::channel(16 * 1024);
     let up = Uplink::start(config, rx).await?;
     let first = up.open_report.next_seq;
-    let start = Instant::now();
-    for i in 0..events {
-        tx.send(observation(i)).await?;
-    }
-    let acked = up.wait_acked(first + events - 1, Duration::from_secs(600)).await;
-    let secs = start.elapsed().as_secs_f64();
-    drop(tx);
-    up.shutdown().await;
-    Ok((acked + 1 - first) as f64 / secs)
+    Ok(drive(up, tx, first, events).await?.0)
 }
 
 async fn bare_baseline(events: u64) -> anyhow::Result<f64> {
