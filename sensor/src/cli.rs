@@ -94,7 +94,8 @@ pub struct RunArgs {
     /// the built-in catalog is watched.
     #[arg(long, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,
-    /// Also report process lifecycle (exec, fork, exit), not only accesses.
+    /// Also report process lifecycle (exec, fork, exit), not only accesses. These lines may
+    /// trail by up to 100 ms: the sensor holds a batch of them for company to save wakeups.
     #[arg(long)]
     pub lifecycle: bool,
     /// Where programs and maps are pinned, so capture goes on while the sensor restarts; the
