@@ -144,8 +144,9 @@ pub struct ExecEvent {
     /// `argv` as the new program sees it, NUL-separated (like `/proc/PID/cmdline`), read at
     /// exec so a process that is gone before the sensor looks still has its command line.
     pub args: [u8; ARGS_LEN],
-    /// The executed file's own name (its dentry): `memfd:NAME` for a program run from memory,
-    /// which the file name (`/dev/fd/N`) does not tell once the process is gone.
+    /// The executed file's own name (its dentry), read only when `filename` is a descriptor's
+    /// (`/dev/fd/N`, `/proc/…`): `memfd:NAME` for a program run from memory, which the file
+    /// name does not tell once the process is gone.
     pub exe_name: [u8; EXE_NAME_LEN],
 }
 

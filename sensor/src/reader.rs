@@ -290,7 +290,6 @@ impl Reader {
                 }
             }
         }
-        self.flush();
         false
     }
 

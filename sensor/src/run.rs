@@ -184,20 +184,18 @@ impl Agent {
         std::thread::Builder::new()
             .name("enricher".into())
             .spawn(move || {
-                while let Some(batch) = events.blocking_recv() {
-                    for event in batch {
-                        let mark = event.mark;
-                        for observation in enricher.enrich(event) {
-                            let carries = observation.mark;
-                            if tx.blocking_send(observation).is_err() {
-                                return;
-                            }
-                            if carries != 0 {
-                                progress.stage_emitted(carries);
-                            }
+                for event in std::iter::from_fn(|| events.blocking_recv()).flatten() {
+                    let mark = event.mark;
+                    for observation in enricher.enrich(event) {
+                        let carries = observation.mark;
+                        if tx.blocking_send(observation).is_err() {
+                            return;
                         }
-                        progress.stage_seen(mark);
+                        if carries != 0 {
+                            progress.stage_emitted(carries);
+                        }
                     }
+                    progress.stage_seen(mark);
                 }
             })
             .expect("spawning the enricher thread");

@@ -36,7 +36,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     let egid: u32 = kread::at(cred, o.cred_egid).unwrap_or(0);
     let cap_effective: u64 = kread::at(cred, o.cred_cap_effective).unwrap_or(0);
     let mm = kread::ptr(task, o.task_mm).unwrap_or_default();
-    let exe = exe_file(mm).unwrap_or(ExeFile { mode: 0, ino: 0, dev: 0, name: None });
+    let exe = exe_file(mm).unwrap_or(ExeFile { mode: 0, ino: 0, dev: 0, file: None });
     let (args_at, args_total) = args_span(mm).unwrap_or((0, 0));
 
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
@@ -61,13 +61,6 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
         let read =
             bpf_probe_read_user((*event).args.as_mut_ptr().cast(), want, args_at as *const _);
         (*event).args_len = if read == 0 { want } else { 0 };
-        (*event).exe_name_len = match exe.name {
-            Some(name) => match bpf_probe_read_kernel_str_bytes(name, &mut (*event).exe_name) {
-                Ok(bytes) => bytes.len() as u32,
-                Err(_) => 0,
-            },
-            None => 0,
-        };
         let loc = tp_field::<u32>(ctx, FILENAME_LOC);
         let name = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
         (*event).filename_len = match bpf_probe_read_kernel_str_bytes(name, &mut (*event).filename)
@@ -75,9 +68,25 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
             Ok(bytes) => bytes.len() as u32,
             Err(_) => 0,
         };
+        // The file's own name says something only where the file name is a descriptor's.
+        let by_fd = names_a_descriptor(&(*event).filename);
+        (*event).exe_name_len = match exe.file.filter(|_| by_fd).and_then(dentry_name) {
+            Some(name) => match bpf_probe_read_kernel_str_bytes(name, &mut (*event).exe_name) {
+                Ok(bytes) => bytes.len() as u32,
+                Err(_) => 0,
+            },
+            None => 0,
+        };
     }
     entry.submit(SUBMIT_FLAGS);
     Ok(())
+}
+
+/// True for a file name starting `/dev/fd/` or `/proc/` (`fexecve`, `execveat` on a
+/// descriptor), where the name does not tell which file ran.
+#[inline(always)]
+fn names_a_descriptor(filename: &[u8]) -> bool {
+    filename.starts_with(b"/dev/fd/") || filename.starts_with(b"/proc/")
 }
 
 /// The executed file as the kernel holds it (`mm->exe_file->f_inode`).
@@ -85,8 +94,8 @@ struct ExeFile {
     mode: u32,
     ino: u64,
     dev: u32,
-    /// The file's dentry name (`d_name.name`).
-    name: Option<*const u8>,
+    /// The `struct file` itself, for [`dentry_name`] when needed.
+    file: Option<*const u8>,
 }
 
 fn exe_file(mm: *const u8) -> Result<ExeFile, i64> {
@@ -97,8 +106,14 @@ fn exe_file(mm: *const u8) -> Result<ExeFile, i64> {
     let ino: u64 = kread::at(inode, o.inode_i_ino)?;
     let sb = kread::ptr(inode, o.inode_i_sb)?;
     let dev: u32 = kread::at(sb, o.sb_s_dev)?;
-    let name = kread::ptr(file, o.file_dentry).and_then(|d| kread::ptr(d, o.dentry_name)).ok();
-    Ok(ExeFile { mode: mode as u32, ino, dev, name })
+    Ok(ExeFile { mode: mode as u32, ino, dev, file: Some(file) })
+}
+
+/// The name of `file`'s dentry (`f_path.dentry->d_name.name`).
+#[inline(always)]
+fn dentry_name(file: *const u8) -> Option<*const u8> {
+    let o = offsets();
+    kread::ptr(file, o.file_dentry).and_then(|d| kread::ptr(d, o.dentry_name)).ok()
 }
 
 /// Where the arguments start in the process's memory, and how many bytes they take.

@@ -168,7 +168,10 @@ impl ProcessTable {
                 .unwrap_or_else(|| ProcessInfo::minimal(pid, time_ns));
             self.push_new(base, time_ns);
         }
-        let Some(ppid) = self.get(pid).map(|e| e.ppid) else { return };
+        let Some((ppid, moved)) = self.get(pid).map(|e| (e.ppid, e.cgroup_id != exec.cgroup_id))
+        else {
+            return;
+        };
         let exe = self.exe_path(pid, ppid, exec);
         let cmdline = match exec.args_cut {
             // /proc has them whole while the process lives and still runs these arguments.
@@ -180,7 +183,6 @@ impl ProcessTable {
                 .unwrap_or_else(|| exec.args.clone()),
             false => exec.args.clone(),
         };
-        let moved = self.get(pid).is_some_and(|e| e.cgroup_id != exec.cgroup_id);
         let cgroup = moved.then(|| self.proc.read_cgroup(pid).ok()).flatten();
         let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) else { return };
         entry.comm = if exec.comm.is_empty() { comm_of(&exe) } else { exec.comm.clone() };
@@ -213,21 +215,19 @@ impl ProcessTable {
         if name.is_absolute() && !by_fd {
             return name.to_path_buf();
         }
-        let is_executed = |path: &Path| match (exec.exe, std::fs::metadata(path)) {
-            (Some((dev, ino)), Ok(meta)) => kernel_dev(meta.dev()) == dev && meta.ino() == ino,
-            _ => false,
+        let is_executed = |meta: std::fs::Metadata| {
+            exec.exe.is_some_and(|(dev, ino)| kernel_dev(meta.dev()) == dev && meta.ino() == ino)
         };
         // A deleted or memfd program has no path to check: its link is taken as the kernel's.
-        let unlinked = |path: &Path| std::fs::metadata(path).is_err();
         if let Ok(linked) = self.proc.read_exe(pid)
-            && (is_executed(&linked) || unlinked(&linked))
+            && std::fs::metadata(&linked).map_or(true, is_executed)
         {
             return linked;
         }
         if !by_fd && let Ok(cwd) = self.proc.read_cwd(ppid) {
             // `components` drops the `.` of `./name`.
             let joined: PathBuf = cwd.join(name).components().collect();
-            if is_executed(&joined) {
+            if std::fs::metadata(&joined).is_ok_and(is_executed) {
                 return joined;
             }
         }
@@ -249,8 +249,8 @@ impl ProcessTable {
     }
 
     /// Drops exited processes whose retention ended before `now_ns` (Unix ns), and the oldest
-    /// exited ones beyond the cap ([`Self::with_max_exited`]). The lifecycle calls run this themselves; call
-    /// it on a timer when events are rare.
+    /// exited ones beyond the cap ([`Self::with_max_exited`]). The lifecycle calls run this
+    /// themselves; call it on a timer when events are rare.
     pub fn gc(&mut self, now_ns: u64) {
         while let Some(&(exit_ns, pid, start)) = self.exits.front() {
             let expired = exit_ns.saturating_add(self.retention_ns) <= now_ns;
@@ -369,15 +369,7 @@ impl ProcessTable {
             if entry.is_alive() {
                 let keep_hash = (entry.exe == info.exe).then(|| entry.exe_sha256.take());
                 let start_time_ns = entry.start_time_ns;
-                // The kernel's cgroup id stays true while the path it was learnt with does.
-                let cgroup_id =
-                    if entry.cgroup_path == info.cgroup_path { entry.cgroup_id } else { 0 };
-                *entry = ProcessInfo {
-                    start_time_ns,
-                    cgroup_id,
-                    exe_sha256: keep_hash.flatten(),
-                    ..info
-                };
+                *entry = ProcessInfo { start_time_ns, exe_sha256: keep_hash.flatten(), ..info };
             }
             return;
         }
