@@ -87,6 +87,7 @@ fn event(i: usize, start: DateTime<Utc>) -> Event {
             path: format!("/srv/w{watch}/creds/key"),
             write: false,
         },
+        record: Vec::new(),
     }
 }
 

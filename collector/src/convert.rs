@@ -17,6 +17,7 @@ pub enum ConvertError {
 }
 
 const MAX_HOST_ID: usize = 253;
+const MAX_SPOOL_ID: usize = 64;
 
 /// The host a Hello introduces.
 pub fn host_from_hello(h: &pb::Hello) -> Result<Host, ConvertError> {
@@ -28,16 +29,22 @@ pub fn host_from_hello(h: &pb::Hello) -> Result<Host, ConvertError> {
             "host_id must be 1 to {MAX_HOST_ID} printable characters"
         )));
     }
+    if h.spool_id.len() > MAX_SPOOL_ID || !h.spool_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ConvertError::Hello(format!(
+            "spool_id must be at most {MAX_SPOOL_ID} ASCII letters and digits"
+        )));
+    }
     Ok(Host {
         id: h.host_id.clone(),
         labels: h.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         sensor_version: h.sensor_version.clone(),
         kernel: h.kernel.clone(),
+        spool_id: h.spool_id.clone(),
     })
 }
 
-/// The events of a batch from `host_id`: the batch must name that host, start at `first_seq`
-/// and be contiguous.
+/// The events of a batch from `host_id`, each with its record as sent: the batch must name
+/// that host, start at `first_seq` and be contiguous.
 pub fn events_from_batch(host_id: &str, batch: pb::EventBatch) -> Result<Vec<Event>, ConvertError> {
     if !batch.host_id.is_empty() && batch.host_id != host_id {
         return Err(ConvertError::Batch(format!(
@@ -57,7 +64,9 @@ pub fn events_from_batch(host_id: &str, batch: pb::EventBatch) -> Result<Vec<Eve
                     e.seq
                 )));
             }
-            event_from_proto(host_id, e)
+            // Kept as sent, for the store (see `Event::record`).
+            let record = prost::Message::encode_to_vec(&e);
+            event_from_proto(host_id, e).map(|event| Event { record, ..event })
         })
         .collect()
 }
@@ -84,6 +93,7 @@ pub fn event_from_proto(host_id: &str, e: pb::Event) -> Result<Event, ConvertErr
         count: e.count,
         process,
         kind,
+        record: Vec::new(),
     })
 }
 

@@ -19,6 +19,10 @@ pub struct Host {
     /// Kernel release.
     #[serde(default)]
     pub kernel: String,
+    /// The sensor's spool its events come from (the Hello's `spool_id`): seqs are unique per
+    /// (host, spool). A property of the stream, not of the host: never stored or shown.
+    #[serde(skip)]
+    pub spool_id: String,
 }
 
 /// One ancestor of a process, nearest first.
@@ -266,4 +270,9 @@ pub struct Event {
     pub count: u32,
     pub process: Process,
     pub kind: EventKind,
+    /// The record exactly as the sensor sent it (protobuf `keywatch.v1.Event`), which is what
+    /// the store keeps: it has what this model leaves out (device and inode, open flags,
+    /// cgroup, thread). Empty for events made in code; the store then encodes this model.
+    #[serde(skip)]
+    pub record: Vec<u8>,
 }

@@ -135,13 +135,14 @@ impl Drop for HostLease {
 }
 
 /// A batch evaluated and handed to the store but perhaps not committed yet: the next batch of
-/// its stream is deduplicated and evaluated as if it were (its seqs count as known, its
+/// its stream is deduplicated and evaluated as if it were (its seqs count as stored, its
 /// activity as recorded), and takes over its host lease if it is still being written.
 pub(crate) struct InFlight {
     /// Held (strongly) only by the batch's write and the next batch's preparation, which both
     /// hold a permit: a lease never waits on a permit.
     lease: Weak<HostLease>,
-    seqs: HashSet<u64>,
+    /// The stream's seq watermark once the batch is stored.
+    stored_up_to: u64,
     activity: Vec<(String, DateTime<Utc>)>,
 }
 
@@ -235,21 +236,21 @@ impl Ingestor {
                 in_flight: None,
             });
         };
-        let first = events[0].seq;
         let lease = ahead
             .and_then(|a| a.lease.upgrade())
             .unwrap_or_else(|| Arc::new(self.host_locks.acquire(&host.id)));
-        let known = self.store.known_seqs(&host.id, first..=last)?;
+        // A sensor sends its seqs in order: at or below the watermark is a resend.
+        let stored_up_to = self
+            .store
+            .stored_up_to(&host.id, &host.spool_id)?
+            .max(ahead.map_or(0, |a| a.stored_up_to));
         let total = events.len();
-        let fresh: Vec<Event> = events
-            .into_iter()
-            .filter(|e| !known.contains(&e.seq) && !ahead.is_some_and(|a| a.seqs.contains(&e.seq)))
-            .collect();
+        let fresh: Vec<Event> = events.into_iter().filter(|e| e.seq > stored_up_to).collect();
         let duplicates = total - fresh.len();
         let write = self.evaluate_after(host, fresh, ahead.map(|a| a.activity.as_slice()));
         let in_flight = InFlight {
             lease: Arc::downgrade(&lease),
-            seqs: write.events.iter().map(|(e, _)| e.seq).collect(),
+            stored_up_to: stored_up_to.max(last),
             activity: write.activity.clone(),
         };
         Ok(Prepared {
@@ -362,6 +363,7 @@ impl Ingestor {
         let alerts_empty = alerts.is_empty();
         WriteBatch {
             events: stored,
+            spool_id: host.spool_id.clone(),
             activity: activity.into_iter().collect(),
             alerts,
             grouping_window: registry.settings.grouping_window(),

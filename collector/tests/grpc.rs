@@ -79,6 +79,9 @@ impl Store for GatedStore {
     fn host(&self, id: &str) -> Result<Option<Host>, StoreError> {
         self.inner.host(id)
     }
+    fn stored_up_to(&self, h: &str, spool: &str) -> Result<u64, StoreError> {
+        self.inner.stored_up_to(h, spool)
+    }
     fn known_seqs(&self, h: &str, s: RangeInclusive<u64>) -> Result<HashSet<u64>, StoreError> {
         self.inner.known_seqs(h, s)
     }

@@ -90,8 +90,12 @@ impl Collector {
         let conn =
             rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
                 .unwrap();
-        let mut stmt =
-            conn.prepare("SELECT seq FROM events WHERE host_id = ?1 ORDER BY id").unwrap();
+        let mut stmt = conn
+            .prepare(
+                "SELECT seq FROM events WHERE host = (SELECT key FROM host_keys WHERE host_id = ?1)
+                 ORDER BY id",
+            )
+            .unwrap();
         stmt.query_map([host], |r| r.get::<_, i64>(0)).unwrap().map(|s| s.unwrap() as u64).collect()
     }
 

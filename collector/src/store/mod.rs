@@ -29,6 +29,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot encode or decode a stored record")]
     Codec(#[from] serde_json::Error),
+    #[error("a stored record is damaged: {0}")]
+    Corrupt(String),
     #[error("the database schema is version {found}; this keywatch knows up to {known}")]
     TooNew { found: i64, known: i64 },
     #[error("the store's writer has stopped")]
@@ -62,8 +64,11 @@ pub struct DeclarationChange {
 /// One ingest batch to commit in one transaction.
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
-    /// New events (duplicates by `(host_id, seq)` are ignored by the store).
+    /// New events with the workload each was correlated to. Events at or below the stored
+    /// seq watermark of their (host, `spool_id`) are ignored as resends.
     pub events: Vec<(Event, Option<String>)>,
+    /// The sensor spool the events come from (see [`Host::spool_id`]).
+    pub spool_id: String,
     /// Latest activity per workload.
     pub activity: Vec<(String, DateTime<Utc>)>,
     /// New alerts, already folded within the batch; each folds into a stored alert with the same
@@ -149,7 +154,11 @@ pub trait Store: Send + Sync + 'static {
     fn upsert_host(&self, host: &Host, at: DateTime<Utc>) -> Result<(), StoreError>;
     /// A host by id.
     fn host(&self, id: &str) -> Result<Option<Host>, StoreError>;
-    /// Which of `seqs` are already stored for `host_id`.
+    /// Highest seq stored from `host_id`'s spool `spool_id` (0: none). A sensor sends its
+    /// seqs in order, so every seq up to it was stored, evicted or lost before sending.
+    fn stored_up_to(&self, host_id: &str, spool_id: &str) -> Result<u64, StoreError>;
+    /// Which of `seqs` are stored for `host_id`, from any spool. For inspection and tests: it
+    /// scans the host's events.
     fn known_seqs(
         &self,
         host_id: &str,

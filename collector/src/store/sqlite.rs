@@ -114,6 +114,30 @@ const MIGRATIONS: &[&str] = &[
         GROUP BY host_id, workload;
     DROP INDEX events_by_host_workload;
     ",
+    // 5: events keyed by an integer host key (integer compares in the index every insert
+    // updates), resends found by a seq watermark per (host, sensor spool) instead of a unique
+    // (host_id, seq) index, and bodies that are the sensor's own records (protobuf; rows of
+    // earlier versions keep their JSON text). Existing seqs form each host's spool ''.
+    "
+    CREATE TABLE host_keys (key INTEGER PRIMARY KEY, host_id TEXT NOT NULL UNIQUE);
+    INSERT INTO host_keys (host_id) SELECT id FROM hosts UNION SELECT host_id FROM events;
+    CREATE TABLE seq_watermarks (
+        host INTEGER NOT NULL, spool_id TEXT NOT NULL, stored_up_to INTEGER NOT NULL,
+        PRIMARY KEY (host, spool_id)) WITHOUT ROWID;
+    INSERT INTO seq_watermarks (host, spool_id, stored_up_to)
+        SELECT k.key, '', max(e.seq) FROM events e JOIN host_keys k ON k.host_id = e.host_id
+        GROUP BY k.key;
+    CREATE TABLE events_v5 (
+        id INTEGER PRIMARY KEY, host INTEGER NOT NULL, seq INTEGER NOT NULL,
+        time_ns INTEGER NOT NULL, pid INTEGER NOT NULL, kind TEXT NOT NULL, workload TEXT,
+        body NOT NULL);
+    INSERT INTO events_v5 (id, host, seq, time_ns, pid, kind, workload, body)
+        SELECT e.id, k.key, e.seq, e.time_ns, e.pid, e.kind, e.workload, e.body
+        FROM events e JOIN host_keys k ON k.host_id = e.host_id;
+    DROP TABLE events;
+    ALTER TABLE events_v5 RENAME TO events;
+    CREATE INDEX events_by_host_time ON events (host, time_ns, id);
+    ",
 ];
 
 /// Escalation chains longer than this stop (loops are refused at apply; this is a backstop).
@@ -212,12 +236,74 @@ fn routing(conn: &Connection, alert: &Alert) -> Result<Vec<Routing>, StoreError>
 /// The columns of one event row, encoded before it reaches the writer.
 struct EventRow {
     host_id: String,
-    seq: i64,
+    seq: u64,
     time_ns: i64,
     pid: u32,
     kind: &'static str,
     workload: Option<String>,
-    body: String,
+    /// The sensor's record (protobuf `keywatch.v1.Event`).
+    body: Vec<u8>,
+}
+
+/// Where a host's spool stands in one write: its host key, and the highest seq stored.
+struct SeqSpace {
+    host: i64,
+    stored_up_to: u64,
+    /// Whether this write stored past the watermark it read.
+    advanced: bool,
+}
+
+/// The integer key of `host_id`, made on first use.
+fn host_key(conn: &Connection, host_id: &str) -> Result<i64, rusqlite::Error> {
+    let found = conn
+        .prepare_cached("SELECT key FROM host_keys WHERE host_id = ?1")?
+        .query_row([host_id], |r| r.get(0))
+        .optional()?;
+    match found {
+        Some(key) => Ok(key),
+        None => {
+            conn.prepare_cached("INSERT INTO host_keys (host_id) VALUES (?1)")?
+                .execute([host_id])?;
+            Ok(conn.last_insert_rowid())
+        }
+    }
+}
+
+/// The highest seq stored from spool `spool_id` of the host with key `host` (0: none).
+fn stored_up_to(conn: &Connection, host: i64, spool_id: &str) -> Result<u64, rusqlite::Error> {
+    let found: Option<i64> = conn
+        .prepare_cached(
+            "SELECT stored_up_to FROM seq_watermarks WHERE host = ?1 AND spool_id = ?2",
+        )?
+        .query_row(params![host, spool_id], |r| r.get(0))
+        .optional()?;
+    Ok(found.map_or(0, |s| s as u64))
+}
+
+/// A JSON body (alerts, gaps).
+fn text_body(body: rusqlite::types::Value) -> Result<String, StoreError> {
+    match body {
+        rusqlite::types::Value::Text(text) => Ok(text),
+        other => Err(StoreError::Corrupt(format!("a JSON body of type {:?}", other.data_type()))),
+    }
+}
+
+/// An event row's body: the sensor's record (protobuf), or JSON from before version 5.
+fn decode_event_body(
+    host_id: &str,
+    body: rusqlite::types::ValueRef<'_>,
+) -> Result<Event, StoreError> {
+    use rusqlite::types::ValueRef;
+    match body {
+        ValueRef::Blob(bytes) => {
+            let record = <keywatch_proto::v1::Event as prost::Message>::decode(bytes)
+                .map_err(|e| StoreError::Corrupt(format!("event record: {e}")))?;
+            crate::convert::event_from_proto(host_id, record)
+                .map_err(|e| StoreError::Corrupt(format!("event record: {e}")))
+        }
+        ValueRef::Text(text) => Ok(serde_json::from_slice(text)?),
+        other => Err(StoreError::Corrupt(format!("event body of type {:?}", other.data_type()))),
+    }
 }
 
 /// `value` as JSON, encoded through `scratch` (reused across calls, so it stops regrowing).
@@ -638,9 +724,23 @@ impl Store for SqliteStore {
                     labels: serde_json::from_str(&labels)?,
                     sensor_version,
                     kernel,
+                    spool_id: String::new(),
                 })
             })
             .transpose()
+        })
+    }
+
+    fn stored_up_to(&self, host_id: &str, spool_id: &str) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let host: Option<i64> = conn
+                .prepare_cached("SELECT key FROM host_keys WHERE host_id = ?1")?
+                .query_row([host_id], |r| r.get(0))
+                .optional()?;
+            match host {
+                Some(host) => Ok(stored_up_to(conn, host, spool_id)?),
+                None => Ok(0),
+            }
         })
     }
 
@@ -651,7 +751,8 @@ impl Store for SqliteStore {
     ) -> Result<HashSet<u64>, StoreError> {
         self.read(|conn| {
             let mut stmt = conn.prepare_cached(
-                "SELECT seq FROM events WHERE host_id = ?1 AND seq BETWEEN ?2 AND ?3",
+                "SELECT seq FROM events WHERE host = (SELECT key FROM host_keys WHERE host_id = ?1)
+                   AND seq BETWEEN ?2 AND ?3",
             )?;
             let rows = stmt
                 .query_map(params![host_id, *seqs.start() as i64, *seqs.end() as i64], |r| {
@@ -662,24 +763,27 @@ impl Store for SqliteStore {
     }
 
     fn write_batch(&self, batch: WriteBatch) -> Result<WriteOutcome, StoreError> {
-        // Encode (and free the decoded events) outside the writer so the single writer only
-        // does database work. One scratch buffer for all bodies: no regrowing per event.
-        let mut scratch = Vec::with_capacity(1024);
+        // Rows are made (and the decoded events freed) outside the writer, so the single
+        // writer only does database work.
         let events: Vec<EventRow> = batch
             .events
             .into_iter()
-            .map(|(e, workload)| {
-                Ok(EventRow {
-                    body: to_json(&mut scratch, &e)?,
-                    seq: e.seq as i64,
-                    time_ns: ns(e.time),
-                    pid: e.process.pid,
-                    kind: e.kind.name(),
-                    workload,
-                    host_id: e.host_id,
-                })
+            .map(|(e, workload)| EventRow {
+                body: if e.record.is_empty() {
+                    prost::Message::encode_to_vec(&crate::convert::event_to_proto(&e))
+                } else {
+                    e.record
+                },
+                seq: e.seq,
+                time_ns: ns(e.time),
+                pid: e.process.pid,
+                kind: e.kind.name(),
+                workload,
+                host_id: e.host_id,
             })
-            .collect::<Result<_, serde_json::Error>>()?;
+            .collect();
+        let spool_id = batch.spool_id;
+        let mut scratch = Vec::with_capacity(1024);
         let alerts: Vec<(Alert, String)> = batch
             .alerts
             .into_iter()
@@ -692,19 +796,41 @@ impl Store for SqliteStore {
             let mut outcome = WriteOutcome::default();
             {
                 let mut insert = conn.prepare_cached(
-                    "INSERT OR IGNORE INTO events (host_id, seq, time_ns, pid, kind, workload, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    "INSERT INTO events (host, seq, time_ns, pid, kind, workload, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?;
+                // The host's spool as this transaction found it: events at or below its
+                // watermark were stored before (a resend after a lost ack).
+                let mut spaces: HashMap<&str, SeqSpace> = HashMap::new();
                 // Latest stored event per (host, workload) of this batch.
                 let mut pairs: HashMap<(&str, &str), i64> = HashMap::new();
                 for e in &events {
-                    let stored = insert.execute(params![
-                        e.host_id, e.seq, e.time_ns, e.pid, e.kind, e.workload, e.body
+                    let space = match spaces.entry(&e.host_id) {
+                        std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            let host = host_key(conn, &e.host_id)?;
+                            let stored_up_to = stored_up_to(conn, host, &spool_id)?;
+                            v.insert(SeqSpace { host, stored_up_to, advanced: false })
+                        }
+                    };
+                    if e.seq <= space.stored_up_to {
+                        continue;
+                    }
+                    insert.execute(params![
+                        space.host, e.seq as i64, e.time_ns, e.pid, e.kind, e.workload, e.body
                     ])?;
-                    outcome.events_stored += stored;
-                    if let (1, Some(w)) = (stored, &e.workload) {
+                    (space.stored_up_to, space.advanced) = (e.seq, true);
+                    outcome.events_stored += 1;
+                    if let Some(w) = &e.workload {
                         let t = pairs.entry((&e.host_id, w)).or_insert(e.time_ns);
                         *t = (*t).max(e.time_ns);
                     }
+                }
+                let mut mark = conn.prepare_cached(
+                    "INSERT INTO seq_watermarks (host, spool_id, stored_up_to) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (host, spool_id) DO UPDATE SET stored_up_to = max(stored_up_to, excluded.stored_up_to)",
+                )?;
+                for space in spaces.values().filter(|s| s.advanced) {
+                    mark.execute(params![space.host, spool_id, space.stored_up_to as i64])?;
                 }
                 let mut pair = conn.prepare_cached(
                     "INSERT INTO host_workloads (host_id, workload, last_event_ns) VALUES (?1, ?2, ?3)
@@ -875,7 +1001,7 @@ impl Store for SqliteStore {
             if include_events {
                 parts.push(format!(
                     "SELECT time_ns, 0 AS src, id, kind, workload, body FROM events
-                     WHERE host_id = ?1 AND time_ns >= ?2 AND time_ns < ?3{pid_clause}{kind_clause}
+                     WHERE host = (SELECT key FROM host_keys WHERE host_id = ?1) AND time_ns >= ?2 AND time_ns < ?3{pid_clause}{kind_clause}
                        AND (time_ns, 0, id) > (?4, ?5, ?6)"
                 ));
             }
@@ -912,7 +1038,7 @@ impl Store for SqliteStore {
             if let Some(pid) = q.pid {
                 args.push(i64::from(pid).into());
             }
-            let rows: Vec<(i64, i64, i64, String, Option<String>, String)> = stmt
+            let rows: Vec<(i64, i64, i64, String, Option<String>, rusqlite::types::Value)> = stmt
                 .query_map(rusqlite::params_from_iter(args), |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
                 })?
@@ -926,7 +1052,7 @@ impl Store for SqliteStore {
                         cause: String,
                         lost: u64,
                     }
-                    let g: GapBody = serde_json::from_str(&body)?;
+                    let g: GapBody = serde_json::from_str(&text_body(body)?)?;
                     let gap = Gap { host_id: q.host_id.clone(), time: from_ns(time_ns), cause: g.cause, lost: g.lost };
                     TimelineEntry {
                         time: gap.time,
@@ -941,7 +1067,7 @@ impl Store for SqliteStore {
                         process: crate::event::Process::default(),
                     }
                 } else if src == 0 {
-                    let e: Event = serde_json::from_str(&body)?;
+                    let e = decode_event_body(&q.host_id, (&body).into())?;
                     TimelineEntry {
                         time: from_ns(time_ns),
                         source: "event".into(),
@@ -955,7 +1081,7 @@ impl Store for SqliteStore {
                         process: e.process,
                     }
                 } else {
-                    let a: Alert = serde_json::from_str(&body)?;
+                    let a: Alert = serde_json::from_str(&text_body(body)?)?;
                     TimelineEntry {
                         time: from_ns(time_ns),
                         source: "alert".into(),
@@ -1517,3 +1643,6 @@ impl Store for SqliteStore {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -70,16 +70,22 @@ pub fn payments() -> Process {
     process("/usr/local/bin/payments-api", 1001)
 }
 
-pub fn read(p: Process, at: &str, path: &str) -> Event {
-    let watch = if path.contains(".aws") { "aws-credentials" } else { "" };
+/// One event of host web-1, seq 1.
+pub fn event(process: Process, at: &str, kind: EventKind) -> Event {
     Event {
         host_id: "web-1".into(),
         seq: 1,
         time: t(at),
         count: 1,
-        process: p,
-        kind: EventKind::FileAccess { watch: watch.into(), path: path.into(), write: false },
+        process,
+        kind,
+        record: Vec::new(),
     }
+}
+
+pub fn read(p: Process, at: &str, path: &str) -> Event {
+    let watch = if path.contains(".aws") { "aws-credentials" } else { "" };
+    event(p, at, EventKind::FileAccess { watch: watch.into(), path: path.into(), write: false })
 }
 
 pub fn aws(p: Process, at: &str) -> Event {
@@ -87,46 +93,37 @@ pub fn aws(p: Process, at: &str) -> Event {
 }
 
 pub fn connect(p: Process, at: &str, address: &str, port: u16) -> Event {
-    Event {
-        host_id: "web-1".into(),
-        seq: 1,
-        time: t(at),
-        count: 1,
-        process: p,
-        kind: EventKind::Connect {
+    event(
+        p,
+        at,
+        EventKind::Connect {
             watch: String::new(),
             address: address.into(),
             port,
             protocol: "tcp".into(),
         },
-    }
+    )
 }
 
 pub fn secret(p: Process, at: &str, method: SecretMethod) -> Event {
-    Event {
-        host_id: "web-1".into(),
-        seq: 1,
-        time: t(at),
-        count: 1,
-        process: p,
-        kind: EventKind::SecretAccess {
+    event(
+        p,
+        at,
+        EventKind::SecretAccess {
             method,
             target_pid: 77,
             watch: String::new(),
             path: "/proc/77/environ".into(),
         },
-    }
+    )
 }
 
 pub fn setuid(p: Process, at: &str, new_uid: u32, caps: u64) -> Event {
     let old = p.uid;
-    Event {
-        host_id: "web-1".into(),
-        seq: 1,
-        time: t(at),
-        count: 1,
-        process: p,
-        kind: EventKind::PrivilegeChange {
+    event(
+        p,
+        at,
+        EventKind::PrivilegeChange {
             via: "setresuid".into(),
             old_uid: old,
             old_euid: old,
@@ -135,7 +132,7 @@ pub fn setuid(p: Process, at: &str, new_uid: u32, caps: u64) -> Event {
             old_cap_effective: 0,
             new_cap_effective: caps,
         },
-    }
+    )
 }
 
 /// Rules that fire for `event` on `host`, sorted, with the workload each names.

@@ -157,6 +157,9 @@ const STATE_TMP: &str = "state.tmp";
 /// A new segment is written here and then renamed into place.
 const SEGMENT_TMP: &str = "segment.tmp";
 const LOCK_FILE: &str = "LOCK";
+/// The spool's identity (see [`OpenReport::spool_id`]).
+const ID_FILE: &str = "id";
+const ID_TMP: &str = "id.tmp";
 /// How long [`Spool::open`] waits for the directory lock before reporting it in use.
 const LOCK_WAIT: Duration = Duration::from_millis(500);
 const SEGMENT_SUFFIX: &str = ".seg";
@@ -229,6 +232,11 @@ pub struct OpenReport {
     pub segments: usize,
     /// The newest confirmed source checkpoint (see [`Spool::last_checkpoint`]).
     pub last_checkpoint: Option<SourceCheckpoint>,
+    /// Random, made with the spool and kept for its life: the space its seqs are unique in. A
+    /// new spool (its directory wiped, the host reinstalled) starts again at seq 1 under a new
+    /// id, so the collector cannot mistake its events for resends of the old spool's. Empty
+    /// for a spool made before spools had ids (its seqs continue the collector's old space).
+    pub spool_id: String,
 }
 
 /// Failures of the spool. After any of them the spool is still consistent and usable: a write
@@ -499,6 +507,47 @@ fn write_state_file(dir: &Path, state: &State) -> Result<(), SpoolError> {
     let path = dir.join(STATE_FILE);
     fs::rename(&tmp, &path).map_err(|e| io_err("rename state file to", &path, e))?;
     sync_dir(dir)
+}
+
+/// The spool's id: read from its file, or made (random, 128 bits, hex) and made durable. A
+/// spool that has a state file but no id predates ids and keeps the empty id. A damaged id
+/// is replaced: the collector then sees a new seq space (a resent event may be stored twice,
+/// none is mistaken for a duplicate).
+fn read_or_make_id(dir: &Path, legacy: bool) -> Result<String, SpoolError> {
+    let path = dir.join(ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if id.is_empty() || (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())) {
+                return Ok(id.to_owned());
+            }
+            tracing::warn!(path = %path.display(), "spool id damaged; the spool takes a new one");
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("read", &path, e)),
+    }
+    let id = if legacy && !path.exists() {
+        String::new()
+    } else {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)
+            .map_err(|e| io_err("draw random bytes for", &path, io::Error::other(e)))?;
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let tmp = dir.join(ID_TMP);
+    let write = || -> io::Result<()> {
+        let mut f =
+            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(format!("{id}\n").as_bytes())?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err("write", &tmp, e));
+    }
+    fs::rename(&tmp, &path).map_err(|e| io_err("rename spool id to", &path, e))?;
+    sync_dir(dir)?;
+    Ok(id)
 }
 
 /// Size of a new segment: its header, and the copy of the newest checkpoint if there is one.
@@ -834,7 +883,7 @@ impl Spool {
             }
         }
 
-        for name in [STATE_TMP, SEGMENT_TMP] {
+        for name in [STATE_TMP, SEGMENT_TMP, ID_TMP] {
             let tmp = dir.join(name);
             match fs::remove_file(&tmp) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -845,6 +894,7 @@ impl Spool {
         }
         let state_path = dir.join(STATE_FILE);
         let mut report = OpenReport::default();
+        let spool_id = read_or_make_id(&dir, state_path.exists())?;
         let mut state = match fs::read(&state_path) {
             Ok(bytes) => State::decode(&bytes).unwrap_or_else(|| {
                 tracing::warn!(path = %state_path.display(), "spool state file damaged; rebuilding it from the segments");
@@ -959,6 +1009,7 @@ impl Spool {
         report.next_seq = spool.next_seq;
         report.evicted_total = spool.state.evicted_total;
         report.segments = spool.segments.len();
+        report.spool_id = spool_id;
         if report.torn_records + report.corrupt_records > 0 || report.state_reset {
             tracing::warn!(?report, "spool recovered with repairs");
         }

@@ -95,6 +95,51 @@ impl XorShift {
 }
 
 #[test]
+fn a_spool_keeps_its_id_and_a_new_spool_gets_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool");
+    let first = {
+        let (mut spool, report) = Spool::open(&path, small()).unwrap();
+        append_seqs(&mut spool, 3);
+        report.spool_id
+    };
+    assert!(first.len() == 32 && first.bytes().all(|b| b.is_ascii_hexdigit()), "{first:?}");
+    let mode = fs::metadata(path.join(ID_FILE)).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (_, report) = Spool::open(&path, small()).unwrap();
+    assert_eq!((report.spool_id.as_str(), report.next_seq), (first.as_str(), 4));
+    drop(report);
+
+    // Wiped (a reinstall): seqs start again, under a new id.
+    fs::remove_dir_all(&path).unwrap();
+    let (_, report) = Spool::open(&path, small()).unwrap();
+    assert_eq!(report.next_seq, 1);
+    assert_ne!(report.spool_id, first);
+
+    // A damaged id is replaced, not trusted.
+    let (spool, _) = Spool::open(dir.path().join("damaged"), small()).unwrap();
+    drop(spool);
+    fs::write(dir.path().join("damaged").join(ID_FILE), "not an id\n").unwrap();
+    let (_, report) = Spool::open(dir.path().join("damaged"), small()).unwrap();
+    assert_eq!(report.spool_id.len(), 32);
+}
+
+#[test]
+fn a_spool_from_before_ids_keeps_the_empty_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool");
+    {
+        let (mut spool, _) = Spool::open(&path, small()).unwrap();
+        append_seqs(&mut spool, 5);
+    }
+    fs::remove_file(path.join(ID_FILE)).unwrap();
+    let (_, report) = Spool::open(&path, small()).unwrap();
+    assert_eq!((report.spool_id.as_str(), report.next_seq), ("", 6));
+    let (_, report) = Spool::open(&path, small()).unwrap();
+    assert_eq!(report.spool_id, "", "kept across opens");
+}
+
+#[test]
 fn round_trip_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool");
@@ -135,6 +180,7 @@ fn round_trip_across_reopen() {
             first_unacked_seq: 13,
             next_seq: 42,
             segments: 1,
+            spool_id: fs::read_to_string(path.join(ID_FILE)).unwrap().trim().to_owned(),
             ..OpenReport::default()
         }
     );
@@ -814,6 +860,7 @@ fn checkpoints_round_trip_across_reopen() {
             next_seq: 37,
             segments: 1,
             last_checkpoint: Some(cp(36)),
+            spool_id: fs::read_to_string(dir.path().join(ID_FILE)).unwrap().trim().to_owned(),
             ..OpenReport::default()
         }
     );

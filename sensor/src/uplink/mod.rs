@@ -257,7 +257,7 @@ impl Uplink {
             target: config.target.clone(),
             security: config.security.clone(),
             host_id: Arc::from(config.hello.host_id.as_str()),
-            hello: config.hello.clone(),
+            hello: pb::Hello { spool_id: report.spool_id.clone(), ..config.hello.clone() },
             spool: handle.clone(),
             kernel_lost: kernel_lost_rx,
             policy: policy_tx,
