@@ -176,6 +176,32 @@ fn hundred_thousand_events_survive_two_collector_kills() {
 }
 
 #[test]
+fn a_sensor_whose_spool_was_wiped_is_not_taken_for_a_resend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut collector = Collector::start(tmp.path(), free_port(), free_port());
+    let token = collector.join_token();
+    let url = collector.url();
+    let state = tmp.path().join("state");
+    let host = "wiped";
+    let run = |log: &str| {
+        let args = ["--collector", &url, "--join-token", &token, "--host-id", host];
+        let child =
+            load(&[&args[..], &["--events", "300"]].concat(), &state, &tmp.path().join(log));
+        finish(child, Duration::from_secs(120))
+    };
+    let first = run("load1.log");
+    assert_eq!((first["first_seq"].as_u64(), first["acked"].as_u64()), (Some(1), Some(300)));
+    // The spool is lost (a tmpfs after a reboot, a reinstall): the next run counts from 1.
+    std::fs::remove_dir_all(state.join("spool")).unwrap();
+    let second = run("load2.log");
+    assert_eq!(second["first_seq"], 1, "{second}");
+    collector.kill();
+    let seqs = collector.stored_seqs(host);
+    assert_eq!(seqs.len(), 600, "the new spool's 300 events are stored, not taken for resends");
+    assert!(seqs.iter().copied().eq((1..=300).chain(1..=300)));
+}
+
+#[test]
 fn torn_spool_record_is_reported_and_the_rest_delivered() {
     let tmp = tempfile::tempdir().unwrap();
     let (sensor_port, api_port) = (free_port(), free_port());
