@@ -13,7 +13,7 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use keywatch_proto::v1 as pb;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -315,14 +315,25 @@ impl Ingestor {
         let mut by_key: HashMap<String, usize> = HashMap::new();
         // Correlation is a pure function of the process's selector fields within one snapshot,
         // so it runs once per distinct set of them (keys borrow from the events: no copies).
+        // Runs of events from one process are common: the previous event's key is tried first
+        // (comparing is cheaper than hashing).
         let indexes: Vec<Option<usize>> = {
             let mut matched: HashMap<MatchKey<'_>, Option<usize>> = HashMap::new();
+            let mut previous: Option<(MatchKey<'_>, Option<usize>)> = None;
             events
                 .iter()
                 .map(|event| {
-                    *matched.entry(MatchKey::of(&event.process)).or_insert_with(|| {
+                    let key = MatchKey::of(&event.process);
+                    if let Some((k, index)) = previous
+                        && k == key
+                    {
+                        return index;
+                    }
+                    let index = *matched.entry(key).or_insert_with(|| {
                         registry.workloads.iter().position(|w| w.matches(host, &event.process))
-                    })
+                    });
+                    previous = Some((key, index));
+                    index
                 })
                 .collect()
         };
@@ -640,20 +651,30 @@ async fn run_stream(
         return;
     }
     let host = Arc::new(host);
-    // The batch being written while the next one is read and prepared (at most one).
-    let mut writing: Option<Writing> = None;
+    // Three stages, each on its own batch: the stream reads (TLS, decoding) a batch while the
+    // batch before it is prepared and the one before that is written. Acks go out in order,
+    // each after its batch committed.
+    let mut stages = Stages::default();
     loop {
         let next = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
-                if settle(&mut writing, &tx, &host).await {
+                if settle(&mut stages.writing, &tx, &host).await {
                     let _ = tx.send(Err(Status::unavailable("collector shutting down"))).await;
                 }
                 break;
             }
-            result = written(&mut writing) => {
-                writing = None;
+            result = written(&mut stages.writing) => {
+                stages.writing = None;
                 if !reply(result, &tx, &host).await {
+                    break;
+                }
+                stages.write_ready(&ingestor);
+                continue;
+            }
+            result = prepared(&mut stages.preparing) => {
+                stages.preparing = None;
+                if !stages.on_prepared(result, &ingestor, &shutdown, &tx, &host).await {
                     break;
                 }
                 continue;
@@ -663,7 +684,7 @@ async fn run_stream(
                     && let Err(status) = peer.recheck(p)
                 {
                     tracing::warn!(host = %host.id, %status, "ending the stream of a host no longer allowed");
-                    if settle(&mut writing, &tx, &host).await {
+                    if settle(&mut stages.writing, &tx, &host).await {
                         let _ = tx.send(Err(status)).await;
                     }
                     break;
@@ -675,12 +696,13 @@ async fn run_stream(
         let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => {
-                settle(&mut writing, &tx, &host).await;
+                // The sensor sent its last batch: store and acknowledge everything received.
+                stages.drain(&ingestor, &shutdown, &tx, &host).await;
                 break;
             }
             Err(status) => {
                 tracing::debug!(host = %host.id, %status, "sensor stream broke");
-                if settle(&mut writing, &tx, &host).await
+                if settle(&mut stages.writing, &tx, &host).await
                     && let Some(reply) = inbound_error(&status)
                 {
                     tracing::warn!(host = %host.id, status = %reply, "sensor stream refused");
@@ -694,40 +716,31 @@ async fn run_stream(
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
-                // Prepared while the batch ahead (if any) commits; written only once it has.
-                let ahead = writing.as_ref().map(|w| w.in_flight.clone());
-                let (ing, h) = (ingestor.clone(), host.clone());
-                let preparing =
-                    tokio::task::spawn_blocking(move || ing.prepare(&h, batch, ahead.as_deref()));
-                if !settle(&mut writing, &tx, &host).await {
-                    break;
-                }
-                let prepared = match preparing.await.unwrap_or(Err(IngestError::Worker)) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        reply(Err(e), &tx, &host).await;
+                // The batch ahead must be prepared first (its seqs and activity count for this
+                // one), and at most one prepared batch waits for the writer.
+                if let Some(p) = stages.preparing.take() {
+                    let result = prepared(&mut Some(p)).await;
+                    if !stages.on_prepared(result, &ingestor, &shutdown, &tx, &host).await {
                         break;
                     }
-                };
-                // An empty batch: nothing to store or acknowledge.
-                let Some(in_flight) = prepared.in_flight.clone() else {
-                    continue;
-                };
-                // Shutting down: leave the batch unwritten and unacknowledged.
-                if shutdown.is_cancelled() {
-                    continue;
                 }
-                let ing = ingestor.clone();
-                let task = tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    ing.write(prepared)
-                });
-                writing = Some(Writing { task, in_flight });
+                if stages.ready.is_some() {
+                    if !settle(&mut stages.writing, &tx, &host).await {
+                        break;
+                    }
+                    stages.write_ready(&ingestor);
+                }
+                let ahead = stages.writing.as_ref().map(|w| w.in_flight.clone());
+                let (ing, h) = (ingestor.clone(), host.clone());
+                let task =
+                    tokio::task::spawn_blocking(move || ing.prepare(&h, batch, ahead.as_deref()));
+                stages.preparing = Some(Preparing { task, permit });
             }
             Some(Msg::Heartbeat(hb)) => {
-                if !settle(&mut writing, &tx, &host).await {
+                if !settle(&mut stages.writing, &tx, &host).await {
                     break;
                 }
+                stages.write_ready(&ingestor);
                 let (ing, h) = (ingestor.clone(), host.clone());
                 match tokio::task::spawn_blocking(move || ing.heartbeat(&h, &hb)).await {
                     Ok(Ok(_)) => {}
@@ -738,7 +751,7 @@ async fn run_stream(
                 }
             }
             Some(Msg::Hello(_)) => {
-                if settle(&mut writing, &tx, &host).await {
+                if settle(&mut stages.writing, &tx, &host).await {
                     let _ = tx
                         .send(Err(Status::failed_precondition(
                             "Hello may only be sent once per stream",
@@ -756,6 +769,109 @@ async fn run_stream(
 struct Writing {
     task: tokio::task::JoinHandle<Result<IngestReport, IngestError>>,
     in_flight: Arc<InFlight>,
+}
+
+/// A batch of a stream being prepared, with its share of [`MAX_CONCURRENT_BATCHES`].
+struct Preparing {
+    task: tokio::task::JoinHandle<Result<Prepared, IngestError>>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// A stream's batches past reading: at most one being prepared, one prepared and waiting for
+/// the writer, one being written. A batch is written only after the one before it committed.
+#[derive(Default)]
+struct Stages {
+    preparing: Option<Preparing>,
+    ready: Option<(Prepared, Arc<InFlight>, OwnedSemaphorePermit)>,
+    writing: Option<Writing>,
+}
+
+impl Stages {
+    /// Starts writing the prepared batch, if there is one and nothing is being written.
+    fn write_ready(&mut self, ingestor: &Arc<Ingestor>) {
+        if self.writing.is_some() {
+            return;
+        }
+        if let Some((prepared, in_flight, permit)) = self.ready.take() {
+            let ing = ingestor.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                ing.write(prepared)
+            });
+            self.writing = Some(Writing { task, in_flight });
+        }
+    }
+
+    /// Takes a batch's preparation: queues it for the writer, or (refused) answers the batches
+    /// ahead of it and ends the stream with why; whether the stream goes on.
+    async fn on_prepared(
+        &mut self,
+        result: (Result<Prepared, IngestError>, OwnedSemaphorePermit),
+        ingestor: &Arc<Ingestor>,
+        shutdown: &CancellationToken,
+        tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
+        host: &Host,
+    ) -> bool {
+        match result {
+            (Err(e), _) => {
+                // The batches ahead are stored and acknowledged first: a sensor takes a refusal
+                // for its oldest unacknowledged batch.
+                if settle(&mut self.writing, tx, host).await {
+                    self.write_ready(ingestor);
+                    if settle(&mut self.writing, tx, host).await {
+                        reply(Err(e), tx, host).await;
+                    }
+                }
+                false
+            }
+            (Ok(prepared), permit) => {
+                // An empty batch has nothing to store or acknowledge; shutting down, a batch not
+                // yet being stored is neither written nor acknowledged.
+                if let Some(in_flight) = prepared.in_flight.clone()
+                    && !shutdown.is_cancelled()
+                {
+                    self.ready = Some((prepared, in_flight, permit));
+                    self.write_ready(ingestor);
+                }
+                true
+            }
+        }
+    }
+
+    /// Prepares, writes and acknowledges every batch received.
+    async fn drain(
+        &mut self,
+        ingestor: &Arc<Ingestor>,
+        shutdown: &CancellationToken,
+        tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
+        host: &Host,
+    ) {
+        if self.preparing.is_some() {
+            let result = prepared(&mut self.preparing).await;
+            self.preparing = None;
+            if !self.on_prepared(result, ingestor, shutdown, tx, host).await {
+                return;
+            }
+        }
+        if settle(&mut self.writing, tx, host).await {
+            self.write_ready(ingestor);
+            settle(&mut self.writing, tx, host).await;
+        }
+    }
+}
+
+/// The batch being prepared, once it is, with its permit; never without one.
+async fn prepared(
+    preparing: &mut Option<Preparing>,
+) -> (Result<Prepared, IngestError>, OwnedSemaphorePermit) {
+    match preparing {
+        Some(p) => {
+            let result = (&mut p.task).await.unwrap_or(Err(IngestError::Worker));
+            let permit = preparing.take().expect("a batch being prepared").permit;
+            (result, permit)
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The result of the batch being written once it is; never without one.

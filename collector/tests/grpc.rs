@@ -341,6 +341,39 @@ async fn a_batch_is_acked_only_after_it_is_stored_and_a_resend_is_deduplicated()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_ahead_of_a_refused_one_are_stored_and_acked_first_in_order() {
+    let r = start().await;
+    let mut client = SensorServiceClient::connect(r.sensor_url.clone()).await.expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut inbound = client.stream(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    tx.send(msg(Up::Hello(hello("web-1")))).await.expect("send");
+    let Down::Policy(_) = next(&mut inbound).await else { panic!("policy first") };
+
+    // Storage held: the stream reads, prepares and queues batches behind the one being written.
+    r.gated.set(false);
+    let events: Vec<_> =
+        (0..10).map(|_| aws(process("/usr/bin/cat", 0), "2026-12-01T12:00:00Z")).collect();
+    for first in [1, 11, 21] {
+        tx.send(msg(Up::Batch(batch("web-1", first, &events)))).await.expect("send");
+    }
+    let mut bad = batch("web-1", 31, &events[..1]);
+    bad.events[0].time_ns = 0;
+    tx.send(msg(Up::Batch(bad))).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.gated.set(true);
+    for up_to in [10, 20, 30] {
+        let Down::Ack(ack) = next(&mut inbound).await else { panic!("an ack") };
+        assert_eq!(ack.up_to, up_to);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .expect("reply")
+        .expect_err("the refusal comes after the acks");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(r.store.known_seqs("web-1", 1..=40).expect("seqs").len(), 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_must_start_with_hello() {
     let r = start().await;
     let mut client = SensorServiceClient::connect(r.sensor_url.clone()).await.expect("connect");

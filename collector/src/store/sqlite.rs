@@ -7,6 +7,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{Mutex, mpsc},
     thread,
+    time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
@@ -330,6 +331,7 @@ pub struct SqliteStore {
     path: PathBuf,
     jobs: Mutex<Option<mpsc::SyncSender<Job>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
+    checkpointer: Mutex<Option<thread::JoinHandle<()>>>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -367,7 +369,31 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
+/// The writer checkpoints the WAL itself only past this many pages (64 MiB): the checkpoint
+/// thread normally does it long before, off the writer's path.
+const WRITER_CHECKPOINT_PAGES: i64 = 16_384;
+/// Checkpoints start at most this often (each one syncs the WAL and the database).
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Copies committed pages from the WAL into the database (a PASSIVE checkpoint: it never blocks
+/// the writer or readers) after commits, at most every [`CHECKPOINT_INTERVAL`], so the writer
+/// does not stop to do it at a commit. Ends (after a last checkpoint) when `commits` closes.
+fn checkpoint_loop(conn: Connection, commits: mpsc::Receiver<()>) {
+    let checkpoint = || {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; the writer will checkpoint itself");
+        }
+    };
+    while commits.recv().is_ok() {
+        let started = Instant::now();
+        while commits.try_recv().is_ok() {}
+        checkpoint();
+        thread::sleep(CHECKPOINT_INTERVAL.saturating_sub(started.elapsed()));
+    }
+    checkpoint();
+}
+
+fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>, commits: mpsc::SyncSender<()>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_JOBS_PER_TRANSACTION {
@@ -398,6 +424,8 @@ fn writer_loop(conn: Connection, jobs: mpsc::Receiver<Job>) {
         if result.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
+        // Wakes the checkpoint thread (unless already woken).
+        let _ = commits.try_send(());
         for finish in finishes {
             finish(result.clone());
         }
@@ -411,14 +439,21 @@ impl SqliteStore {
         let path = dir.join("keywatch.db");
         let mut conn = open_connection(&path)?;
         migrate(&mut conn)?;
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)?;
+        let checkpoint_conn = open_connection(&path)?;
+        let (commits_tx, commits_rx) = mpsc::sync_channel::<()>(1);
+        let checkpointer = thread::Builder::new()
+            .name("keywatch-store-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpoint_conn, commits_rx))?;
         let (tx, rx) = mpsc::sync_channel::<Job>(1_024);
         let writer = thread::Builder::new()
             .name("keywatch-store-writer".into())
-            .spawn(move || writer_loop(conn, rx))?;
+            .spawn(move || writer_loop(conn, rx, commits_tx))?;
         Ok(Self {
             path,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(Some(checkpointer)),
             readers: Mutex::new(Vec::new()),
         })
     }
@@ -490,6 +525,10 @@ impl SqliteStore {
     pub fn close(&self) {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = handle.join();
+        }
+        // The writer's end closed its side: a last checkpoint, then the thread ends.
+        if let Some(handle) = self.checkpointer.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = handle.join();
         }
     }
