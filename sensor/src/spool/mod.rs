@@ -510,12 +510,14 @@ fn write_state_file(dir: &Path, state: &State) -> Result<(), SpoolError> {
 }
 
 /// The spool's id: read from its file, or made (random, 128 bits, hex) and made durable. A
+/// spool whose seqs start again (`restart`) always gets a new one, whatever its file says. A
 /// spool that has a state file but no id predates ids and keeps the empty id. A damaged id
 /// is replaced: the collector then sees a new seq space (a resent event may be stored twice,
 /// none is mistaken for a duplicate).
-fn read_or_make_id(dir: &Path, legacy: bool) -> Result<String, SpoolError> {
+fn read_or_make_id(dir: &Path, legacy: bool, restart: bool) -> Result<String, SpoolError> {
     let path = dir.join(ID_FILE);
     match fs::read_to_string(&path) {
+        _ if restart => {}
         Ok(text) => {
             let id = text.trim();
             if id.is_empty() || (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())) {
@@ -526,7 +528,7 @@ fn read_or_make_id(dir: &Path, legacy: bool) -> Result<String, SpoolError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("read", &path, e)),
     }
-    let id = if legacy && !path.exists() {
+    let id = if legacy && !restart && !path.exists() {
         String::new()
     } else {
         let mut bytes = [0u8; 16];
@@ -894,7 +896,7 @@ impl Spool {
         }
         let state_path = dir.join(STATE_FILE);
         let mut report = OpenReport::default();
-        let spool_id = read_or_make_id(&dir, state_path.exists())?;
+        let state_existed = state_path.exists();
         let mut state = match fs::read(&state_path) {
             Ok(bytes) => State::decode(&bytes).unwrap_or_else(|| {
                 tracing::warn!(path = %state_path.display(), "spool state file damaged; rebuilding it from the segments");
@@ -938,6 +940,10 @@ impl Spool {
         for seg in &segments {
             next_seq = next_seq.max(seg.next_seq());
         }
+
+        // Seqs begin again at 1 (a new spool, or one whose state and records are all gone):
+        // a new seq space, under a new id.
+        let spool_id = read_or_make_id(&dir, state_existed, next_seq == 1)?;
 
         let floor = state.floor();
         let mut dirty_state = report.state_reset || state.next_seq != next_seq;

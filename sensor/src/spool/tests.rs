@@ -116,6 +116,23 @@ fn a_spool_keeps_its_id_and_a_new_spool_gets_another() {
     assert_eq!(report.next_seq, 1);
     assert_ne!(report.spool_id, first);
 
+    // State and records lost, the id file left: seqs start again, so the id changes too (the
+    // collector would take the new seqs for resends of the old ones).
+    let kept = report.spool_id.clone();
+    {
+        let (mut spool, _) = Spool::open(&path, small()).unwrap();
+        append_seqs(&mut spool, 2);
+    }
+    for entry in fs::read_dir(&path).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name().is_some_and(|n| n != ID_FILE) {
+            fs::remove_file(p).unwrap();
+        }
+    }
+    let (_, report) = Spool::open(&path, small()).unwrap();
+    assert_eq!(report.next_seq, 1);
+    assert_ne!(report.spool_id, kept);
+
     // A damaged id is replaced, not trusted.
     let (spool, _) = Spool::open(dir.path().join("damaged"), small()).unwrap();
     drop(spool);
