@@ -70,8 +70,9 @@ struct Args {
     only: Option<Vec<Workload>>,
     /// Only the file-open program's own cost per run (seconds, for tuning the kernel side).
     program_cost: bool,
-    /// Only the kernel programs' cost per fork+exec, per program.
-    fork_cost: bool,
+    /// Only what the sensor adds per operation (kernel programs, its threads), per program,
+    /// for fork+exec and connect (or the `--only` workloads).
+    op_cost: bool,
     json: bool,
     rounds: Option<usize>,
 }
@@ -82,7 +83,7 @@ fn parse_args() -> anyhow::Result<Args> {
         quick: false,
         only: None,
         program_cost: false,
-        fork_cost: false,
+        op_cost: false,
         json: false,
         rounds: None,
     };
@@ -93,7 +94,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--quick" => args.quick = true,
             "--json" => args.json = true,
             "--program-cost" => args.program_cost = true,
-            "--fork-cost" => args.fork_cost = true,
+            "--op-cost" | "--fork-cost" => args.op_cost = true,
             "--only" => {
                 let keys = it.next().context("--only needs workload keys")?;
                 let only =
@@ -110,8 +111,9 @@ fn parse_args() -> anyhow::Result<Args> {
                      measured in the same run. Needs root.\n\n\
                      --program-cost  only the file-open program's own nanoseconds per run\n\
                      \x20               (kernel run-time statistics), in a few seconds\n\
-                     --fork-cost     only the kernel programs' nanoseconds per fork+exec,\n\
-                     \x20               per program\n\
+                     --op-cost       only what the sensor adds to one fork+exec and one\n\
+                     \x20               connect (or the --only workloads): each kernel\n\
+                     \x20               program's and the sensor threads' nanoseconds\n\
                      --only KEYS     only these overhead workloads, no delivery or resource\n\
                      \x20               passes; keys: {}",
                     Workload::ALL.map(Workload::key).join(", ")
@@ -141,6 +143,16 @@ struct Plan {
 }
 
 impl Plan {
+    /// Operations per timed measurement of `w`.
+    fn iters(&self, w: Workload) -> u64 {
+        match w {
+            Workload::OpenUnwatched | Workload::OpenWatched => self.open_iters,
+            Workload::Getppid => self.getppid_iters,
+            Workload::ForkExec => self.fork_iters,
+            Workload::Connect => self.connect_iters,
+        }
+    }
+
     fn new(args: &Args) -> Self {
         let mut plan = if args.quick {
             Self {
@@ -161,8 +173,8 @@ impl Plan {
                 workloads: Workload::ALL.to_vec(),
                 getppid_iters: 1_000_000,
                 open_iters: 200_000,
-                connect_iters: 20_000,
-                fork_iters: 300,
+                connect_iters: 100_000,
+                fork_iters: 1_500,
                 rates: vec![
                     Some(25_000),
                     Some(50_000),
@@ -204,8 +216,14 @@ fn run() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    if args.fork_cost {
-        fork_exec_program_cost(&sensor, &bench, &plan)?;
+    if args.op_cost {
+        let workloads = match &args.only {
+            Some(only) => only.clone(),
+            None => vec![Workload::ForkExec, Workload::Connect],
+        };
+        for w in workloads {
+            op_cost(&sensor, &bench, &plan, w)?;
+        }
         return Ok(());
     }
 
@@ -558,12 +576,7 @@ impl Workloads<'_> {
     /// Nanoseconds per operation of one timed loop: wall clock, and CPU time spent on the host
     /// for it (see [`host_cpu_ns`]; `sensor` is the running sensor's pid, if any).
     fn measure(&self, w: Workload, sensor: Option<u32>) -> anyhow::Result<(f64, f64)> {
-        let iters = match w {
-            Workload::OpenUnwatched | Workload::OpenWatched => self.plan.open_iters,
-            Workload::Getppid => self.plan.getppid_iters,
-            Workload::ForkExec => self.plan.fork_iters,
-            Workload::Connect => self.plan.connect_iters,
-        };
+        let iters = self.plan.iters(w);
         // A short warm-up of the same loop, untimed.
         self.run(w, (iters / 50).max(2))?;
         let cpu = host_cpu_ns(sensor);
@@ -870,10 +883,9 @@ fn with_program_stats<R>(
     result
 }
 
-/// Prints the nanoseconds of kernel program time per `fork+exec /bin/true`, per program (kernel
-/// run-time statistics), and the CPU time of the sensor's threads per operation: what the
-/// sensor adds to a fork+exec, without the noise of wall-clock ratios.
-fn fork_exec_program_cost(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Result<()> {
+/// What the sensor adds to one operation of `w`, measured directly rather than as a wall-clock
+/// ratio: each kernel program's run time (kernel statistics) and the sensor threads' CPU time.
+fn op_cost(sensor: &Path, bench: &Workspace, plan: &Plan, w: Workload) -> anyhow::Result<()> {
     let totals = || {
         let mut by_name = std::collections::BTreeMap::<String, (u64, u64)>::new();
         for p in loaded_programs() {
@@ -883,30 +895,32 @@ fn fork_exec_program_cost(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyh
         }
         by_name
     };
-    let iters = plan.fork_iters * 10;
+    let workloads = Workloads { bench, plan, listener: Listener::open()? };
+    let iters = 10 * plan.iters(w);
     let (before, after, sensor, wall_ns) = with_program_stats(sensor, bench, |s| {
         let sensor_ns = || host_cpu_ns(Some(s.child.id())) - host_cpu_ns(None);
         let (before, sensor_before, started) = (totals(), sensor_ns(), Instant::now());
-        fork_exec_true(iters)?;
+        workloads.run(w, iters)?;
         let (after, sensor_after) = (totals(), sensor_ns());
         let wall_ns = started.elapsed().as_nanos() as f64 / iters as f64;
         let sensor = sensor_after.saturating_sub(sensor_before) as f64 / iters as f64;
         Ok((before, after, sensor, wall_ns))
     })?;
     let mut sum = 0.0;
-    println!("{:<18} {:>10} {:>12}", "program", "runs/op", "ns/op");
+    println!("{}: {iters} operations, sensor attached", w.label());
+    println!("  {:<18} {:>10} {:>12}", "program", "runs/op", "ns/op");
     for (name, (t1, c1)) in &after {
         let (t0, c0) = before.get(name).copied().unwrap_or_default();
         if c1 > &c0 {
             let ns = (t1 - t0) as f64 / iters as f64;
             sum += ns;
-            println!("{name:<18} {:>10.1} {ns:>12.0}", (c1 - c0) as f64 / iters as f64);
+            println!("  {name:<18} {:>10.2} {ns:>12.1}", (c1 - c0) as f64 / iters as f64);
         }
     }
-    println!("{:<18} {:>10} {sum:>12.0}", "all programs", "");
-    println!("{:<18} {:>10} {sensor:>12.0}", "sensor threads", "");
+    println!("  {:<18} {:>10} {sum:>12.1}", "all programs", "");
+    println!("  {:<18} {:>10} {sensor:>12.1}", "sensor threads", "");
     println!(
-        "fork+exec took {wall_ns:.0} ns (attached); programs + sensor = {:.1}% of it",
+        "  one operation took {wall_ns:.0} ns; programs + sensor threads = {:.2}% of it",
         (sum + sensor) / wall_ns * 100.0
     );
     Ok(())
