@@ -369,11 +369,13 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The writer checkpoints the WAL itself only past this many pages (64 MiB): the checkpoint
-/// thread normally does it long before, off the writer's path.
-const WRITER_CHECKPOINT_PAGES: i64 = 16_384;
+/// The writer checkpoints the WAL itself only past this many pages (16 MiB): the checkpoint
+/// thread normally does it long before, off the writer's path, but under a sustained flood the
+/// WAL is never wholly copied (so never restarted) while the writer goes on. Bigger bounds make
+/// this one checkpoint a long stall (64 MiB: ~100 ms).
+const WRITER_CHECKPOINT_PAGES: i64 = 4_096;
 /// Checkpoints start at most this often (each one syncs the WAL and the database).
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Copies committed pages from the WAL into the database (a PASSIVE checkpoint: it never blocks
 /// the writer or readers) after commits, at most every [`CHECKPOINT_INTERVAL`], so the writer
