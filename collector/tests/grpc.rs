@@ -274,14 +274,27 @@ async fn next(inbound: &mut tonic::Streaming<pb::CollectorMessage>) -> Down {
         .expect("a message")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_is_acked_only_after_it_is_stored_and_a_resend_is_deduplicated() {
-    let r = start().await;
+/// A sensor stream of `host` that said Hello, and the policy it got back.
+async fn open_stream(
+    r: &Running,
+    host: &str,
+) -> (
+    tokio::sync::mpsc::Sender<pb::SensorMessage>,
+    tonic::Streaming<pb::CollectorMessage>,
+    pb::Policy,
+) {
     let mut client = SensorServiceClient::connect(r.sensor_url.clone()).await.expect("connect");
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let mut inbound = client.stream(ReceiverStream::new(rx)).await.expect("stream").into_inner();
-    tx.send(msg(Up::Hello(hello("web-1")))).await.expect("send");
+    tx.send(msg(Up::Hello(hello(host)))).await.expect("send");
     let Down::Policy(policy) = next(&mut inbound).await else { panic!("policy first") };
+    (tx, inbound, policy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_acked_only_after_it_is_stored_and_a_resend_is_deduplicated() {
+    let r = start().await;
+    let (tx, mut inbound, policy) = open_stream(&r, "web-1").await;
     let names: Vec<&str> = policy.watches.iter().map(|w| w.name.as_str()).collect();
     assert_eq!(names, vec!["aws-credentials", "aws-sts", "ssh-agent", "ssh-keys"]);
 
@@ -343,11 +356,7 @@ async fn a_batch_is_acked_only_after_it_is_stored_and_a_resend_is_deduplicated()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_ahead_of_a_refused_one_are_stored_and_acked_first_in_order() {
     let r = start().await;
-    let mut client = SensorServiceClient::connect(r.sensor_url.clone()).await.expect("connect");
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut inbound = client.stream(ReceiverStream::new(rx)).await.expect("stream").into_inner();
-    tx.send(msg(Up::Hello(hello("web-1")))).await.expect("send");
-    let Down::Policy(_) = next(&mut inbound).await else { panic!("policy first") };
+    let (tx, mut inbound, _) = open_stream(&r, "web-1").await;
 
     // Storage held: the stream reads, prepares and queues batches behind the one being written.
     r.gated.set(false);
