@@ -330,7 +330,20 @@ async fn main() -> anyhow::Result<()> {
             "--collector-bin" => collector_bin = it.next().map(Into::into),
             "--events" => events = it.next().context("--events N")?.parse()?,
             "--seconds" => seconds = it.next().context("--seconds S")?.parse()?,
-            other => anyhow::bail!("unknown flag {other}"),
+            "-h" | "--help" => {
+                println!(
+                    "kw-uplink-bench [--collector-bin PATH] [--events N] [--seconds S]\n\n\
+                     Sensor -> collector throughput and latency over loopback: a real collector\n\
+                     (mTLS, store), the sensor's uplink (spool, batching), then the uplink alone\n\
+                     against a server that only acknowledges, and a bare tonic stream as the\n\
+                     baseline measured in the same run. Prints; asserts nothing.\n\n\
+                     --collector-bin PATH  the collector (default: keywatch next to this binary)\n\
+                     --events N            events per throughput run (default 300000)\n\
+                     --seconds S           length of the 1,000 events/s latency run (default 10)"
+                );
+                return Ok(());
+            }
+            other => anyhow::bail!("unknown flag {other} (see --help)"),
         }
     }
     let bin = collector_bin
