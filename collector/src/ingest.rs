@@ -244,9 +244,17 @@ impl Ingestor {
             .store
             .stored_up_to(&host.id, &host.spool_id)?
             .max(ahead.map_or(0, |a| a.stored_up_to));
-        let total = events.len();
+        let (total, events_first) = (events.len(), events[0].seq);
         let fresh: Vec<Event> = events.into_iter().filter(|e| e.seq > stored_up_to).collect();
         let duplicates = total - fresh.len();
+        if stored_up_to.saturating_sub(last) > RESEND_WINDOW {
+            // More than a sensor ever has unacknowledged: not a resend but seqs that went back
+            // (a spool restored from a copy, a sensor bug). Said, since they are not stored.
+            tracing::warn!(
+                host = %host.id, spool = %host.spool_id, first = events_first, last, stored_up_to,
+                "a batch far below the seqs already stored from this spool was taken for a resend and not stored"
+            );
+        }
         let write = self.evaluate_after(host, fresh, ahead.map(|a| a.activity.as_slice()));
         let in_flight = InFlight {
             lease: Arc::downgrade(&lease),
@@ -459,6 +467,10 @@ impl PeerIdentity for TrustHello {
         Ok(None)
     }
 }
+
+/// Seqs a sensor may resend behind what is stored: far more than it ever has unacknowledged
+/// (16 batches of at most 1,000 events).
+const RESEND_WINDOW: u64 = 100_000;
 
 /// Largest message a sensor may send (decoded); larger ones end the stream with
 /// `resource_exhausted`.
