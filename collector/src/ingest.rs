@@ -685,7 +685,6 @@ async fn run_stream(
                 continue;
             }
             result = prepared(&mut stages.preparing) => {
-                stages.preparing = None;
                 if !stages.on_prepared(result, &ingestor, &shutdown, &tx, &host).await {
                     break;
                 }
@@ -730,11 +729,8 @@ async fn run_stream(
                 };
                 // The batch ahead must be prepared first (its seqs and activity count for this
                 // one), and at most one prepared batch waits for the writer.
-                if let Some(p) = stages.preparing.take() {
-                    let result = prepared(&mut Some(p)).await;
-                    if !stages.on_prepared(result, &ingestor, &shutdown, &tx, &host).await {
-                        break;
-                    }
+                if !stages.finish_preparing(&ingestor, &shutdown, &tx, &host).await {
+                    break;
                 }
                 if stages.ready.is_some() {
                     if !settle(&mut stages.writing, &tx, &host).await {
@@ -850,6 +846,22 @@ impl Stages {
         }
     }
 
+    /// Waits for the batch being prepared, if any, and takes it ([`Stages::on_prepared`]);
+    /// whether the stream goes on.
+    async fn finish_preparing(
+        &mut self,
+        ingestor: &Arc<Ingestor>,
+        shutdown: &CancellationToken,
+        tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
+        host: &Host,
+    ) -> bool {
+        if self.preparing.is_none() {
+            return true;
+        }
+        let result = prepared(&mut self.preparing).await;
+        self.on_prepared(result, ingestor, shutdown, tx, host).await
+    }
+
     /// Prepares, writes and acknowledges every batch received.
     async fn drain(
         &mut self,
@@ -858,12 +870,8 @@ impl Stages {
         tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
         host: &Host,
     ) {
-        if self.preparing.is_some() {
-            let result = prepared(&mut self.preparing).await;
-            self.preparing = None;
-            if !self.on_prepared(result, ingestor, shutdown, tx, host).await {
-                return;
-            }
+        if !self.finish_preparing(ingestor, shutdown, tx, host).await {
+            return;
         }
         if settle(&mut self.writing, tx, host).await {
             self.write_ready(ingestor);

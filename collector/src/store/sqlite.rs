@@ -254,13 +254,16 @@ struct SeqSpace {
     advanced: bool,
 }
 
+/// The integer key of `host_id`, if it has one.
+fn find_host_key(conn: &Connection, host_id: &str) -> Result<Option<i64>, rusqlite::Error> {
+    conn.prepare_cached("SELECT key FROM host_keys WHERE host_id = ?1")?
+        .query_row([host_id], |r| r.get(0))
+        .optional()
+}
+
 /// The integer key of `host_id`, made on first use.
 fn host_key(conn: &Connection, host_id: &str) -> Result<i64, rusqlite::Error> {
-    let found = conn
-        .prepare_cached("SELECT key FROM host_keys WHERE host_id = ?1")?
-        .query_row([host_id], |r| r.get(0))
-        .optional()?;
-    match found {
+    match find_host_key(conn, host_id)? {
         Some(key) => Ok(key),
         None => {
             conn.prepare_cached("INSERT INTO host_keys (host_id) VALUES (?1)")?
@@ -773,15 +776,9 @@ impl Store for SqliteStore {
     }
 
     fn stored_up_to(&self, host_id: &str, spool_id: &str) -> Result<u64, StoreError> {
-        self.read(|conn| {
-            let host: Option<i64> = conn
-                .prepare_cached("SELECT key FROM host_keys WHERE host_id = ?1")?
-                .query_row([host_id], |r| r.get(0))
-                .optional()?;
-            match host {
-                Some(host) => Ok(stored_up_to(conn, host, spool_id)?),
-                None => Ok(0),
-            }
+        self.read(|conn| match find_host_key(conn, host_id)? {
+            Some(host) => Ok(stored_up_to(conn, host, spool_id)?),
+            None => Ok(0),
         })
     }
 
