@@ -44,6 +44,11 @@ pub const BATCH_MAX: usize = 256;
 /// event worth reporting before it goes downstream anyway: a host that starts processes by
 /// the thousand then wakes the next stage a few times a second, not at every drain.
 pub const BOOKKEEPING_DELAY: Duration = Duration::from_millis(100);
+/// Longest time a record waits in the ring while the reader holds only bookkeeping: under a
+/// fork storm every drain brings bookkeeping alone, and polling at [`POLL_INTERVAL`] would
+/// wake the reader a hundred times a second for it. An event worth reporting then waits at
+/// most this long before it is read.
+pub const HELD_POLL_INTERVAL: Duration = Duration::from_millis(40);
 /// How often fold tails (occurrences no record carried) are collected from the kernel.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
 /// On stop, how long the reader waits for downstream to make what it read durable.
@@ -259,6 +264,17 @@ impl Reader {
         }
     }
 
+    /// How long to wait for the ring before draining it again: [`POLL_INTERVAL`], or up to
+    /// [`HELD_POLL_INTERVAL`] while a batch of bookkeeping alone is held, but never past the
+    /// moment that batch is due downstream.
+    fn poll_interval(&self) -> Duration {
+        if self.batch.is_empty() || self.batch_urgent {
+            return POLL_INTERVAL;
+        }
+        let due = BOOKKEEPING_DELAY.saturating_sub(self.batch_started.elapsed());
+        due.clamp(POLL_INTERVAL, HELD_POLL_INTERVAL)
+    }
+
     /// Hands the queued events downstream; false when downstream is gone.
     fn flush(&mut self) -> bool {
         let Some(tx) = &self.tx else { return false };
@@ -352,7 +368,7 @@ impl Reader {
                 }
             }
             self.commit();
-            self.ring.wait(POLL_INTERVAL, self.progress.durable.wake_fd());
+            self.ring.wait(self.poll_interval(), self.progress.durable.wake_fd());
             self.progress.durable.reset();
         }
         // Hand over what is held back, close the channel so the stages flush, then commit what

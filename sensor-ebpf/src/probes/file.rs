@@ -25,7 +25,7 @@ use super::{
         WATCHED_NAMES, WATCHED_SOCKETS, args_at_exit, count_lost, maybe_watched, offsets,
         slot_btf_id, task_btf, windows,
     },
-    task::{current_task, current_task_btf, exit_args, header, tp_field},
+    task::{current_task, current_task_btf, current_tgid, exit_args, header, tp_field},
 };
 
 /// `long ret` in every `syscalls:sys_exit_*` format.
@@ -429,7 +429,8 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
     if ret != 0 {
         return Ok(());
     }
-    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    // Every successful connect on the host passes here; most are not unix sockets, so the
+    // family is checked before anything else is asked of the kernel.
     let fd = if args_at_exit() {
         let (fd, addr) = exit_args()?;
         if user_family(addr as *const u8)? != AF_UNIX {
@@ -438,13 +439,14 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
         fd as u32
     } else {
         // Not in the record at exit: `sys_enter_connect` saved it for unix sockets.
+        let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
         let Some(&fd) = (unsafe { CONNECT_FDS.get(pid_tgid) }) else {
             return Ok(());
         };
         let _ = CONNECT_FDS.remove(pid_tgid);
         fd
     };
-    let tgid = (pid_tgid >> 32) as u32;
+    let tgid = current_tgid();
     if super::task::is_self(tgid) {
         return Ok(());
     }

@@ -574,16 +574,16 @@ struct Workloads<'a> {
 
 impl Workloads<'_> {
     /// Nanoseconds per operation of one timed loop: wall clock, and CPU time spent on the host
-    /// for it (see [`host_cpu_ns`]; `sensor` is the running sensor's pid, if any).
+    /// for it (see [`CpuSnapshot`]; `sensor` is the running sensor's pid, if any).
     fn measure(&self, w: Workload, sensor: Option<u32>) -> anyhow::Result<(f64, f64)> {
         let iters = self.plan.iters(w);
         // A short warm-up of the same loop, untimed.
         self.run(w, (iters / 50).max(2))?;
-        let cpu = host_cpu_ns(sensor);
+        let cpu = CpuSnapshot::take(sensor);
         let started = Instant::now();
         self.run(w, iters)?;
         let wall = started.elapsed().as_nanos() as f64;
-        let cpu = host_cpu_ns(sensor).saturating_sub(cpu) as f64;
+        let cpu = CpuSnapshot::take(sensor).since(&cpu) as f64;
         Ok((wall / iters as f64, cpu / iters as f64))
     }
 
@@ -604,28 +604,64 @@ impl Workloads<'_> {
     }
 }
 
-/// CPU time, in nanoseconds, of this process, its waited-for children and every thread of the
-/// sensor (`/proc/PID/task/*/schedstat`). Kernel programs run in the context of the task that
-/// triggers them, so their cost is in the first two; the sensor's own work in the third. Less
-/// noisy than wall time on a virtual machine, where waking an idle CPU costs a variable delay.
-fn host_cpu_ns(sensor: Option<u32>) -> u64 {
-    let rusage_ns = |who| {
-        // SAFETY: plain syscall filling a zeroed struct.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: valid `who` and out-pointer.
-        unsafe { libc::getrusage(who, &mut usage) };
-        let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
-        ns(usage.ru_utime) + ns(usage.ru_stime)
-    };
-    let sensor_ns = sensor.map_or(0, |pid| {
+/// CPU time spent on the host at one moment: this process and its waited-for children, and
+/// every thread of the sensor (`/proc/PID/task/*/schedstat`). Kernel programs run in the
+/// context of the task that triggers them, so their cost is in the first; the sensor's own
+/// work in the second. Less noisy than wall time on a virtual machine, where waking an idle
+/// CPU costs a variable delay.
+struct CpuSnapshot {
+    own_ns: u64,
+    sensor: SensorThreads,
+}
+
+impl CpuSnapshot {
+    fn take(sensor: Option<u32>) -> Self {
+        let rusage_ns = |who| {
+            // SAFETY: plain syscall filling a zeroed struct.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: valid `who` and out-pointer.
+            unsafe { libc::getrusage(who, &mut usage) };
+            let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+            ns(usage.ru_utime) + ns(usage.ru_stime)
+        };
+        let own_ns = rusage_ns(libc::RUSAGE_SELF) + rusage_ns(libc::RUSAGE_CHILDREN);
+        Self { own_ns, sensor: sensor.map(SensorThreads::take).unwrap_or_default() }
+    }
+
+    /// Nanoseconds of CPU spent on the host since `earlier`.
+    fn since(&self, earlier: &Self) -> u64 {
+        self.own_ns.saturating_sub(earlier.own_ns) + self.sensor.since(&earlier.sensor)
+    }
+}
+
+/// CPU time of each thread of the sensor, by thread id.
+#[derive(Default)]
+struct SensorThreads(std::collections::HashMap<String, u64>);
+
+impl SensorThreads {
+    fn take(pid: u32) -> Self {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten();
-        tasks
-            .flatten()
-            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-            .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+        Self(
+            tasks
+                .flatten()
+                .filter_map(|t| {
+                    let line = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+                    let ns = line.split_whitespace().next()?.parse::<u64>().ok()?;
+                    Some((t.file_name().to_string_lossy().into_owned(), ns))
+                })
+                .collect(),
+        )
+    }
+
+    /// Nanoseconds the sensor's threads ran since `earlier`. Per thread, so a thread that ended
+    /// in between (an idle worker let go) does not take its whole past off the total; new
+    /// threads count from zero.
+    fn since(&self, earlier: &Self) -> u64 {
+        self.0
+            .iter()
+            .map(|(tid, ns)| ns.saturating_sub(earlier.0.get(tid).copied().unwrap_or(0)))
             .sum()
-    });
-    rusage_ns(libc::RUSAGE_SELF) + rusage_ns(libc::RUSAGE_CHILDREN) + sensor_ns
+    }
 }
 
 fn open_close(path: &CString, iters: u64) -> anyhow::Result<()> {
@@ -750,7 +786,7 @@ impl Listener {
 struct Overhead {
     /// Wall clock.
     samples: Vec<(Workload, Vec<(f64, f64)>)>,
-    /// CPU time spent on the host (see [`host_cpu_ns`]).
+    /// CPU time spent on the host (see [`CpuSnapshot`]).
     cpu_samples: Vec<(Workload, Vec<(f64, f64)>)>,
     sensor_start_ms: Vec<f64>,
     /// Most keywatch file programs loaded by others at any measurement (0 for a clean run).
@@ -779,6 +815,8 @@ fn loaded_programs_named(name: &[u8]) -> usize {
 /// One loaded kernel program and its run-time statistics (zero unless enabled).
 struct LoadedProgram {
     name: String,
+    /// `enum bpf_prog_type`.
+    kind: u32,
     run_time_ns: u64,
     run_count: u64,
 }
@@ -795,7 +833,8 @@ fn bpf(cmd: libc::c_long, attr: &mut [u32; 8]) -> libc::c_long {
 
 /// Every kernel program loaded on the host, by name (truncated to 15 bytes by the kernel).
 fn loaded_programs() -> Vec<LoadedProgram> {
-    /// `struct bpf_prog_info`: `name[16]` at byte 64, `run_time_ns` at 192, `run_cnt` at 200.
+    /// `struct bpf_prog_info`: `type` at byte 0, `name[16]` at 64, `run_time_ns` at 192,
+    /// `run_cnt` at 200.
     const INFO_NAME: usize = 64;
     const INFO_RUN_TIME: usize = 192;
     const INFO_RUN_COUNT: usize = 200;
@@ -826,9 +865,30 @@ fn loaded_programs() -> Vec<LoadedProgram> {
         let u64_at = |at: usize| u64::from_ne_bytes(info[at..at + 8].try_into().expect("8 bytes"));
         found.push(LoadedProgram {
             name: String::from_utf8_lossy(&name[..len]).into_owned(),
+            kind: u32::from_ne_bytes(info[0..4].try_into().expect("4 bytes")),
             run_time_ns: u64_at(INFO_RUN_TIME),
             run_count: u64_at(INFO_RUN_COUNT),
         });
+    }
+}
+
+/// The sensor's own name for a loaded program: the kernel keeps 15 bytes of it, which leaves
+/// `sched_process_exec` and `sched_process_exit` alike; their program types tell them apart.
+fn full_program_name(p: &LoadedProgram) -> String {
+    const BPF_PROG_TYPE_TRACEPOINT: u32 = 5;
+    const BPF_PROG_TYPE_RAW_TRACEPOINT: u32 = 17;
+    const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
+    let mut candidates = sensor::loader::PROGRAMS.iter().filter(|spec| {
+        let kind = match spec.attach {
+            sensor::loader::Attach::TracePoint { .. } => BPF_PROG_TYPE_TRACEPOINT,
+            sensor::loader::Attach::RawTracePoint { .. } => BPF_PROG_TYPE_RAW_TRACEPOINT,
+            sensor::loader::Attach::CgroupSockAddr { .. } => BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        };
+        kind == p.kind && spec.name.starts_with(&p.name)
+    });
+    match (candidates.next(), candidates.next()) {
+        (Some(spec), None) => spec.name.to_string(),
+        _ => p.name.clone(),
     }
 }
 
@@ -889,7 +949,7 @@ fn op_cost(sensor: &Path, bench: &Workspace, plan: &Plan, w: Workload) -> anyhow
     let totals = || {
         let mut by_name = std::collections::BTreeMap::<String, (u64, u64)>::new();
         for p in loaded_programs() {
-            let entry = by_name.entry(p.name).or_default();
+            let entry = by_name.entry(full_program_name(&p)).or_default();
             entry.0 += p.run_time_ns;
             entry.1 += p.run_count;
         }
@@ -898,27 +958,27 @@ fn op_cost(sensor: &Path, bench: &Workspace, plan: &Plan, w: Workload) -> anyhow
     let workloads = Workloads { bench, plan, listener: Listener::open()? };
     let iters = 10 * plan.iters(w);
     let (before, after, sensor, wall_ns) = with_program_stats(sensor, bench, |s| {
-        let sensor_ns = || host_cpu_ns(Some(s.child.id())) - host_cpu_ns(None);
+        let sensor_ns = || SensorThreads::take(s.child.id());
         let (before, sensor_before, started) = (totals(), sensor_ns(), Instant::now());
         workloads.run(w, iters)?;
         let (after, sensor_after) = (totals(), sensor_ns());
         let wall_ns = started.elapsed().as_nanos() as f64 / iters as f64;
-        let sensor = sensor_after.saturating_sub(sensor_before) as f64 / iters as f64;
+        let sensor = sensor_after.since(&sensor_before) as f64 / iters as f64;
         Ok((before, after, sensor, wall_ns))
     })?;
     let mut sum = 0.0;
     println!("{}: {iters} operations, sensor attached", w.label());
-    println!("  {:<18} {:>10} {:>12}", "program", "runs/op", "ns/op");
+    println!("  {:<26} {:>10} {:>12}", "program", "runs/op", "ns/op");
     for (name, (t1, c1)) in &after {
         let (t0, c0) = before.get(name).copied().unwrap_or_default();
         if c1 > &c0 {
             let ns = (t1 - t0) as f64 / iters as f64;
             sum += ns;
-            println!("  {name:<18} {:>10.2} {ns:>12.1}", (c1 - c0) as f64 / iters as f64);
+            println!("  {name:<26} {:>10.2} {ns:>12.1}", (c1 - c0) as f64 / iters as f64);
         }
     }
-    println!("  {:<18} {:>10} {sum:>12.1}", "all programs", "");
-    println!("  {:<18} {:>10} {sensor:>12.1}", "sensor threads", "");
+    println!("  {:<26} {:>10} {sum:>12.1}", "all programs", "");
+    println!("  {:<26} {:>10} {sensor:>12.1}", "sensor threads", "");
     println!(
         "  one operation took {wall_ns:.0} ns; programs + sensor threads = {:.2}% of it",
         (sum + sensor) / wall_ns * 100.0
