@@ -11,7 +11,7 @@ use sensor_ebpf::{ARGS_LEN, EventKind, ExecEvent};
 use super::{
     kread,
     maps::{EVENTS, SUBMIT_FLAGS, count_lost, offsets},
-    task::{cred, current_task, current_tgid, header, is_self, tp_field},
+    task::{cred, current_task, current_tgid, header_fast, is_self, tp_field},
 };
 
 /// Offsets in `sched:sched_process_exec` (`/sys/kernel/tracing/events/sched/sched_process_exec/format`):
@@ -47,7 +47,7 @@ fn try_sched_process_exec(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: `event` points at a reserved record of the right size; tracepoint fields are read
     // at the offsets of the format above, and the file name through a checked kernel read.
     unsafe {
-        (*event).header = header(EventKind::Exec);
+        (*event).header = header_fast(EventKind::Exec);
         (*event).old_pid = tp_field::<u32>(ctx, OLD_PID);
         (*event).exe_mode = exe.mode;
         (*event).exe_ino = exe.ino;
