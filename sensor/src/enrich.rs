@@ -60,7 +60,7 @@ fn privilege_change(via: &'static str, before: Creds, after: Creds) -> What {
 
 pub struct Enricher {
     table: ProcessTable,
-    creds: std::collections::HashMap<u32, Creds>,
+    creds: rustc_hash::FxHashMap<u32, Creds>,
     hasher: ExeHasher,
     view: SharedView,
     /// Pass exec/fork/exit observations on too.
@@ -83,7 +83,7 @@ impl Enricher {
         out
     }
 
-    fn observations(&mut self, event: Event) -> Vec<Observation> {
+    fn observations(&mut self, mut event: Event) -> Vec<Observation> {
         let pid = event.process.pid;
         let before = self.creds_before(pid);
         let mut out = Vec::new();
@@ -92,22 +92,26 @@ impl Enricher {
             self.sync_creds(&event.process, egid, None);
         }
         match &event.detail {
-            Detail::Fork { child_pid } => {
-                self.table.on_fork(pid, *child_pid, event.time_ns);
-                self.push_lifecycle(&mut out, &event, What::Fork { child_pid: *child_pid });
+            &Detail::Fork { child_pid } => {
+                self.table.on_fork(pid, child_pid, event.time_ns);
+                self.push_lifecycle(&mut out, &event, || What::Fork { child_pid });
             }
-            Detail::Exec { filename, egid, cap_effective, exe_mode, .. } => {
-                self.table.on_exec(pid, &exec_facts(&event), event.time_ns);
-                let after = self.sync_creds(&event.process, *egid, Some(*cap_effective));
-                self.push_lifecycle(&mut out, &event, What::Exec { filename: filename.clone() });
+            &Detail::Exec { egid, cap_effective, exe_mode, .. } => {
+                let facts = take_exec_facts(&mut event);
+                let filename = self.lifecycle.then(|| facts.filename.clone());
+                self.table.on_exec(pid, facts, event.time_ns);
+                let after = self.sync_creds(&event.process, egid, Some(cap_effective));
+                self.push_lifecycle(&mut out, &event, || What::Exec {
+                    filename: filename.unwrap_or_default(),
+                });
                 let setid = exe_mode & 0o6000 != 0;
                 if let Some(before) = before.filter(|b| setid && b.ids() != after.ids()) {
                     let change = privilege_change("exec-setuid", before, after);
                     out.push(self.observe(&event, change));
                 }
             }
-            Detail::Exit { exit_code } => {
-                self.push_lifecycle(&mut out, &event, What::Exit { exit_code: *exit_code });
+            &Detail::Exit { exit_code } => {
+                self.push_lifecycle(&mut out, &event, || What::Exit { exit_code });
                 self.table.on_exit(pid, event.time_ns);
                 self.creds.remove(&pid);
             }
@@ -203,9 +207,14 @@ impl Enricher {
         out
     }
 
-    fn push_lifecycle(&mut self, out: &mut Vec<Observation>, event: &Event, what: What) {
+    fn push_lifecycle(
+        &mut self,
+        out: &mut Vec<Observation>,
+        event: &Event,
+        what: impl FnOnce() -> What,
+    ) {
         if self.lifecycle {
-            let observation = self.observe(event, what);
+            let observation = self.observe(event, what());
             out.push(observation);
         }
     }
@@ -300,18 +309,20 @@ impl Enricher {
     }
 }
 
-/// The table's view of an exec record.
-fn exec_facts(event: &Event) -> ExecFacts {
-    let Detail::Exec { filename, exe_dev, exe_ino, exe_name, args, args_cut, .. } = &event.detail
+/// The table's view of an exec record, its strings taken out of the record (nothing after
+/// the table needs them).
+fn take_exec_facts(event: &mut Event) -> ExecFacts {
+    let Detail::Exec { filename, exe_dev, exe_ino, exe_name, args, args_cut, .. } =
+        &mut event.detail
     else {
         return ExecFacts::default();
     };
     let p = &event.process;
     ExecFacts {
-        filename: filename.clone(),
+        filename: std::mem::take(filename),
         exe: (*exe_ino != 0).then_some((*exe_dev, *exe_ino)),
-        exe_name: exe_name.clone(),
-        args: args.clone(),
+        exe_name: std::mem::take(exe_name),
+        args: std::mem::take(args),
         args_cut: *args_cut,
         comm: p.comm.clone(),
         uid: p.uid,

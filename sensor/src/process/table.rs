@@ -1,8 +1,10 @@
 //! The process table, kept exact by lifecycle events.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+
+use rustc_hash::FxHashMap;
 
 use super::cgroup::parse_cgroup_path;
 use super::info::{Ancestor, ProcessInfo};
@@ -57,7 +59,7 @@ pub struct ProcessTable {
     retention_ns: u64,
     max_exited: usize,
     /// Per pid, the processes that held it, oldest first. Only the last can be alive.
-    entries: HashMap<u32, Vec<ProcessInfo>>,
+    entries: FxHashMap<u32, Vec<ProcessInfo>>,
     /// Exited processes in exit order: (exit time, pid, start time), for garbage collection.
     exits: VecDeque<(u64, u32, u64)>,
 }
@@ -75,7 +77,7 @@ impl ProcessTable {
             proc,
             retention_ns: DEFAULT_RETENTION_NS,
             max_exited: DEFAULT_MAX_EXITED,
-            entries: HashMap::new(),
+            entries: FxHashMap::default(),
             exits: VecDeque::new(),
         }
     }
@@ -154,7 +156,7 @@ impl ProcessTable {
     /// `/proc` is read only for what the record cannot tell: a cgroup the process moved to, a
     /// relative file name, arguments longer than the record holds, or a process whose fork was
     /// missed.
-    pub fn on_exec(&mut self, pid: u32, exec: &ExecFacts, time_ns: u64) {
+    pub fn on_exec(&mut self, pid: u32, exec: ExecFacts, time_ns: u64) {
         self.gc(time_ns);
         let alive = self.entries.get(&pid).and_then(|v| v.last()).is_some_and(|e| e.is_alive());
         if !alive {
@@ -172,7 +174,7 @@ impl ProcessTable {
         else {
             return;
         };
-        let exe = self.exe_path(pid, ppid, exec);
+        let exe = self.exe_path(pid, ppid, &exec);
         let cmdline = match exec.args_cut {
             // /proc has them whole while the process lives and still runs these arguments.
             true => self
@@ -180,12 +182,12 @@ impl ProcessTable {
                 .read_cmdline(pid)
                 .ok()
                 .filter(|full| full.len() >= exec.args.len() && full.first() == exec.args.first())
-                .unwrap_or_else(|| exec.args.clone()),
-            false => exec.args.clone(),
+                .unwrap_or(exec.args),
+            false => exec.args,
         };
         let cgroup = moved.then(|| self.proc.read_cgroup(pid).ok()).flatten();
         let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) else { return };
-        entry.comm = if exec.comm.is_empty() { comm_of(&exe) } else { exec.comm.clone() };
+        entry.comm = if exec.comm.is_empty() { comm_of(&exe) } else { exec.comm };
         entry.exe = exe;
         entry.exe_sha256 = None;
         entry.cmdline = cmdline;

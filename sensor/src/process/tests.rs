@@ -151,7 +151,7 @@ fn fork_exec_exit_then_retention_and_gc() {
         comm: "sleep".into(),
         ..ran(sleep.to_str().expect("utf-8 path"))
     };
-    table.on_exec(pid, &exec, t0 + 1000);
+    table.on_exec(pid, exec.clone(), t0 + 1000);
     let execd = table.get(pid).expect("exec'd child");
     assert_eq!(execd.exe, sleep);
     assert_eq!(execd.cmdline, vec!["sleep", "30"]);
@@ -184,7 +184,7 @@ fn exec_after_the_process_is_gone_keeps_inherited_info() {
     let mut table = ProcessTable::default();
     table.on_fork(1, parent, 10 * SEC);
     table.on_fork(parent, child, 11 * SEC);
-    table.on_exec(child, &ran("/usr/bin/curl"), 12 * SEC);
+    table.on_exec(child, ran("/usr/bin/curl"), 12 * SEC);
     let info = table.get(child).expect("child");
     assert_eq!(info.exe, Path::new("/usr/bin/curl"));
     assert_eq!(info.comm, "curl");
@@ -192,10 +192,10 @@ fn exec_after_the_process_is_gone_keeps_inherited_info() {
     assert!(info.cmdline.is_empty(), "an inherited cmdline would be the parent's");
     // The record's arguments are the command line, whether or not /proc still shows them.
     let exec = ExecFacts { args: vec!["curl".into(), "-s".into()], ..ran("/usr/bin/curl") };
-    table.on_exec(child, &exec, 12 * SEC + 1);
+    table.on_exec(child, exec.clone(), 12 * SEC + 1);
     assert_eq!(table.get(child).map(|i| i.cmdline.clone()), Some(vec!["curl".into(), "-s".into()]));
     // Long names are cut like the kernel cuts comm.
-    table.on_exec(child, &ran("/opt/bin/a-very-long-program-name"), 13 * SEC);
+    table.on_exec(child, ran("/opt/bin/a-very-long-program-name"), 13 * SEC);
     assert_eq!(table.get(child).map(|i| i.comm.as_str()), Some("a-very-long-pro"));
 }
 
@@ -206,14 +206,14 @@ fn recycled_pid_is_never_confused() {
     // First holder of `pid`: a shell that starts a child, then exits.
     table.on_fork(1, old_parent, SEC);
     table.on_fork(old_parent, pid, 2 * SEC);
-    table.on_exec(pid, &ran("/bin/bash"), 2 * SEC + 1);
+    table.on_exec(pid, ran("/bin/bash"), 2 * SEC + 1);
     table.on_fork(pid, grandchild, 3 * SEC);
-    table.on_exec(grandchild, &ran("/usr/bin/aws"), 3 * SEC + 1);
+    table.on_exec(grandchild, ran("/usr/bin/aws"), 3 * SEC + 1);
     table.on_exit(pid, 4 * SEC);
 
     // The pid is recycled by an unrelated process.
     table.on_fork(1, pid, 5 * SEC);
-    table.on_exec(pid, &ran("/usr/sbin/cron"), 5 * SEC + 1);
+    table.on_exec(pid, ran("/usr/sbin/cron"), 5 * SEC + 1);
 
     let current = table.get(pid).expect("new holder");
     assert_eq!(current.exe, Path::new("/usr/sbin/cron"));
@@ -227,7 +227,7 @@ fn recycled_pid_is_never_confused() {
 
     // An exec for a pid whose entry has exited is a new process too (its fork was missed).
     table.on_exit(grandchild, 6 * SEC);
-    table.on_exec(grandchild, &ran("/usr/bin/true"), 7 * SEC);
+    table.on_exec(grandchild, ran("/usr/bin/true"), 7 * SEC);
     assert!(table.get(grandchild).is_some_and(|p| p.is_alive() && p.start_time_ns == 7 * SEC));
     assert!(
         table.get_at(grandchild, 3 * SEC + 5).is_some_and(|p| p.exe == Path::new("/usr/bin/aws"))
@@ -333,7 +333,7 @@ fn relative_exec_resolves_to_the_file_the_kernel_ran() {
     wait_exec(child.pid(), &copy);
     table.on_fork(me, child.pid(), now_ns());
     let exec = ExecFacts { exe: Some(id), ..ran("./renamed-sleep") };
-    table.on_exec(child.pid(), &exec, now_ns());
+    table.on_exec(child.pid(), exec.clone(), now_ns());
     assert_eq!(table.get(child.pid()).map(|i| i.exe.clone()), Some(copy.clone()));
     child.kill();
 
@@ -343,12 +343,12 @@ fn relative_exec_resolves_to_the_file_the_kernel_ran() {
     let mut parent = Spawned(parent);
     let gone = 5_000_101;
     table.on_fork(parent.pid(), gone, now_ns());
-    table.on_exec(gone, &exec, now_ns());
+    table.on_exec(gone, exec.clone(), now_ns());
     assert_eq!(table.get(gone).map(|i| i.exe.clone()), Some(copy.clone()));
 
     // A different file of that name is not taken for it: the name stays as given.
     let other = ExecFacts { exe: Some((id.0, id.1 + 1)), ..ran("./renamed-sleep") };
-    table.on_exec(gone, &other, now_ns());
+    table.on_exec(gone, other.clone(), now_ns());
     assert_eq!(table.get(gone).map(|i| i.exe.clone()), Some(PathBuf::from("./renamed-sleep")));
     parent.kill();
 }
@@ -369,7 +369,7 @@ fn long_arguments_come_whole_from_proc_and_a_new_cgroup_is_read() {
         cgroup_id: 12345,
         ..ran(sleep.to_str().expect("utf-8"))
     };
-    table.on_exec(child.pid(), &exec, now_ns());
+    table.on_exec(child.pid(), exec.clone(), now_ns());
     let info = table.get(child.pid()).expect("child");
     assert_eq!(info.cmdline, vec!["sleep".to_string(), "30".into(), long]);
     assert_eq!(info.cgroup_id, 12345);
@@ -386,7 +386,7 @@ fn exited_processes_are_capped_by_count_as_well_as_by_age() {
     for (i, &pid) in pids.iter().enumerate() {
         let t = (i as u64 + 1) * SEC;
         table.on_fork(1, pid, t);
-        table.on_exec(pid, &ran("/usr/bin/true"), t + 1);
+        table.on_exec(pid, ran("/usr/bin/true"), t + 1);
         table.on_exit(pid, t + 2);
     }
     // The cap applies at the next event: the oldest exited process goes first.
@@ -408,7 +408,7 @@ fn a_program_run_from_memory_is_named_as_proc_names_it() {
     let pid = 5_000_301;
     table.on_fork(1, pid, SEC);
     let exec = ExecFacts { exe_name: "memfd:payload".into(), ..ran("/dev/fd/3") };
-    table.on_exec(pid, &exec, SEC + 1);
+    table.on_exec(pid, exec.clone(), SEC + 1);
     assert_eq!(table.get(pid).map(|p| p.exe.clone()), Some(PathBuf::from("/memfd:payload")));
     // A descriptor's name is never hashed: it would open the sensor's own descriptor.
     let hasher = ExeHasher::default();
