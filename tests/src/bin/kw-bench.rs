@@ -406,9 +406,28 @@ impl SensorProcess {
             }
         }
         sensor.start_ms = started.elapsed().as_secs_f64() * 1e3;
-        // Let the first watch sync, the process-table seed and the first DNS refresh settle.
+        // Let the first watch sync, the process-table seed, the first executable hashes and
+        // the first DNS refresh settle: measuring while they run would charge start-up work
+        // to the workloads.
         std::thread::sleep(Duration::from_millis(500));
+        sensor.wait_idle();
         Ok(sensor)
+    }
+
+    /// Waits (at most 10 s) until the sensor's threads use under 2 % of a CPU over 100 ms.
+    fn wait_idle(&self) {
+        const WINDOW: Duration = Duration::from_millis(100);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut before = SensorThreads::take(self.pid());
+        while Instant::now() < deadline {
+            std::thread::sleep(WINDOW);
+            let now = SensorThreads::take(self.pid());
+            if now.since(&before) < WINDOW.as_nanos() as u64 / 50 {
+                return;
+            }
+            before = now;
+        }
+        progress!("keywatch-sensor still busy 10 s after start; measuring anyway");
     }
 
     fn pid(&self) -> u32 {
@@ -1004,6 +1023,7 @@ fn overhead_rounds(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Res
         // Alternate the order (D A, A D, D A, …): the sensor starts once per two rounds and
         // slow drift on the machine lands on both sides alike.
         let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        let first_on = order[0];
         let mut detached = vec![(0.0, 0.0); plan.workloads.len()];
         let mut attached = vec![(0.0, 0.0); plan.workloads.len()];
         for on in order {
@@ -1037,8 +1057,15 @@ fn overhead_rounds(sensor: &Path, bench: &Workspace, plan: &Plan) -> anyhow::Res
             others_seen = others_seen.max(others());
             let into = if on { &mut attached } else { &mut detached };
             let sensor_pid = running.as_ref().map(|s| s.child.id());
-            for (i, &w) in plan.workloads.iter().enumerate() {
-                into[i] = workloads.measure(w, sensor_pid)?;
+            // The second half of a round runs the workloads in reverse, so each workload's two
+            // measurements sit either side of the sensor's start or stop, as close in time as
+            // they can be: this machine's speed drifts within seconds.
+            let mut order: Vec<usize> = (0..plan.workloads.len()).collect();
+            if on != first_on {
+                order.reverse();
+            }
+            for i in order {
+                into[i] = workloads.measure(plan.workloads[i], sensor_pid)?;
             }
             others_seen = others_seen.max(others());
         }
@@ -1410,6 +1437,29 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (median, v[0], v[n - 1])
 }
 
+/// A 95 % confidence interval for the median of `v`, free of any assumption about how the
+/// values are distributed (this machine's noise is not normal: it comes in slow spells): the
+/// order statistics `k` from either end, `k` from the binomial(n, ½) distribution of how many
+/// values fall below the true median. `None` under six values, where no such interval exists.
+fn median_ci95(mut v: Vec<f64>) -> Option<(f64, f64)> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let k = ((n as f64 - 1.96 * (n as f64).sqrt()) / 2.0).floor() as usize;
+    (k >= 1).then(|| (v[k - 1], v[n - k]))
+}
+
+/// Whether a workload's ratio meets its target given the interval around its median: "ok"
+/// when the whole interval is at or under it, "MISS" when the whole interval is over it, and
+/// "noise" when this run cannot tell (more rounds narrow the interval).
+fn verdict(median: f64, ci: Option<(f64, f64)>, target: f64) -> &'static str {
+    match ci {
+        Some((_, hi)) if hi <= target => "ok",
+        Some((lo, _)) if lo > target => "MISS",
+        Some(_) => "noise",
+        None => mark(median <= target),
+    }
+}
+
 /// Delivery target: watched accesses per second, delivered or folded, none unaccounted.
 const DELIVERY_TARGET: f64 = 200_000.0;
 /// Idle RSS target, MiB.
@@ -1421,12 +1471,22 @@ fn mark(ok: bool) -> &'static str {
 
 impl Report {
     fn ratios(&self, per_round: &[(f64, f64)]) -> ((f64, f64, f64), f64, f64) {
-        let used = self.overhead.used();
-        let rounds = || per_round.iter().zip(&used).filter(|(_, u)| **u).map(|(r, _)| r);
-        let ratios = stats(rounds().map(|(d, a)| a / d).collect());
-        let detached = stats(rounds().map(|(d, _)| *d).collect()).0;
-        let attached = stats(rounds().map(|(_, a)| *a).collect()).0;
+        let rounds = self.used_rounds(per_round);
+        let ratios = stats(rounds.iter().map(|(d, a)| a / d).collect());
+        let detached = stats(rounds.iter().map(|(d, _)| *d).collect()).0;
+        let attached = stats(rounds.iter().map(|(_, a)| *a).collect()).0;
         (ratios, detached, attached)
+    }
+
+    /// 95 % interval of the median attached/detached ratio (see [`median_ci95`]).
+    fn ratio_ci95(&self, per_round: &[(f64, f64)]) -> Option<(f64, f64)> {
+        median_ci95(self.used_rounds(per_round).iter().map(|(d, a)| a / d).collect())
+    }
+
+    /// The rounds the figures come from (see [`Overhead::used`]).
+    fn used_rounds(&self, per_round: &[(f64, f64)]) -> Vec<(f64, f64)> {
+        let used = self.overhead.used();
+        per_round.iter().zip(&used).filter(|(_, u)| **u).map(|(r, _)| *r).collect()
     }
 
     /// Highest achieved rate of a step with every access accounted for, per shape.
@@ -1455,15 +1515,17 @@ impl Report {
         };
         line(format!(
             "keywatch-sensor overhead: {} alternating rounds (detached/attached order flips each \
-             round); ratio = attached / detached, median [min-max] over rounds",
+             round); ratio = attached / detached, median over rounds, its 95% interval and the \
+             spread [min-max]",
             self.overhead.clean.len()
         ));
         line(format!(
-            "{:<34} {:>12} {:>12} {:>8} {:>15} {:>8}      {:>9} {:>15}",
+            "{:<34} {:>12} {:>12} {:>8} {:>15} {:>15} {:>8}       {:>9} {:>15}",
             "workload",
             "detached ns",
             "attached ns",
             "ratio",
+            "95% interval",
             "spread",
             "target",
             "CPU ratio",
@@ -1474,22 +1536,25 @@ impl Report {
         {
             let ((median, lo, hi), d, a) = self.ratios(per_round);
             let ((cpu_median, cpu_lo, cpu_hi), _, _) = self.ratios(cpu);
+            let ci = self.ratio_ci95(per_round);
             line(format!(
-                "{:<34} {:>12.0} {:>12.0} {:>7.3}x {:>15} {:>7} {:<4} {:>8.3}x {:>15}",
+                "{:<34} {:>12.0} {:>12.0} {:>7.3}x {:>15} {:>15} {:>7} {:<5} {:>8.3}x {:>15}",
                 w.label(),
                 d,
                 a,
                 median,
+                ci.map_or("-".to_string(), |(l, h)| format!("{l:.3}-{h:.3}x")),
                 format!("{lo:.3}-{hi:.3}x"),
                 format!("<={:.2}x", w.target()),
-                mark(median <= w.target()),
+                verdict(median, ci, w.target()),
                 cpu_median,
                 format!("{cpu_lo:.3}-{cpu_hi:.3}x"),
             ));
         }
         line(
             "ratio: wall clock per operation; CPU ratio: CPU time spent on the host per operation \
-             (this process, its children and the sensor's threads)"
+             (this process, its children and the sensor's threads); target verdict on the 95% \
+             interval: ok (all of it under), MISS (all over), noise (cannot tell; add --rounds)"
                 .to_string(),
         );
         let used = self.overhead.used().iter().filter(|&&u| u).count();
@@ -1615,6 +1680,8 @@ impl Report {
                     "detached_ns_per_op": d,
                     "attached_ns_per_op": a,
                     "ratio_median": median,
+                    "ratio_ci95": self.ratio_ci95(per_round).map(|(l, h)| [l, h]),
+                    "verdict": verdict(median, self.ratio_ci95(per_round), w.target()),
                     "ratio_min": lo,
                     "ratio_max": hi,
                     "cpu_ratio_median": cpu_median,
@@ -1710,5 +1777,21 @@ mod tests {
         count_observations(lines.as_bytes(), &counts, b"/b/watched/token", b"/b/burst/");
         assert_eq!(counts.burst.load(Ordering::Relaxed), 3);
         assert_eq!(counts.watched.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn median_interval_uses_the_binomial_order_statistics() {
+        // n = 16: k = floor((16 - 1.96 * 4) / 2) = 4, so the 4th smallest and the 4th largest.
+        let v: Vec<f64> = (1..=16).rev().map(f64::from).collect();
+        assert_eq!(median_ci95(v), Some((4.0, 13.0)));
+        assert_eq!(median_ci95(vec![1.0, 2.0, 3.0, 4.0, 5.0]), None);
+    }
+
+    #[test]
+    fn verdict_needs_the_whole_interval_on_one_side() {
+        assert_eq!(verdict(1.01, Some((1.00, 1.019)), 1.02), "ok");
+        assert_eq!(verdict(1.01, Some((1.00, 1.03)), 1.02), "noise");
+        assert_eq!(verdict(1.05, Some((1.021, 1.08)), 1.02), "MISS");
+        assert_eq!(verdict(1.01, None, 1.02), "ok");
     }
 }
