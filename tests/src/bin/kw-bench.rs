@@ -114,6 +114,9 @@ fn parse_args() -> anyhow::Result<Args> {
                      --op-cost       only what the sensor adds to one fork+exec and one\n\
                      \x20               connect (or the --only workloads): each kernel\n\
                      \x20               program's and the sensor threads' nanoseconds\n\
+                     --rounds N      attached/detached rounds (12; 4 with --quick). Each\n\
+                     \x20               ratio comes with a 95% interval of its median; on a\n\
+                     \x20               noisy machine, more rounds narrow it\n\
                      --only KEYS     only these overhead workloads, no delivery or resource\n\
                      \x20               passes; keys: {}",
                     Workload::ALL.map(Workload::key).join(", ")
@@ -169,7 +172,7 @@ impl Plan {
             }
         } else {
             Self {
-                rounds: 6,
+                rounds: 12,
                 workloads: Workload::ALL.to_vec(),
                 getppid_iters: 1_000_000,
                 open_iters: 200_000,
