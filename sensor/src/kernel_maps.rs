@@ -50,7 +50,43 @@ pub struct WatchMaps {
     pub(crate) sockets: HashMap<MapData, FileKey, u32>,
     pub(crate) names: HashMap<MapData, NameKey, u32>,
     pub(crate) endpoints: LpmTrie<MapData, EndpointKey, EndpointValue>,
+    pub(crate) ports: PortFilter,
     pub(crate) filter: WatchFilter,
+}
+
+/// The sensor's side of the kernel's `ENDPOINT_PORTS`: a port is marked before the first
+/// endpoint entry with it goes into the trie and cleared after the last one has left, so the
+/// kernel never has an entry the filter hides. Marks a previous sensor left (adopted pinned
+/// maps) stay: they cost a trie look-up on that port, nothing more.
+pub struct PortFilter {
+    map: Array<MapData, u8>,
+    /// Trie entries behind each port this process marked.
+    refs: std::collections::HashMap<u16, u32>,
+}
+
+impl PortFilter {
+    pub fn new(map: Array<MapData, u8>) -> Self {
+        Self { map, refs: Default::default() }
+    }
+
+    fn add(&mut self, port: u16) -> Result<(), MapError> {
+        let refs = self.refs.entry(port).or_default();
+        if *refs == 0 {
+            self.map.set(u32::from(port), 1, 0)?;
+        }
+        *refs += 1;
+        Ok(())
+    }
+
+    fn remove(&mut self, port: u16) -> Result<(), MapError> {
+        let Some(refs) = self.refs.get_mut(&port) else { return Ok(()) };
+        *refs -= 1;
+        if *refs == 0 {
+            self.refs.remove(&port);
+            self.map.set(u32::from(port), 0, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// The sensor's side of the kernel's `WATCH_FILTER`: one bit per inode number of every watched
@@ -198,15 +234,19 @@ impl WatchMaps {
 
     pub fn insert_endpoint(&mut self, e: &EndpointEntry) -> Result<(), MapUpdateError> {
         let value = EndpointValue { watch_id: e.watch_id, protocols: e.protocols };
-        self.endpoints
-            .insert(&e.key(), value, 0)
-            .map_err(|source| MapUpdateError { map: "ENDPOINTS", source })
+        let ports = |source| MapUpdateError { map: "ENDPOINT_PORTS", source };
+        self.ports.add(e.port).map_err(ports)?;
+        self.endpoints.insert(&e.key(), value, 0).map_err(|source| {
+            let _ = self.ports.remove(e.port);
+            MapUpdateError { map: "ENDPOINTS", source }
+        })
     }
 
     pub fn remove_endpoint(&mut self, e: &EndpointEntry) -> Result<(), MapUpdateError> {
         self.endpoints
             .remove(&e.key())
-            .map_err(|source| MapUpdateError { map: "ENDPOINTS", source })
+            .map_err(|source| MapUpdateError { map: "ENDPOINTS", source })?;
+        self.ports.remove(e.port).map_err(|source| MapUpdateError { map: "ENDPOINT_PORTS", source })
     }
 }
 

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::{
     btf::{BtfError, KernelBtf},
-    kernel_maps::{FoldMap, WatchFilter, WatchMaps},
+    kernel_maps::{FoldMap, PortFilter, WatchFilter, WatchMaps},
     pins::{self, PinDir, PinState},
     system::{self, SystemError},
 };
@@ -306,6 +306,7 @@ impl Loaded {
             sockets: self.typed("WATCHED_SOCKETS", aya::maps::HashMap::try_from)?,
             names: self.typed("WATCHED_NAMES", aya::maps::HashMap::try_from)?,
             endpoints: self.typed("ENDPOINTS", aya::maps::LpmTrie::try_from)?,
+            ports: PortFilter::new(self.typed("ENDPOINT_PORTS", aya::maps::Array::try_from)?),
             filter: WatchFilter::open(self.typed("WATCH_FILTER", aya::maps::Array::try_from)?)
                 .map_err(|source| LoadError::Map { name: "WATCH_FILTER", source })?,
         })

@@ -25,6 +25,7 @@ pub const MAPS: &[&str] = &[
     "WATCHED_DIRS",
     "WATCHED_NAMES",
     "WATCHED_SOCKETS",
+    "ENDPOINT_PORTS",
     "ENDPOINTS",
     "FOLD",
     "FOLD_REPORTED",

@@ -369,6 +369,40 @@ async fn connects_and_udp_sends_to_watched_endpoints_are_reported() {
     })
     .await;
     assert!(noise.is_none(), "unwatched endpoint reported: {noise:?}");
+
+    // An entry for any port of the address (port 0): now that connect is watched too.
+    let any_port = entry(0, PROTO_TCP, 24);
+    sensor.watch_maps().insert_endpoint(&any_port).unwrap();
+    let pid = act(&["connect", &unwatched.to_string()]);
+    let event = wait_for(&mut sensor, WAIT, is_connect(pid)).await.expect("any-port connect");
+    assert_eq!(
+        event.detail,
+        Detail::Connect {
+            watch_id: 24,
+            protocol: "tcp",
+            address: unwatched.ip(),
+            port: unwatched.port()
+        }
+    );
+
+    // Another entry on the watched TCP port comes and goes: the port stays watched for the
+    // entry still there. Then the any-port entry goes, and the other port is quiet again.
+    let wider = EndpointEntry { prefix_len: 8, ..entry(tcp.port(), PROTO_TCP, 25) };
+    sensor.watch_maps().insert_endpoint(&wider).unwrap();
+    sensor.watch_maps().remove_endpoint(&wider).unwrap();
+    sensor.watch_maps().remove_endpoint(&any_port).unwrap();
+    let pid = act(&["connect", &tcp.to_string()]);
+    let event = wait_for(&mut sensor, WAIT, is_connect(pid)).await.expect("connect after removals");
+    assert_eq!(
+        event.detail,
+        Detail::Connect { watch_id: 21, protocol: "tcp", address: tcp.ip(), port: tcp.port() }
+    );
+    let pid = act(&["connect", &unwatched.to_string()]);
+    let noise = wait_for(&mut sensor, QUIET, |e| {
+        e.process.pid == pid && matches!(e.detail, Detail::Connect { .. })
+    })
+    .await;
+    assert!(noise.is_none(), "endpoint reported after its entry was removed: {noise:?}");
 }
 
 async fn a_connect_to_a_watched_unix_socket_names_the_listening_process(opts: LoadOptions) {

@@ -51,6 +51,14 @@ pub static WATCHED_SOCKETS: HashMap<FileKey, u32> = HashMap::with_max_entries(10
 #[map]
 pub static CONNECT_FDS: LruHashMap<u64, u32> = LruHashMap::with_max_entries(4096, 0);
 
+/// Per destination port (host order), non-zero when some entry of [`ENDPOINTS`] has that
+/// port; index 0 for entries of any port. Every connect and UDP send on the host passes the
+/// endpoint hooks, nearly all to ports no entry has: this array look-up (inlined by the
+/// verifier) spares them the trie. It may say yes for a port whose entries are gone (the trie
+/// then says no), never no for a watched one.
+#[map]
+pub static ENDPOINT_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+
 /// Watched endpoints (port + address prefix).
 #[map]
 pub static ENDPOINTS: LpmTrie<EndpointKey, EndpointValue> =

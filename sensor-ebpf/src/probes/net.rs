@@ -11,7 +11,7 @@ use sensor_ebpf::{
 
 use super::{
     fold,
-    maps::{ENDPOINTS, EVENTS, SUBMIT_FLAGS, count_lost},
+    maps::{ENDPOINT_PORTS, ENDPOINTS, EVENTS, SUBMIT_FLAGS, count_lost},
     task::{current_tgid, header, is_self},
 };
 
@@ -50,6 +50,15 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn on_sock_addr(ctx: &SockAddrContext, family: u32) -> Result<(), i64> {
+    // SAFETY: the context is valid for the hook's duration; the verifier checks the access.
+    // user_port holds the port in network byte order in its low 16 bits.
+    let port_be =
+        unsafe { read_volatile(&raw const (*ctx.sock_addr).user_port) as u16 }.to_ne_bytes();
+    // Almost every connect on the host is to a port no entry has: decided before anything else.
+    let ports = (port_watched(u16::from_be_bytes(port_be)), port_watched(0));
+    if ports == (false, false) {
+        return Ok(());
+    }
     let tgid = current_tgid();
     if is_self(tgid) {
         return Ok(());
@@ -58,7 +67,7 @@ fn on_sock_addr(ctx: &SockAddrContext, family: u32) -> Result<(), i64> {
     // every field access.
     // Each field is read with its own load at a constant offset: the verifier refuses loads
     // through a context pointer the compiler has offset.
-    let (port_be, protocol, addr) = unsafe {
+    let (protocol, addr) = unsafe {
         let sa = ctx.sock_addr;
         let mut addr = [0u8; 16];
         if family == AF_INET {
@@ -76,11 +85,9 @@ fn on_sock_addr(ctx: &SockAddrContext, family: u32) -> Result<(), i64> {
             addr[8..12].copy_from_slice(&w2.to_ne_bytes());
             addr[12..16].copy_from_slice(&w3.to_ne_bytes());
         }
-        // user_port holds the port in network byte order in its low 16 bits.
-        let port_be = (read_volatile(&raw const (*sa).user_port) as u16).to_ne_bytes();
-        (port_be, read_volatile(&raw const (*sa).protocol), addr)
+        (read_volatile(&raw const (*sa).protocol), addr)
     };
-    let Some(value) = lookup(port_be, addr) else {
+    let Some(value) = lookup(ports, port_be, addr) else {
         return Ok(());
     };
     let proto_bit = if protocol == IPPROTO_UDP { PROTO_UDP } else { PROTO_TCP };
@@ -109,13 +116,25 @@ fn on_sock_addr(ctx: &SockAddrContext, family: u32) -> Result<(), i64> {
     Ok(())
 }
 
-/// Exact port first, then the "any port" entries (stored with port 0).
+/// Exact port first, then the "any port" entries (stored with port 0); each trie look-up
+/// only where [`ENDPOINT_PORTS`] says some entry has that port (`ports`: the exact port's
+/// mark, the any-port mark).
 #[inline(always)]
-fn lookup(port_be: [u8; 2], addr: [u8; 16]) -> Option<EndpointValue> {
-    let exact = Key::new(FULL_PREFIX, EndpointKey { port_be, addr, _pad0: [0; 2] });
-    if let Some(v) = ENDPOINTS.get(&exact) {
-        return Some(*v);
+fn lookup(ports: (bool, bool), port_be: [u8; 2], addr: [u8; 16]) -> Option<EndpointValue> {
+    if ports.0 {
+        let exact = Key::new(FULL_PREFIX, EndpointKey { port_be, addr, _pad0: [0; 2] });
+        if let Some(v) = ENDPOINTS.get(&exact) {
+            return Some(*v);
+        }
+    }
+    if !ports.1 {
+        return None;
     }
     let any_port = Key::new(FULL_PREFIX, EndpointKey { port_be: [0; 2], addr, _pad0: [0; 2] });
     ENDPOINTS.get(&any_port).copied()
+}
+
+#[inline(always)]
+fn port_watched(port: u16) -> bool {
+    ENDPOINT_PORTS.get(u32::from(port)).is_some_and(|&v| v != 0)
 }
