@@ -346,43 +346,35 @@ async fn connects_and_udp_sends_to_watched_endpoints_are_reported() {
     sensor.watch_maps().insert_endpoint(&entry(tcp.port(), PROTO_TCP, 21)).unwrap();
     sensor.watch_maps().insert_endpoint(&entry(udp.port(), PROTO_UDP, 22)).unwrap();
 
-    let is_connect = |pid: u32| {
-        move |e: &Event| e.process.pid == pid && matches!(e.detail, Detail::Connect { .. })
+    let tcp_event = |watch_id| Detail::Connect {
+        watch_id,
+        protocol: "tcp",
+        address: tcp.ip(),
+        port: tcp.port(),
     };
-    let pid = act(&["connect", &tcp.to_string()]);
-    let event = wait_for(&mut sensor, WAIT, is_connect(pid)).await.expect("connect event");
+    let seen = connect_seen(&mut sensor, "connect", tcp, WAIT).await;
+    assert_eq!(seen, Some(tcp_event(21)));
+    let seen = connect_seen(&mut sensor, "udp", udp, WAIT).await;
     assert_eq!(
-        event.detail,
-        Detail::Connect { watch_id: 21, protocol: "tcp", address: tcp.ip(), port: tcp.port() }
+        seen,
+        Some(Detail::Connect {
+            watch_id: 22,
+            protocol: "udp",
+            address: udp.ip(),
+            port: udp.port()
+        })
     );
-
-    let pid = act(&["udp", &udp.to_string()]);
-    let event = wait_for(&mut sensor, WAIT, is_connect(pid)).await.expect("udp event");
-    assert_eq!(
-        event.detail,
-        Detail::Connect { watch_id: 22, protocol: "udp", address: udp.ip(), port: udp.port() }
-    );
-
-    let pid = act(&["connect", &unwatched.to_string()]);
-    let noise = wait_for(&mut sensor, QUIET, |e| {
-        e.process.pid == pid && matches!(e.detail, Detail::Connect { .. })
-    })
-    .await;
-    assert!(noise.is_none(), "unwatched endpoint reported: {noise:?}");
+    let seen = connect_seen(&mut sensor, "connect", unwatched, QUIET).await;
+    assert_eq!(seen, None, "unwatched endpoint reported");
 
     // An entry for any port of the address (port 0): now that connect is watched too.
     let any_port = entry(0, PROTO_TCP, 24);
     sensor.watch_maps().insert_endpoint(&any_port).unwrap();
-    let pid = act(&["connect", &unwatched.to_string()]);
-    let event = wait_for(&mut sensor, WAIT, is_connect(pid)).await.expect("any-port connect");
+    let seen = connect_seen(&mut sensor, "connect", unwatched, WAIT).await;
+    let address = unwatched.ip();
     assert_eq!(
-        event.detail,
-        Detail::Connect {
-            watch_id: 24,
-            protocol: "tcp",
-            address: unwatched.ip(),
-            port: unwatched.port()
-        }
+        seen,
+        Some(Detail::Connect { watch_id: 24, protocol: "tcp", address, port: unwatched.port() })
     );
 
     // Another entry on the watched TCP port comes and goes: the port stays watched for the
@@ -391,18 +383,23 @@ async fn connects_and_udp_sends_to_watched_endpoints_are_reported() {
     sensor.watch_maps().insert_endpoint(&wider).unwrap();
     sensor.watch_maps().remove_endpoint(&wider).unwrap();
     sensor.watch_maps().remove_endpoint(&any_port).unwrap();
-    let pid = act(&["connect", &tcp.to_string()]);
-    let event = wait_for(&mut sensor, WAIT, is_connect(pid)).await.expect("connect after removals");
-    assert_eq!(
-        event.detail,
-        Detail::Connect { watch_id: 21, protocol: "tcp", address: tcp.ip(), port: tcp.port() }
-    );
-    let pid = act(&["connect", &unwatched.to_string()]);
-    let noise = wait_for(&mut sensor, QUIET, |e| {
-        e.process.pid == pid && matches!(e.detail, Detail::Connect { .. })
-    })
-    .await;
-    assert!(noise.is_none(), "endpoint reported after its entry was removed: {noise:?}");
+    let seen = connect_seen(&mut sensor, "connect", tcp, WAIT).await;
+    assert_eq!(seen, Some(tcp_event(21)), "connect after the removals");
+    let seen = connect_seen(&mut sensor, "connect", unwatched, QUIET).await;
+    assert_eq!(seen, None, "endpoint reported after its entry was removed");
+}
+
+/// Has a child run `action` (`connect` or `udp`) against `addr`; its endpoint event, if one
+/// comes within `wait`.
+async fn connect_seen(
+    sensor: &mut Sensor,
+    action: &str,
+    addr: std::net::SocketAddr,
+    wait: Duration,
+) -> Option<Detail> {
+    let pid = act(&[action, &addr.to_string()]);
+    let is_connect = |e: &Event| e.process.pid == pid && matches!(e.detail, Detail::Connect { .. });
+    wait_for(sensor, wait, is_connect).await.map(|e| e.detail)
 }
 
 async fn a_connect_to_a_watched_unix_socket_names_the_listening_process(opts: LoadOptions) {
