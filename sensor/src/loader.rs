@@ -496,12 +496,7 @@ fn attach_all(ebpf: &mut Ebpf, pins: Option<&PinDir>, mode: KernelMode) -> Vec<P
     let cgroup = CgroupRoot::open();
     mode.programs()
         .map(|spec| {
-            let skip = std::env::var("KW_EXPERIMENT_SKIP").unwrap_or_default();
-            let outcome = if skip.split(',').any(|s| !s.is_empty() && spec.name.contains(s)) {
-                Ok(())
-            } else {
-                attach(ebpf, spec, &cgroup, pins)
-            };
+            let outcome = attach(ebpf, spec, &cgroup, pins);
             status(spec, outcome)
         })
         .collect()
