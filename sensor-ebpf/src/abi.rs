@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -609,6 +609,12 @@ pub struct SensorConfig {
     /// the task's saved registers (`bpf_task_pt_regs`, 5.15+): then no syscall enter
     /// tracepoint is used at all, which spares every syscall on the host its enter-side call.
     pub args_at_exit: u32,
+    /// The kernel's BTF id of `struct socket`: a socket file's `private_data` (a `void *`)
+    /// retyped with [`KFUNC_RDONLY_CAST_CALL`], so the connect exit hook reads the socket's
+    /// family with plain loads instead of a user-memory read of the caller's address. 0 when
+    /// absent (then it reads the address).
+    pub socket_btf_id: u32,
+    pub _pad0: u32,
 }
 
 /// Placeholder of a call to the kfunc `bpf_rdonly_cast(obj, btf_id)` (kernel 6.2+), which
@@ -639,7 +645,7 @@ const _: () = assert!(size_of::<NameKey>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 41 * 4 + 4 * 8 + 12);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 41 * 4 + 4 * 8 + 20);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

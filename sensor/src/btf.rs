@@ -248,6 +248,8 @@ mod tests {
         };
         let vma = btf.struct_id("vm_area_struct").expect("struct vm_area_struct");
         assert!(vma > 0);
+        let socket = btf.struct_id("socket").expect("struct socket");
+        assert!(socket > 0 && socket != vma);
         assert_ne!(btf.function_id("bpf_rdonly_cast"), Some(vma));
         assert_eq!(btf.function_id("no_such_kfunc"), None);
     }

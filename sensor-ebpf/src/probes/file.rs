@@ -23,9 +23,9 @@ use super::{
     maps::{
         CONNECT_FDS, EVENTS, NAME_SCRATCH, SUBMIT_FLAGS, WATCHED_DIRS, WATCHED_FILES,
         WATCHED_NAMES, WATCHED_SOCKETS, args_at_exit, count_lost, maybe_watched, offsets,
-        slot_btf_id, task_btf, windows,
+        slot_btf_id, socket_btf_id, task_btf, windows,
     },
-    task::{current_task, current_task_btf, current_tgid, exit_args, header, tp_field},
+    task::{current_task, current_task_btf, current_tgid, exit_args_of, header, tp_field},
 };
 
 /// `long ret` in every `syscalls:sys_exit_*` format.
@@ -134,7 +134,9 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
     if super::task::is_self(tgid) {
         return Ok(());
     }
-    if let Some(file) = file_btf_of_fd(fd) {
+    if task_btf()
+        && let Some(file) = file_btf_of_fd(current_task_btf(), fd)
+    {
         return match_file(&mut kread::BtfView::new(), file, pid_tgid);
     }
     match_file(&mut kread::View::new(), file_of_fd(fd)?, pid_tgid)
@@ -144,13 +146,11 @@ fn on_new_fd(fd: u32) -> Result<(), i64> {
 /// with plain loads, and its slot — a `struct file *` at a plain address — is loaded as the
 /// `vm_file` member of a `vm_area_struct` retyped over it (see
 /// [`sensor_ebpf::SensorConfig::slot_btf_id`]), which yields a BTF pointer to the file.
+/// `task`: the current task's BTF pointer (only where [`task_btf`] holds).
 #[inline(always)]
-fn file_btf_of_fd(fd: u32) -> Option<*const u8> {
-    if !task_btf() {
-        return None;
-    }
+fn file_btf_of_fd(task: *const u8, fd: u32) -> Option<*const u8> {
     let o = offsets();
-    let files = kread::btf_ptr(current_task_btf(), o.task_files).ok()?;
+    let files = kread::btf_ptr(task, o.task_files).ok()?;
     let fdt = kread::btf_ptr(files, o.files_fdt).ok()?;
     let fds = kread::btf_ptr(fdt, o.fdtable_fd).ok()?;
     let slot = fds.wrapping_add(fd as usize * 8);
@@ -432,8 +432,15 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), i64> {
     // Every successful connect on the host passes here; most are not unix sockets, so the
     // family is checked before anything else is asked of the kernel.
     let fd = if args_at_exit() {
-        let (fd, addr) = exit_args()?;
-        if user_family(addr as *const u8)? != AF_UNIX {
+        // Both the registers and the fd table hang off the task (BTF pointer: task_btf holds
+        // wherever args_at_exit does).
+        let task = current_task_btf();
+        let (fd, addr) = exit_args_of(task)?;
+        let family = match file_btf_of_fd(task, fd as u32).and_then(socket_family_btf) {
+            Some(family) => family,
+            None => user_family(addr as *const u8)?,
+        };
+        if family != AF_UNIX {
             return Ok(());
         }
         fd as u32
@@ -481,6 +488,25 @@ fn unix_connected(file: *const u8, tgid: u32) -> Result<(), i64> {
         return Ok(());
     }
     emit_secret(tgid, SecretMethod::UnixSocket, target, ino, 0, watch_id)
+}
+
+/// The address family of socket `file` (a BTF pointer) with plain loads: its `private_data`
+/// retyped as the `struct socket` it is ([`sensor_ebpf::SensorConfig::socket_btf_id`]). A
+/// fraction of a user-memory read, on every successful connect of the host.
+#[inline(always)]
+fn socket_family_btf(file: *const u8) -> Option<u16> {
+    let o = offsets();
+    let id = socket_btf_id();
+    if id == 0 {
+        return None;
+    }
+    let private: u64 = kread::btf_at(file, o.file_private_data).ok()?;
+    let socket = kfunc::rdonly_cast(private as *const u8, id);
+    if socket.is_null() {
+        return None;
+    }
+    let sk = kread::btf_ptr(socket, o.socket_sk).ok()?;
+    kread::btf_at(sk, o.sock_family).ok()
 }
 
 /// The address family of the `sockaddr` the caller passed.

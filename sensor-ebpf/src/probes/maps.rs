@@ -90,6 +90,8 @@ pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
     task_btf: 0,
     slot_btf_id: 0,
     args_at_exit: 0,
+    socket_btf_id: 0,
+    _pad0: 0,
 });
 
 const NO_WINDOWS: ReadWindows =
@@ -179,6 +181,12 @@ pub fn args_at_exit() -> bool {
 #[inline(always)]
 pub fn slot_btf_id() -> u32 {
     config().slot_btf_id
+}
+
+/// The kernel's BTF id of `struct socket` ([`SensorConfig::socket_btf_id`]).
+#[inline(always)]
+pub fn socket_btf_id() -> u32 {
+    config().socket_btf_id
 }
 
 /// False only when no watched file or directory has this inode number (see

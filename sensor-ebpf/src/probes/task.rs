@@ -53,12 +53,17 @@ pub fn current_task_btf() -> *const u8 {
 /// where [`super::maps::args_at_exit`] holds.
 #[inline(always)]
 pub fn exit_args() -> Result<(u64, u64), i64> {
+    exit_args_of(current_task_btf())
+}
+
+/// [`exit_args`] of `task`, the current task's BTF pointer the caller already holds.
+#[inline(always)]
+pub fn exit_args_of(task: *const u8) -> Result<(u64, u64), i64> {
     let o = offsets();
     // SAFETY: the helper takes the current task's BTF pointer and returns a BTF pointer to its
     // registers, loaded from with plain, verifier-checked loads.
-    let regs = unsafe {
-        aya_ebpf::helpers::generated::bpf_task_pt_regs(current_task_btf() as *mut _) as *const u8
-    };
+    let regs =
+        unsafe { aya_ebpf::helpers::generated::bpf_task_pt_regs(task as *mut _) as *const u8 };
     Ok((kread::btf_at(regs, o.pt_regs_di)?, kread::btf_at(regs, o.pt_regs_si)?))
 }
 
