@@ -262,3 +262,75 @@ async fn privilege_changes_report_ids_before_and_after() {
     assert!(seen.contains(&("setuid", 0, 0, 65534, 65534)), "{seen:?}");
     assert!(seen.contains(&("exec-setuid", 65534, 65534, 65534, 0)), "{seen:?}");
 }
+
+/// A cgroup named the way docker names a container's under the systemd driver
+/// (`docker-<64 hex>.scope`), directly under the cgroup2 root; removed when dropped.
+struct ContainerCgroup {
+    dir: std::path::PathBuf,
+    id: String,
+}
+
+impl ContainerCgroup {
+    fn new() -> Option<Self> {
+        let root = match sensor::system::cgroup2_mount() {
+            Ok(root) => root,
+            Err(e) => {
+                assert!(!in_ci(), "CI has a cgroup v2 hierarchy: {e}");
+                eprintln!("SKIPPED: no cgroup v2 hierarchy: {e}");
+                return None;
+            }
+        };
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        let id = format!("{:032x}{:032x}", nanos.as_nanos(), std::process::id());
+        let dir = root.join(format!("docker-{id}.scope"));
+        std::fs::create_dir(&dir).expect("creating a cgroup");
+        Some(Self { dir, id })
+    }
+
+    /// `sh -c` running `script` after moving itself into this cgroup; returns the shell's pid.
+    fn run(&self, script: &str) -> u32 {
+        let procs = self.dir.join("cgroup.procs");
+        let line = format!("echo $$ > {} && {script}", procs.display());
+        let mut child = Command::new("/bin/sh").args(["-c", &line]).spawn().expect("sh");
+        let pid = child.id();
+        assert!(child.wait().unwrap().success(), "sh -c {line}");
+        pid
+    }
+}
+
+impl Drop for ContainerCgroup {
+    fn drop(&mut self) {
+        // The shell has been reaped; its cgroup empties a moment later.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_process_that_moves_into_a_container_reads_and_exits_is_placed_in_it() {
+    let Some((_dir, cred, mut agent)) = agent_watching_a_token().await else { return };
+    let Some(cgroup) = ContainerCgroup::new() else { return };
+    let scope = format!("/docker-{}.scope", cgroup.id);
+    let cred = cred.to_str().unwrap();
+
+    // As `docker exec` does: moved into the container's cgroup, then exec, read, exit — gone
+    // long before its exec record is read, so /proc can no longer say where it ran.
+    let actor = env!("CARGO_BIN_EXE_kw-actor");
+    let pid = cgroup.run(&format!("exec {actor} read {cred}"));
+    let o = file_open_by(&mut agent, pid).await.expect("read observed");
+    assert_eq!(o.process.exe, actor);
+    assert_eq!(o.process.cgroup_path, scope, "cgroup of a process gone before it was looked up");
+    assert_eq!(o.process.container_id.as_deref(), Some(cgroup.id.as_str()));
+    assert_eq!(o.process.systemd_unit.as_deref(), Some(&scope[1..]));
+
+    // Moved without an exec: the shell reads the file itself (a redirection) and exits.
+    let pid = cgroup.run(&format!(": < {cred}"));
+    let o = file_open_by(&mut agent, pid).await.expect("read observed");
+    assert_eq!(o.process.exe, "/bin/sh", "the shell itself");
+    assert_eq!(o.process.cgroup_path, scope, "cgroup the kernel saw at the read");
+    assert_eq!(o.process.container_id.as_deref(), Some(cgroup.id.as_str()));
+}

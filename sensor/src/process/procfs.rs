@@ -140,6 +140,44 @@ impl ProcFs {
         fs::metadata(root.join(path.trim_start_matches('/'))).map_or(0, |m| m.ino())
     }
 
+    /// The path of the cgroup whose kernel id is `id`, as `/proc/PID/cgroup` shows it
+    /// (`/system.slice/x.service`); `None` when it cannot be found (gone, no cgroup v2).
+    ///
+    /// Found from the id alone, so it names the cgroup of a process that has exited since: a
+    /// cgroup v2 id is the kernfs node id of its directory, which the file-handle API takes as
+    /// a handle (`FILEID_KERNFS`) on the cgroup2 mount.
+    pub fn cgroup_path_of_id(&self, id: u64) -> Option<String> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        /// `FILEID_KERNFS` (`include/linux/exportfs.h`).
+        const FILEID_KERNFS: i32 = 0xfe;
+        /// A `struct file_handle` with its 8 bytes of kernfs id.
+        #[repr(C)]
+        struct KernfsHandle {
+            handle_bytes: u32,
+            handle_type: i32,
+            id: u64,
+        }
+        let root = self.cgroup_root.as_ref().filter(|_| id != 0)?;
+        let mount = fs::File::open(root).ok()?;
+        let mut handle = KernfsHandle { handle_bytes: 8, handle_type: FILEID_KERNFS, id };
+        // SAFETY: `handle` is a file_handle header followed by its `handle_bytes` bytes; the
+        // returned fd, when valid, is owned here.
+        let dir = unsafe {
+            let fd = libc::open_by_handle_at(
+                mount.as_raw_fd(),
+                (&raw mut handle).cast::<libc::file_handle>(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                return None;
+            }
+            OwnedFd::from_raw_fd(fd)
+        };
+        let path = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+        let inside = path.strip_prefix(root).ok()?;
+        Some(format!("/{}", inside.display()))
+    }
+
     /// The working directory of `pid` (`/proc/PID/cwd`).
     pub fn read_cwd(&self, pid: u32) -> Result<PathBuf, ProcReadError> {
         let path = self.path(pid, "cwd");

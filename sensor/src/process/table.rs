@@ -62,7 +62,14 @@ pub struct ProcessTable {
     entries: FxHashMap<u32, Vec<ProcessInfo>>,
     /// Exited processes in exit order: (exit time, pid, start time), for garbage collection.
     exits: VecDeque<(u64, u32, u64)>,
+    /// Cgroup paths by kernel id, each found once ([`ProcFs::cgroup_path_of_id`]); ids are
+    /// never reused, so an entry never goes stale.
+    cgroup_paths: FxHashMap<u64, String>,
 }
+
+/// Most cgroup paths remembered by id; the cache starts over beyond it (a host creating
+/// cgroups endlessly, one per container or job, must not grow the sensor).
+const CGROUP_PATHS_MAX: usize = 4096;
 
 impl Default for ProcessTable {
     fn default() -> Self {
@@ -79,6 +86,7 @@ impl ProcessTable {
             max_exited: DEFAULT_MAX_EXITED,
             entries: FxHashMap::default(),
             exits: VecDeque::new(),
+            cgroup_paths: FxHashMap::default(),
         }
     }
 
@@ -185,7 +193,6 @@ impl ProcessTable {
                 .unwrap_or(exec.args),
             false => exec.args,
         };
-        let cgroup = moved.then(|| self.proc.read_cgroup(pid).ok()).flatten();
         let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) else { return };
         entry.comm = if exec.comm.is_empty() { comm_of(&exe) } else { exec.comm };
         entry.exe = exe;
@@ -195,14 +202,46 @@ impl ProcessTable {
         entry.euid = exec.euid;
         entry.gid = exec.gid;
         entry.login_uid = exec.login_uid;
-        if let Some(path) = cgroup {
-            let identity = parse_cgroup_path(&path);
-            entry.cgroup_path = path;
-            entry.container_id = identity.container_id;
-            entry.pod_uid = identity.pod_uid;
-            entry.systemd_unit = identity.systemd_unit;
+        if moved && !self.follow_cgroup(pid, exec.cgroup_id) {
+            // Not found by id (gone already, or no cgroup v2 mount): where /proc says the
+            // process is now, with that cgroup's own id so that the two always agree.
+            if let Ok(path) = self.proc.read_cgroup(pid) {
+                let id = self.proc.cgroup_id(&path);
+                if let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) {
+                    set_cgroup(entry, path, id);
+                }
+            }
         }
-        entry.cgroup_id = exec.cgroup_id;
+    }
+
+    /// The kernel saw `pid` in cgroup `id` (an event's record): when the table has it
+    /// elsewhere — it moved, with or without an exec — its cgroup, container, pod and unit
+    /// follow, found from the id alone, so a process that has exited since is still placed
+    /// right. False when the id could not be resolved (the entry is left as it was, its old id
+    /// included, so that the next event tries again).
+    pub fn follow_cgroup(&mut self, pid: u32, id: u64) -> bool {
+        let Some(known) = self.get(pid).map(|e| e.cgroup_id) else { return false };
+        if id == 0 || known == id {
+            return true;
+        }
+        let Some(path) = self.cgroup_path(id) else { return false };
+        if let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) {
+            set_cgroup(entry, path, id);
+        }
+        true
+    }
+
+    /// The path of cgroup `id`, remembered once found.
+    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+        if let Some(path) = self.cgroup_paths.get(&id) {
+            return Some(path.clone());
+        }
+        let path = self.proc.cgroup_path_of_id(id)?;
+        if self.cgroup_paths.len() >= CGROUP_PATHS_MAX {
+            self.cgroup_paths.clear();
+        }
+        self.cgroup_paths.insert(id, path.clone());
+        Some(path)
     }
 
     /// The path of the file `pid` executed. The kernel's file name when it is one from the
@@ -391,6 +430,16 @@ impl ProcessTable {
         }
         list.push(info);
     }
+}
+
+/// `entry` runs in the cgroup at `path`, whose kernel id is `id`.
+fn set_cgroup(entry: &mut ProcessInfo, path: String, id: u64) {
+    let identity = parse_cgroup_path(&path);
+    entry.cgroup_path = path;
+    entry.cgroup_id = id;
+    entry.container_id = identity.container_id;
+    entry.pod_uid = identity.pod_uid;
+    entry.systemd_unit = identity.systemd_unit;
 }
 
 /// True for a path that names an open descriptor (`/dev/fd/N`, `/proc/PID/fd/N`): meaningful

@@ -362,19 +362,20 @@ fn long_arguments_come_whole_from_proc_and_a_new_cgroup_is_read() {
     wait_exec(child.pid(), &sleep);
     let mut table = ProcessTable::default();
     table.on_fork(std::process::id(), child.pid(), now_ns());
-    // The record holds a cut copy; the cgroup id is one the table has not seen for it.
+    // The record holds a cut copy; the cgroup id is one the table has not seen for it, and
+    // no cgroup has (not found by id: then /proc says where the process is).
     let exec = ExecFacts {
         args: vec!["sleep".into(), "30".into(), "0".repeat(100)],
         args_cut: true,
-        cgroup_id: 12345,
+        cgroup_id: u64::MAX - 1,
         ..ran(sleep.to_str().expect("utf-8"))
     };
     table.on_exec(child.pid(), exec.clone(), now_ns());
     let info = table.get(child.pid()).expect("child");
     assert_eq!(info.cmdline, vec!["sleep".to_string(), "30".into(), long]);
-    assert_eq!(info.cgroup_id, 12345);
     let cgroup = ProcFs::default().read_cgroup(child.pid()).expect("cgroup");
     assert_eq!(info.cgroup_path, cgroup);
+    assert_eq!(info.cgroup_id, ProcFs::default().cgroup_id(&cgroup), "the id of the path read");
     child.kill();
 }
 
@@ -413,4 +414,33 @@ fn a_program_run_from_memory_is_named_as_proc_names_it() {
     // A descriptor's name is never hashed: it would open the sensor's own descriptor.
     let hasher = ExeHasher::default();
     assert_eq!(hasher.hash_process(table.proc_fs(), pid, Path::new("/dev/fd/3")), None);
+}
+
+#[test]
+fn a_cgroup_is_found_by_its_id_alone() {
+    use std::os::unix::fs::MetadataExt as _;
+    let proc = ProcFs::default();
+    assert_eq!(proc.cgroup_path_of_id(0), None, "0 is no cgroup");
+    assert_eq!(proc.cgroup_path_of_id(u64::MAX - 1), None, "no cgroup has this id");
+    // SAFETY: plain syscall.
+    let root = match crate::system::cgroup2_mount() {
+        Ok(root) if unsafe { libc::geteuid() } == 0 => root,
+        _ => {
+            eprintln!("SKIPPED (the rest): needs root and a cgroup v2 hierarchy");
+            return;
+        }
+    };
+    let root = root.as_path();
+    let name = format!("kw-test-{}", std::process::id());
+    let dir = root.join(&name).join("inner.scope");
+    fs::create_dir_all(&dir).expect("creating cgroups");
+    let id = fs::metadata(&dir).expect("cgroup").ino();
+    let found = proc.cgroup_path_of_id(id);
+    let root_id = fs::metadata(root).expect("cgroup root").ino();
+    let found_root = proc.cgroup_path_of_id(root_id);
+    fs::remove_dir(&dir).expect("removing cgroup");
+    fs::remove_dir(root.join(&name)).expect("removing cgroup");
+    assert_eq!(found.as_deref(), Some(format!("/{name}/inner.scope").as_str()));
+    assert_eq!(found_root.as_deref(), Some("/"), "the root cgroup, as /proc/PID/cgroup shows it");
+    assert_eq!(proc.cgroup_path_of_id(id), None, "a removed cgroup is gone");
 }
