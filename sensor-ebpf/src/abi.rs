@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 10;
+pub const ABI_VERSION: u32 = 11;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -528,6 +528,14 @@ pub struct KernelOffsets {
     /// `mm_struct.arg_start` and `arg_end`: where a process's arguments lie in its memory.
     pub mm_arg_start: u32,
     pub mm_arg_end: u32,
+    /// `io_kiocb.ctx`, the request's ring; [`NO_OFFSET`] without io_uring.
+    pub io_kiocb_ctx: u32,
+    /// `io_ring_ctx.file_table.data.nr` and `.nodes`: the ring's fixed-file table (6.13+
+    /// layout; [`NO_OFFSET`] elsewhere, where opens into fixed slots stay unseen).
+    pub io_ctx_files_nr: u32,
+    pub io_ctx_files_nodes: u32,
+    /// `io_rsrc_node.file_ptr`: a fixed slot's file, flags in its two low bits.
+    pub io_rsrc_node_file_ptr: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -642,10 +650,10 @@ const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 45 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 41 * 4 + 4 * 8 + 20);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 45 * 4 + 4 * 8 + 20);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

@@ -127,6 +127,13 @@ impl KernelBtf {
         Ok(total)
     }
 
+    /// `io_ring_ctx.file_table.data.<member>` (the fixed-file table since 6.13), or
+    /// [`NO_OFFSET`].
+    fn fixed_files(&self, member: &str) -> u32 {
+        let path = [("file_table", "io_file_table"), ("data", "io_rsrc_data"), (member, "")];
+        self.path_offset("io_ring_ctx", &path).unwrap_or(NO_OFFSET)
+    }
+
     /// Every offset the kernel programs need.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
         let task = |m: &str| self.member_offset("task_struct", m);
@@ -169,6 +176,12 @@ impl KernelBtf {
             io_kiocb_opcode: self.member_offset("io_kiocb", "opcode").unwrap_or(NO_OFFSET),
             io_open_file_slot: self.member_offset("io_open", "file_slot").unwrap_or(NO_OFFSET),
             io_kiocb_file: self.member_offset("io_kiocb", "file").unwrap_or(NO_OFFSET),
+            io_kiocb_ctx: self.member_offset("io_kiocb", "ctx").unwrap_or(NO_OFFSET),
+            io_ctx_files_nr: self.fixed_files("nr"),
+            io_ctx_files_nodes: self.fixed_files("nodes"),
+            io_rsrc_node_file_ptr: self
+                .member_offset("io_rsrc_node", "file_ptr")
+                .unwrap_or(NO_OFFSET),
             dentry_name_len: self.path_offset("dentry", &[("d_name", "qstr"), ("len", "")])?,
             vma_vm_file: self.member_offset("vm_area_struct", "vm_file")?,
             // x86-64 register names; other architectures read arguments at syscall entry.
@@ -227,6 +240,21 @@ mod tests {
         if std::path::Path::new("/proc/sys/kernel/io_uring_disabled").exists() {
             assert_ne!(offsets.io_kiocb_opcode, NO_OFFSET, "io_uring kernel without io_kiocb");
             assert_ne!(offsets.io_open_file_slot, NO_OFFSET);
+            assert_ne!(offsets.io_kiocb_ctx, NO_OFFSET);
+            // The fixed-file table's layout is all there or not at all (before 6.13).
+            let table = [
+                offsets.io_ctx_files_nr,
+                offsets.io_ctx_files_nodes,
+                offsets.io_rsrc_node_file_ptr,
+            ];
+            assert!(table.iter().all(|&o| o != NO_OFFSET) || table.iter().all(|&o| o == NO_OFFSET));
+            if table[0] != NO_OFFSET {
+                assert_eq!(
+                    offsets.io_ctx_files_nodes,
+                    offsets.io_ctx_files_nr + 8,
+                    "nr, then nodes"
+                );
+            }
         }
     }
 

@@ -177,6 +177,27 @@ async fn a_credential_opened_through_io_uring_is_reported() {
 }
 
 #[tokio::test]
+async fn a_credential_opened_through_io_uring_into_a_fixed_slot_is_reported() {
+    let Some(mut sensor) = sensor() else { return };
+    // A slot the program names, and one the kernel picks: the open's result is no fd then.
+    for (slot, id) in [("5", 12), ("auto", 13)] {
+        let creds = Creds::new();
+        let cred = creds.cred();
+        watch(&mut sensor, &cred, id);
+        let pid = act(&["uring-read-fixed", cred.to_str().unwrap(), slot]);
+        let event = file_open_by(&mut sensor, pid, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no file event for an io_uring open into slot {slot}"));
+        let key = file_key(&cred).unwrap();
+        let Detail::FileOpen { watch_id, ino, dev, .. } = &event.detail else {
+            panic!("not a file open: {event:?}");
+        };
+        assert_eq!((*watch_id, *ino, *dev), (id, key.ino, key.dev), "slot {slot}");
+        assert_eq!(event.process.ppid, std::process::id(), "parent is the test");
+    }
+}
+
+#[tokio::test]
 async fn a_credential_opened_by_file_handle_is_reported() {
     let Some(mut sensor) = sensor() else { return };
     let (creds, event) = act_on_a_watched_credential(&mut sensor, "by-handle", 11).await;

@@ -7,7 +7,8 @@
 //!
 //! io_uring opens (`IORING_OP_OPENAT*`) never pass the open syscalls, so the completion of
 //! every io_uring request is looked at too: an open's result is the new fd in the submitting
-//! process's table (io_uring's workers share it), resolved exactly like a syscall's.
+//! process's table (io_uring's workers share it), resolved exactly like a syscall's, or a
+//! slot of the ring's fixed-file table, read from there.
 
 use aya_ebpf::{
     helpers::bpf_probe_read_kernel_str_bytes, macros::tracepoint, programs::TracePointContext,
@@ -42,6 +43,11 @@ const URING_RES: usize = 32;
 const IORING_OP_CONNECT: u8 = 16;
 const IORING_OP_OPENAT: u8 = 18;
 const IORING_OP_OPENAT2: u8 = 28;
+/// `io_open.file_slot` asking the kernel to pick a free slot (`IORING_FILE_INDEX_ALLOC`): the
+/// result is then the slot's index.
+const IORING_FILE_INDEX_ALLOC: u32 = u32::MAX;
+/// Flag bits in a fixed slot's `file_ptr` (`FFS_NOWAIT | FFS_ISREG`).
+const FIXED_FILE_FLAGS: u64 = 0b11;
 
 #[tracepoint(category = "syscalls", name = "sys_exit_openat")]
 pub fn sys_exit_openat(ctx: TracePointContext) -> u32 {
@@ -88,9 +94,9 @@ pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
     }
 }
 
-/// A completed io_uring request: an open's result is the new fd, unless it went into a
-/// fixed-file slot (then it is not in the fd table; see the architecture notes); a connect's
-/// socket is the request's file.
+/// A completed io_uring request: an open's result is the new fd, or — for an open straight
+/// into a fixed-file slot, which never enters the fd table — the file is read from the ring's
+/// fixed-file table; a connect's socket is the request's file.
 fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     let o = offsets();
     let res: i32 = tp_field(ctx, URING_RES);
@@ -109,10 +115,41 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     if opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2 {
         return Ok(());
     }
-    if o.io_open_file_slot != NO_OFFSET && kread::at::<u32>(req, o.io_open_file_slot)? != 0 {
-        return Ok(());
+    let slot = match o.io_open_file_slot {
+        NO_OFFSET => 0,
+        at => kread::at::<u32>(req, at)?,
+    };
+    // Opened straight into a fixed-file slot: no fd, the file sits in the ring's own table.
+    // One call for both (each inlined copy of the matcher costs stack).
+    let fd = (slot == 0).then_some(res as u32);
+    let index = if slot == IORING_FILE_INDEX_ALLOC { res as u32 } else { slot.wrapping_sub(1) };
+    on_new_file(fd, || match fd {
+        Some(fd) => file_of_fd(fd),
+        None => fixed_file(req, index),
+    })
+}
+
+/// The file in fixed-file slot `index` of `req`'s ring (`ctx->file_table.data.nodes[index]`,
+/// flags masked off); `Err` on kernels with another table layout.
+#[inline(always)]
+fn fixed_file(req: *const u8, index: u32) -> Result<*const u8, i64> {
+    let o = offsets();
+    if o.io_ctx_files_nodes == NO_OFFSET
+        || o.io_kiocb_ctx == NO_OFFSET
+        || o.io_rsrc_node_file_ptr == NO_OFFSET
+    {
+        return Err(-1);
     }
-    on_new_fd(res as u32)
+    let ring = kread::ptr(req, o.io_kiocb_ctx)?;
+    let nr: u32 = kread::at(ring, o.io_ctx_files_nr)?;
+    if index >= nr {
+        return Err(-1);
+    }
+    let nodes = kread::ptr(ring, o.io_ctx_files_nodes)?;
+    let node = kread::ptr(nodes, index.wrapping_mul(8))?;
+    let file_ptr: u64 = kread::at(node, o.io_rsrc_node_file_ptr)?;
+    let file = (file_ptr & !FIXED_FILE_FLAGS) as *const u8;
+    if file.is_null() { Err(-1) } else { Ok(file) }
 }
 
 /// `s_dev` and `s_magic` of a superblock.
@@ -129,17 +166,28 @@ fn superblock<F: Fields>(view: &mut F, sb: *const u8) -> Result<(u32, u64), i64>
 /// every field is a plain load; elsewhere a helper read per struct window.
 #[inline(always)]
 fn on_new_fd(fd: u32) -> Result<(), i64> {
+    on_new_file(Some(fd), || file_of_fd(fd))
+}
+
+/// A file just opened by the current process: as `fd` where it has one (then through BTF
+/// pointers where the kernel allows), else the file `by_helpers` finds with helper reads.
+#[inline(always)]
+fn on_new_file(
+    fd: Option<u32>,
+    by_helpers: impl FnOnce() -> Result<*const u8, i64>,
+) -> Result<(), i64> {
     let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if super::task::is_self(tgid) {
         return Ok(());
     }
-    if task_btf()
+    if let Some(fd) = fd
+        && task_btf()
         && let Some(file) = file_btf_of_fd(current_task_btf(), fd)
     {
         return match_file(&mut kread::BtfView::new(), file, pid_tgid);
     }
-    match_file(&mut kread::View::new(), file_of_fd(fd)?, pid_tgid)
+    match_file(&mut kread::View::new(), by_helpers()?, pid_tgid)
 }
 
 /// The file behind `fd` as a BTF pointer, where the kernel allows: the fd table is walked

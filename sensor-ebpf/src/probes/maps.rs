@@ -139,6 +139,10 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     pt_regs_si: 0,
     mm_arg_start: 0,
     mm_arg_end: 0,
+    io_kiocb_ctx: 0,
+    io_ctx_files_nr: 0,
+    io_ctx_files_nodes: 0,
+    io_rsrc_node_file_ptr: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole

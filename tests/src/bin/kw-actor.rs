@@ -26,6 +26,9 @@ fn main() -> ExitCode {
         "openat" => openat(arg(1), arg(2)),
         // uring-read PATH: open and read PATH through io_uring, without any open syscall.
         "uring-read" => uring_read(arg(1)),
+        // uring-read-fixed PATH SLOT: open PATH through io_uring straight into fixed-file slot
+        // SLOT (`auto`: one the kernel picks) and read it from there; no fd ever exists.
+        "uring-read-fixed" => uring_read_fixed(arg(1), arg(2)),
         // uring-unix PATH: connect to a unix stream socket through io_uring (no connect
         // syscall).
         "uring-unix" => uring_unix(arg(1)),
@@ -215,6 +218,34 @@ fn uring_read(path: &str) -> std::io::Result<()> {
     // SAFETY: fd came from the open above and is closed once.
     unsafe { libc::close(fd) };
     result
+}
+
+fn uring_read_fixed(path: &str, slot: &str) -> std::io::Result<()> {
+    use io_uring::{IoUring, opcode, types};
+    let mut ring = IoUring::new(4)?;
+    ring.submitter().register_files_sparse(8)?;
+    let wanted = match slot {
+        "auto" => None,
+        n => Some(n.parse::<u32>().map_err(std::io::Error::other)?),
+    };
+    let target = match wanted {
+        None => types::DestinationSlot::auto_target(),
+        Some(n) => types::DestinationSlot::try_from_slot_target(n)
+            .map_err(|n| std::io::Error::other(format!("bad slot {n}")))?,
+    };
+    let name =
+        CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // No O_CLOEXEC: the kernel refuses it for a fixed slot (there is no fd to close on exec).
+    let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
+        .flags(libc::O_RDONLY)
+        .file_index(Some(target))
+        .build();
+    let result = uring_run(&mut ring, open)?;
+    // An automatic slot is the result; a chosen one yields 0.
+    let index = wanted.unwrap_or(result as u32);
+    let mut buf = vec![0u8; 4096];
+    let read = opcode::Read::new(types::Fixed(index), buf.as_mut_ptr(), buf.len() as u32).build();
+    uring_run(&mut ring, read).map(drop)
 }
 
 fn repeat(path: &str, n: u64) -> std::io::Result<()> {
