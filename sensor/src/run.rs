@@ -303,8 +303,13 @@ pub async fn run_stdout(opts: &AgentOptions) -> anyhow::Result<()> {
         }
     }
     let lost = agent.sensor().loaded().lost_counts().unwrap_or_default();
-    let lost: u64 = lost.iter().map(|(_, n)| n).sum();
-    tracing::info!(lost_records = lost, "sensor stopped");
+    let total: u64 = lost.iter().map(|(_, n)| n).sum();
+    let by_kind: Vec<String> = lost
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(kind, n)| format!("{}={n}", kind.name()))
+        .collect();
+    tracing::info!(lost_records = total, lost_by_kind = %by_kind.join(" "), "sensor stopped");
     Ok(())
 }
 
