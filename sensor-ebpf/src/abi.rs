@@ -536,6 +536,8 @@ pub struct KernelOffsets {
     pub io_ctx_files_nodes: u32,
     /// `io_rsrc_node.file_ptr`: a fixed slot's file, flags in its two low bits.
     pub io_rsrc_node_file_ptr: u32,
+    /// `io_kiocb.flags` (`REQ_F_*`); [`NO_OFFSET`] without io_uring.
+    pub io_kiocb_flags: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -622,7 +624,6 @@ pub struct SensorConfig {
     /// family with plain loads instead of a user-memory read of the caller's address. 0 when
     /// absent (then it reads the address).
     pub socket_btf_id: u32,
-    pub _pad0: u32,
 }
 
 /// Placeholder of a call to the kfunc `bpf_rdonly_cast(obj, btf_id)` (kernel 6.2+), which
@@ -650,10 +651,10 @@ const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 45 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 46 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 45 * 4 + 4 * 8 + 20);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 46 * 4 + 4 * 8 + 16);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

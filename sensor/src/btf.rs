@@ -182,6 +182,7 @@ impl KernelBtf {
             io_rsrc_node_file_ptr: self
                 .member_offset("io_rsrc_node", "file_ptr")
                 .unwrap_or(NO_OFFSET),
+            io_kiocb_flags: self.member_offset("io_kiocb", "flags").unwrap_or(NO_OFFSET),
             dentry_name_len: self.path_offset("dentry", &[("d_name", "qstr"), ("len", "")])?,
             vma_vm_file: self.member_offset("vm_area_struct", "vm_file")?,
             // x86-64 register names; other architectures read arguments at syscall entry.
@@ -241,6 +242,7 @@ mod tests {
             assert_ne!(offsets.io_kiocb_opcode, NO_OFFSET, "io_uring kernel without io_kiocb");
             assert_ne!(offsets.io_open_file_slot, NO_OFFSET);
             assert_ne!(offsets.io_kiocb_ctx, NO_OFFSET);
+            assert_ne!(offsets.io_kiocb_flags, NO_OFFSET);
             // The fixed-file table's layout is all there or not at all (before 6.13).
             let table = [
                 offsets.io_ctx_files_nr,

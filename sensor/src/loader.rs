@@ -389,7 +389,6 @@ fn open_object(
         slot_btf_id: btf.struct_id("vm_area_struct").unwrap_or(0),
         args_at_exit: u32::from(mode.args_at_exit),
         socket_btf_id: btf.struct_id("socket").unwrap_or(0),
-        _pad0: 0,
     };
     let (object, patched) = crate::kfunc::patch(crate::EBPF_OBJECT, mode.rdonly_cast);
     tracing::debug!(?patched, "kfunc call sites");

@@ -177,22 +177,32 @@ async fn a_credential_opened_through_io_uring_is_reported() {
 }
 
 #[tokio::test]
-async fn a_credential_opened_through_io_uring_into_a_fixed_slot_is_reported() {
+async fn a_credential_opened_or_read_through_an_io_uring_fixed_slot_is_reported() {
     let Some(mut sensor) = sensor() else { return };
     // A slot the program names, and one the kernel picks: the open's result is no fd then.
-    for (slot, id) in [("5", 12), ("auto", 13)] {
+    // And an open, a read and a close of one slot in one submission, whose completions are
+    // posted together once the slot is empty again: the read's own file tells.
+    let cases = [
+        (&["uring-read-fixed", "5"][..], 12),
+        (&["uring-read-fixed", "auto"], 13),
+        (&["uring-batch-fixed"], 14),
+    ];
+    for (action, id) in cases {
         let creds = Creds::new();
         let cred = creds.cred();
         watch(&mut sensor, &cred, id);
-        let pid = act(&["uring-read-fixed", cred.to_str().unwrap(), slot]);
+        let mut args = vec![action[0], cred.to_str().unwrap()];
+        args.extend(&action[1..]);
+        let pid = act(&args);
+        let case = action.join(" ");
         let event = file_open_by(&mut sensor, pid, WAIT)
             .await
-            .unwrap_or_else(|| panic!("no file event for an io_uring open into slot {slot}"));
+            .unwrap_or_else(|| panic!("no file event for kw-actor {case}"));
         let key = file_key(&cred).unwrap();
         let Detail::FileOpen { watch_id, ino, dev, .. } = &event.detail else {
             panic!("not a file open: {event:?}");
         };
-        assert_eq!((*watch_id, *ino, *dev), (id, key.ino, key.dev), "slot {slot}");
+        assert_eq!((*watch_id, *ino, *dev), (id, key.ino, key.dev), "{case}");
         assert_eq!(event.process.ppid, std::process::id(), "parent is the test");
     }
 }

@@ -43,6 +43,17 @@ const URING_RES: usize = 32;
 const IORING_OP_CONNECT: u8 = 16;
 const IORING_OP_OPENAT: u8 = 18;
 const IORING_OP_OPENAT2: u8 = 28;
+/// The read opcodes (`IORING_OP_READV`, `_READ_FIXED`, `_READ`, `_READ_MULTISHOT`,
+/// `_READV_FIXED`) and `IORING_OP_FIXED_FD_INSTALL` (6.8+), numbered by the stable UAPI.
+const IORING_OP_READV: u8 = 1;
+const IORING_OP_READ_FIXED: u8 = 4;
+const IORING_OP_READ: u8 = 22;
+const IORING_OP_READ_MULTISHOT: u8 = 49;
+const IORING_OP_FIXED_FD_INSTALL: u8 = 54;
+const IORING_OP_READV_FIXED: u8 = 60;
+/// `REQ_F_FIXED_FILE`: the request's file came from a fixed slot. Bit 0 of the request flags
+/// in every kernel, mirroring the UAPI `IOSQE_FIXED_FILE`.
+const REQ_F_FIXED_FILE: u32 = 1;
 /// `io_open.file_slot` asking the kernel to pick a free slot (`IORING_FILE_INDEX_ALLOC`): the
 /// result is then the slot's index.
 const IORING_FILE_INDEX_ALLOC: u32 = u32::MAX;
@@ -94,9 +105,15 @@ pub fn io_uring_complete(ctx: TracePointContext) -> u32 {
     }
 }
 
-/// A completed io_uring request: an open's result is the new fd, or — for an open straight
-/// into a fixed-file slot, which never enters the fd table — the file is read from the ring's
-/// fixed-file table; a connect's socket is the request's file.
+/// A completed io_uring request. What it left the process holding, matched like an open:
+/// - an open's result, the new fd — or, for an open straight into a fixed-file slot, which
+///   never enters the fd table, the file in the ring's fixed-file table;
+/// - a fixed-file install's result, an fd for a file that was never opened by a syscall;
+/// - the file a read of a fixed-file slot read (the open may have gone unseen: an open, a read
+///   and a close of one slot submitted together post their completions together, after the
+///   slot was emptied). Reads of plain fds are not looked at: their open was seen.
+///
+/// A connect's socket is the request's file.
 fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
     let o = offsets();
     let res: i32 = tp_field(ctx, URING_RES);
@@ -112,21 +129,52 @@ fn try_uring_complete(ctx: &TracePointContext) -> Result<(), i64> {
         }
         return unix_connected(kread::ptr(req, o.io_kiocb_file)?, tgid);
     }
-    if opcode != IORING_OP_OPENAT && opcode != IORING_OP_OPENAT2 {
-        return Ok(());
-    }
-    let slot = match o.io_open_file_slot {
-        NO_OFFSET => 0,
-        at => kread::at::<u32>(req, at)?,
+    let held = match opcode {
+        IORING_OP_OPENAT | IORING_OP_OPENAT2 => match o.io_open_file_slot {
+            NO_OFFSET => Held::Fd(res as u32),
+            at => match kread::at::<u32>(req, at)? {
+                0 => Held::Fd(res as u32),
+                IORING_FILE_INDEX_ALLOC => Held::Slot(res as u32),
+                slot => Held::Slot(slot - 1),
+            },
+        },
+        IORING_OP_FIXED_FD_INSTALL => Held::Fd(res as u32),
+        IORING_OP_READV
+        | IORING_OP_READ_FIXED
+        | IORING_OP_READ
+        | IORING_OP_READ_MULTISHOT
+        | IORING_OP_READV_FIXED
+            if o.io_kiocb_flags != NO_OFFSET && o.io_kiocb_file != NO_OFFSET =>
+        {
+            // The low word of `io_req_flags_t` (u32 before 6.10, u64 since).
+            if kread::at::<u32>(req, o.io_kiocb_flags)? & REQ_F_FIXED_FILE == 0 {
+                return Ok(());
+            }
+            Held::RequestFile
+        }
+        _ => return Ok(()),
     };
-    // Opened straight into a fixed-file slot: no fd, the file sits in the ring's own table.
-    // One call for both (each inlined copy of the matcher costs stack).
-    let fd = (slot == 0).then_some(res as u32);
-    let index = if slot == IORING_FILE_INDEX_ALLOC { res as u32 } else { slot.wrapping_sub(1) };
-    on_new_file(fd, || match fd {
-        Some(fd) => file_of_fd(fd),
-        None => fixed_file(req, index),
+    // One call for every case: each inlined copy of the matcher costs stack.
+    let fd = match held {
+        Held::Fd(fd) => Some(fd),
+        _ => None,
+    };
+    on_new_file(fd, || match held {
+        Held::Fd(fd) => file_of_fd(fd),
+        Held::Slot(index) => fixed_file(req, index),
+        Held::RequestFile => kread::ptr(req, o.io_kiocb_file),
     })
+}
+
+/// Where the file an io_uring request left behind is.
+#[derive(Clone, Copy)]
+enum Held {
+    /// In the process's fd table.
+    Fd(u32),
+    /// In slot `n` of the ring's fixed-file table.
+    Slot(u32),
+    /// The request's own file (`io_kiocb.file`).
+    RequestFile,
 }
 
 /// The file in fixed-file slot `index` of `req`'s ring (`ctx->file_table.data.nodes[index]`,

@@ -91,7 +91,6 @@ pub static CONFIG: Global<SensorConfig> = Global::new(SensorConfig {
     slot_btf_id: 0,
     args_at_exit: 0,
     socket_btf_id: 0,
-    _pad0: 0,
 });
 
 const NO_WINDOWS: ReadWindows =
@@ -143,6 +142,7 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     io_ctx_files_nr: 0,
     io_ctx_files_nodes: 0,
     io_rsrc_node_file_ptr: 0,
+    io_kiocb_flags: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole

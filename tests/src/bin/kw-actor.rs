@@ -29,6 +29,9 @@ fn main() -> ExitCode {
         // uring-read-fixed PATH SLOT: open PATH through io_uring straight into fixed-file slot
         // SLOT (`auto`: one the kernel picks) and read it from there; no fd ever exists.
         "uring-read-fixed" => uring_read_fixed(arg(1), arg(2)),
+        // uring-batch-fixed PATH: one submission opens PATH into a fixed slot, reads it from
+        // the slot and closes the slot; their completions are posted together, at the end.
+        "uring-batch-fixed" => uring_batch_fixed(arg(1)),
         // uring-unix PATH: connect to a unix stream socket through io_uring (no connect
         // syscall).
         "uring-unix" => uring_unix(arg(1)),
@@ -246,6 +249,39 @@ fn uring_read_fixed(path: &str, slot: &str) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let read = opcode::Read::new(types::Fixed(index), buf.as_mut_ptr(), buf.len() as u32).build();
     uring_run(&mut ring, read).map(drop)
+}
+
+fn uring_batch_fixed(path: &str) -> std::io::Result<()> {
+    use io_uring::{IoUring, opcode, types};
+    let mut ring = IoUring::new(8)?;
+    ring.submitter().register_files_sparse(4)?;
+    // A cached name lets the open complete inline (a stat is no open), so the read after it
+    // in the same submission finds the slot filled.
+    std::fs::metadata(path)?;
+    let name =
+        CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let slot = types::DestinationSlot::try_from_slot_target(0)
+        .map_err(|n| std::io::Error::other(format!("bad slot {n}")))?;
+    let mut buf = vec![0u8; 4096];
+    let entries = [
+        opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
+            .flags(libc::O_RDONLY)
+            .file_index(Some(slot))
+            .build()
+            .user_data(1),
+        opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), buf.len() as u32).build().user_data(2),
+        opcode::Close::new(types::Fixed(0)).build().user_data(3),
+    ];
+    // SAFETY: the name and the buffer outlive the wait below.
+    unsafe { ring.submission().push_multiple(&entries) }.map_err(std::io::Error::other)?;
+    ring.submit_and_wait(entries.len())?;
+    for cqe in ring.completion() {
+        if cqe.result() < 0 {
+            let error = std::io::Error::from_raw_os_error(-cqe.result());
+            return Err(std::io::Error::other(format!("request {}: {error}", cqe.user_data())));
+        }
+    }
+    Ok(())
 }
 
 fn repeat(path: &str, n: u64) -> std::io::Result<()> {
