@@ -181,11 +181,13 @@ async fn a_credential_opened_or_read_through_an_io_uring_fixed_slot_is_reported(
     let Some(mut sensor) = sensor() else { return };
     // A slot the program names, and one the kernel picks: the open's result is no fd then.
     // And an open, a read and a close of one slot in one submission, whose completions are
-    // posted together once the slot is empty again: the read's own file tells.
+    // posted together once the slot is empty again: the read's own file tells; or the slot's
+    // file given an fd in that submission, then read through the fd.
     let cases = [
         (&["uring-read-fixed", "5"][..], 12),
         (&["uring-read-fixed", "auto"], 13),
         (&["uring-batch-fixed"], 14),
+        (&["uring-install-fixed"], 15),
     ];
     for (action, id) in cases {
         let creds = Creds::new();

@@ -31,7 +31,10 @@ fn main() -> ExitCode {
         "uring-read-fixed" => uring_read_fixed(arg(1), arg(2)),
         // uring-batch-fixed PATH: one submission opens PATH into a fixed slot, reads it from
         // the slot and closes the slot; their completions are posted together, at the end.
-        "uring-batch-fixed" => uring_batch_fixed(arg(1)),
+        "uring-batch-fixed" => uring_batch_fixed(arg(1), false),
+        // uring-install-fixed PATH: the same submission gives the slot's file an fd instead of
+        // reading it, and the file is read through that fd once the slot is closed.
+        "uring-install-fixed" => uring_batch_fixed(arg(1), true),
         // uring-unix PATH: connect to a unix stream socket through io_uring (no connect
         // syscall).
         "uring-unix" => uring_unix(arg(1)),
@@ -251,8 +254,9 @@ fn uring_read_fixed(path: &str, slot: &str) -> std::io::Result<()> {
     uring_run(&mut ring, read).map(drop)
 }
 
-fn uring_batch_fixed(path: &str) -> std::io::Result<()> {
+fn uring_batch_fixed(path: &str, install: bool) -> std::io::Result<()> {
     use io_uring::{IoUring, opcode, types};
+    use std::os::fd::FromRawFd as _;
     let mut ring = IoUring::new(8)?;
     ring.submitter().register_files_sparse(4)?;
     // A cached name lets the open complete inline (a stat is no open), so the read after it
@@ -269,19 +273,34 @@ fn uring_batch_fixed(path: &str) -> std::io::Result<()> {
             .file_index(Some(slot))
             .build()
             .user_data(1),
-        opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), buf.len() as u32).build().user_data(2),
+        if install {
+            opcode::FixedFdInstall::new(types::Fixed(0), 0).build().user_data(2)
+        } else {
+            opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), buf.len() as u32)
+                .build()
+                .user_data(2)
+        },
         opcode::Close::new(types::Fixed(0)).build().user_data(3),
     ];
     // SAFETY: the name and the buffer outlive the wait below.
     unsafe { ring.submission().push_multiple(&entries) }.map_err(std::io::Error::other)?;
     ring.submit_and_wait(entries.len())?;
+    let mut installed = None;
     for cqe in ring.completion() {
         if cqe.result() < 0 {
             let error = std::io::Error::from_raw_os_error(-cqe.result());
             return Err(std::io::Error::other(format!("request {}: {error}", cqe.user_data())));
         }
+        if install && cqe.user_data() == 2 {
+            installed = Some(cqe.result());
+        }
     }
-    Ok(())
+    match installed {
+        // SAFETY: the install's result is a new fd owned from here on.
+        Some(fd) => unsafe { File::from_raw_fd(fd) }.read_to_end(&mut Vec::new()).map(drop),
+        None if install => Err(std::io::Error::other("no fd installed")),
+        None => Ok(()),
+    }
 }
 
 fn repeat(path: &str, n: u64) -> std::io::Result<()> {
