@@ -16,6 +16,9 @@ const IN_FLIGHT_NS: u64 = 100_000_000;
 pub struct FoldTracker {
     keys: HashMap<FoldKey, Reported>,
     window_ns: u64,
+    /// Keys reported by a sweep alone: every record they had was lost (ring full), and the
+    /// kernel counted each such record as lost, so these occurrences are counted twice.
+    recovered_keys: u64,
 }
 
 #[derive(Debug)]
@@ -26,7 +29,13 @@ struct Reported {
 
 impl FoldTracker {
     pub fn new(window: std::time::Duration) -> Self {
-        Self { keys: HashMap::new(), window_ns: window.as_nanos() as u64 }
+        Self { keys: HashMap::new(), window_ns: window.as_nanos() as u64, recovered_keys: 0 }
+    }
+
+    /// Fold keys whose records were all lost yet were reported by a sweep, so far: each of
+    /// them stands for at least one record the kernel counted as lost.
+    pub fn recovered_keys(&self) -> u64 {
+        self.recovered_keys
     }
 
     /// Continues from the totals a previous sensor reported (its checkpoint), so occurrences
@@ -81,7 +90,10 @@ impl FoldTracker {
             }
             let mut tail = match self.keys.get(&key) {
                 Some(r) => r.last.clone(),
-                None => event_from_key(&key, now_unix_ns),
+                None => {
+                    self.recovered_keys += 1;
+                    event_from_key(&key, now_unix_ns)
+                }
             };
             tail.count = u32::try_from(state.total - reported_total).unwrap_or(u32::MAX);
             tail.time_ns = now_unix_ns;
@@ -189,6 +201,7 @@ mod tests {
         let tails = t.sweep(&[(key, state(400))], 3_000_000_000, 10_000_000_000);
         assert_eq!(tails.len(), 1);
         assert_eq!(tails[0].count, 250);
+        assert_eq!(t.recovered_keys(), 0, "a tail of a key with records is no recovery");
         assert!(t.sweep(&[(key, state(400))], 4_000_000_000, 10_000_000_000).is_empty());
         // The key left the kernel map: forgotten, and a fresh entry counts from scratch.
         assert!(t.sweep(&[], 5_000_000_000, 10_000_000_000).is_empty());
@@ -207,5 +220,6 @@ mod tests {
         assert_eq!(tails.len(), 1);
         assert_eq!((tails[0].count, tails[0].process.pid), (30, 77));
         assert!(matches!(tails[0].detail, Detail::FileOpen { ino: 9, dev: 5, .. }));
+        assert_eq!(t.recovered_keys(), 1, "reported from the key alone");
     }
 }

@@ -309,7 +309,16 @@ pub async fn run_stdout(opts: &AgentOptions) -> anyhow::Result<()> {
         .filter(|(_, n)| *n > 0)
         .map(|(kind, n)| format!("{}={n}", kind.name()))
         .collect();
-    tracing::info!(lost_records = total, lost_by_kind = %by_kind.join(" "), "sensor stopped");
+    // A fold key whose records were all lost is still reported by a sweep, from the kernel's
+    // count: those occurrences are both delivered and counted in the losses above.
+    let recovered =
+        agent.sensor().reader_stats().recovered_keys.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        lost_records = total,
+        lost_by_kind = %by_kind.join(" "),
+        recovered_by_sweep = recovered,
+        "sensor stopped"
+    );
     Ok(())
 }
 
