@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 11;
+pub const ABI_VERSION: u32 = 12;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -458,6 +458,9 @@ impl FoldKey {
 pub struct FoldState {
     pub total: u64,
     pub last_emit_ns: u64,
+    /// Records of this key that found the ring full (also in the per-kind `LOST` counts): the
+    /// sensor then knows the key's newest record is not still in the ring on its way.
+    pub lost_records: u64,
 }
 
 /// An offset the running kernel does not have (the programs that need it do nothing).
@@ -650,6 +653,7 @@ const _: () = assert!(size_of::<CredChangeEvent>() == 72 + 16);
 const _: () = assert!(size_of::<FileKey>() == 16);
 const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
+const _: () = assert!(size_of::<FoldState>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
 const _: () = assert!(size_of::<KernelOffsets>() == 46 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);

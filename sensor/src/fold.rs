@@ -10,15 +10,19 @@ use crate::event::{Detail, Event, ProcessRef};
 
 /// A kernel entry this recent may still have its record in flight in the ring.
 const IN_FLIGHT_NS: u64 = 100_000_000;
+/// A key with nothing reported whose record the kernel did not lose has that record in the
+/// ring still, carrying everything the key alone cannot tell (path, watch): it is waited for,
+/// up to this long behind the reader (a stalled downstream), before the key speaks for it.
+const UNLOST_IN_FLIGHT_NS: u64 = 10_000_000_000;
 
 /// Per fold key: what has been reported and the last event, used as the template for tails.
 #[derive(Debug, Default)]
 pub struct FoldTracker {
     keys: HashMap<FoldKey, Reported>,
     window_ns: u64,
-    /// Keys reported by a sweep alone: every record they had was lost (ring full), and the
-    /// kernel counted each such record as lost, so these occurrences are counted twice.
-    recovered_keys: u64,
+    /// Lost records (ring full) of keys reported by a sweep alone: their occurrences were
+    /// delivered after all, from the kernel's counts.
+    recovered_records: u64,
 }
 
 #[derive(Debug)]
@@ -29,13 +33,13 @@ struct Reported {
 
 impl FoldTracker {
     pub fn new(window: std::time::Duration) -> Self {
-        Self { keys: HashMap::new(), window_ns: window.as_nanos() as u64, recovered_keys: 0 }
+        Self { keys: HashMap::new(), window_ns: window.as_nanos() as u64, recovered_records: 0 }
     }
 
-    /// Fold keys whose records were all lost yet were reported by a sweep, so far: each of
-    /// them stands for at least one record the kernel counted as lost.
-    pub fn recovered_keys(&self) -> u64 {
-        self.recovered_keys
+    /// Records the kernel counted as lost whose occurrences a sweep reported nonetheless, for
+    /// keys that had no record delivered at all, so far.
+    pub fn recovered_records(&self) -> u64 {
+        self.recovered_records
     }
 
     /// Continues from the totals a previous sensor reported (its checkpoint), so occurrences
@@ -82,8 +86,14 @@ impl FoldTracker {
             live.insert(key);
             let reported_total = match self.keys.get(&key) {
                 Some(r) => r.total,
-                None if now_boot_ns.saturating_sub(state.last_emit_ns) < IN_FLIGHT_NS => continue,
-                None => 0,
+                None => {
+                    let wait =
+                        if state.lost_records > 0 { IN_FLIGHT_NS } else { UNLOST_IN_FLIGHT_NS };
+                    if now_boot_ns.saturating_sub(state.last_emit_ns) < wait {
+                        continue;
+                    }
+                    0
+                }
             };
             if state.total <= reported_total {
                 continue;
@@ -91,7 +101,7 @@ impl FoldTracker {
             let mut tail = match self.keys.get(&key) {
                 Some(r) => r.last.clone(),
                 None => {
-                    self.recovered_keys += 1;
+                    self.recovered_records += state.lost_records;
                     event_from_key(&key, now_unix_ns)
                 }
             };
@@ -197,11 +207,11 @@ mod tests {
         assert!(t.on_event(event(120, 2_000_000_001)).is_none());
         // The burst goes on to 400 and stops: the sweep reports the tail once.
         let key = FoldKey::file(10, 1, 42);
-        let state = |total| FoldState { total, last_emit_ns: 0 };
+        let state = |total| FoldState { total, last_emit_ns: 0, lost_records: 0 };
         let tails = t.sweep(&[(key, state(400))], 3_000_000_000, 10_000_000_000);
         assert_eq!(tails.len(), 1);
         assert_eq!(tails[0].count, 250);
-        assert_eq!(t.recovered_keys(), 0, "a tail of a key with records is no recovery");
+        assert_eq!(t.recovered_records(), 0, "a tail of a key with records is no recovery");
         assert!(t.sweep(&[(key, state(400))], 4_000_000_000, 10_000_000_000).is_empty());
         // The key left the kernel map: forgotten, and a fresh entry counts from scratch.
         assert!(t.sweep(&[], 5_000_000_000, 10_000_000_000).is_empty());
@@ -213,13 +223,21 @@ mod tests {
         let mut t = FoldTracker::new(std::time::Duration::from_secs(1));
         let key = FoldKey::file(77, 5, 9);
         // Too recent: its record may still be in the ring.
-        let fresh = FoldState { total: 30, last_emit_ns: 9_990_000_000 };
+        let fresh = FoldState { total: 30, last_emit_ns: 9_990_000_000, lost_records: 2 };
         assert!(t.sweep(&[(key, fresh)], 1, 10_000_000_000).is_empty());
-        let old = FoldState { total: 30, last_emit_ns: 1_000_000_000 };
+        // Its record was not lost: it is still in the ring, and has more to say than the key.
+        let unlost = FoldState { total: 30, last_emit_ns: 1_000_000_000, lost_records: 0 };
+        assert!(t.sweep(&[(key, unlost)], 1, 10_000_000_000).is_empty());
+        let old = FoldState { lost_records: 2, ..unlost };
         let tails = t.sweep(&[(key, old)], 1, 10_000_000_000);
         assert_eq!(tails.len(), 1);
         assert_eq!((tails[0].count, tails[0].process.pid), (30, 77));
         assert!(matches!(tails[0].detail, Detail::FileOpen { ino: 9, dev: 5, .. }));
-        assert_eq!(t.recovered_keys(), 1, "reported from the key alone");
+        assert_eq!(t.recovered_records(), 2, "reported from the key alone");
+        // One whose record never came at all, long after: the key speaks for it.
+        let key = FoldKey::file(78, 5, 9);
+        let never = FoldState { total: 1, last_emit_ns: 1_000_000_000, lost_records: 0 };
+        assert_eq!(t.sweep(&[(key, never)], 1, 12_000_000_000).len(), 1);
+        assert_eq!(t.recovered_records(), 2);
     }
 }

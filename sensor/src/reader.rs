@@ -63,9 +63,9 @@ pub struct ReaderStats {
     pub occurrences: AtomicU64,
     /// Ring position handed back to the kernel.
     pub committed_pos: AtomicU64,
-    /// Fold keys whose every record was lost (counted as lost by the kernel) but whose
-    /// occurrences a fold sweep still reported.
-    pub recovered_keys: AtomicU64,
+    /// Records the kernel counted as lost whose occurrences a fold sweep still reported (keys
+    /// with no record delivered at all).
+    pub recovered_records: AtomicU64,
 }
 
 /// The highest mark a sink has made durable, and a wakeup for the reader so it commits at
@@ -316,7 +316,7 @@ impl Reader {
     fn sweep(&mut self) -> bool {
         let entries = self.fold_map.entries();
         let tails = self.folds.sweep(&entries, self.clock.now_unix_ns(), boot_now_ns());
-        self.stats.recovered_keys.store(self.folds.recovered_keys(), Ordering::Relaxed);
+        self.stats.recovered_records.store(self.folds.recovered_records(), Ordering::Relaxed);
         // A tail covers no record: every record before the read cursor was sent before it.
         let pos = self.ring.read_pos();
         tails.into_iter().all(|tail| self.send(tail, pos)) && self.flush()

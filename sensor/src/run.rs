@@ -310,9 +310,9 @@ pub async fn run_stdout(opts: &AgentOptions) -> anyhow::Result<()> {
         .map(|(kind, n)| format!("{}={n}", kind.name()))
         .collect();
     // A fold key whose records were all lost is still reported by a sweep, from the kernel's
-    // count: those occurrences are both delivered and counted in the losses above.
+    // counts: those records are in the losses above, their occurrences were delivered.
     let recovered =
-        agent.sensor().reader_stats().recovered_keys.load(std::sync::atomic::Ordering::Relaxed);
+        agent.sensor().reader_stats().recovered_records.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         lost_records = total,
         lost_by_kind = %by_kind.join(" "),

@@ -26,7 +26,7 @@ use super::{
         WATCHED_NAMES, WATCHED_SOCKETS, args_at_exit, count_lost, maybe_watched, offsets,
         slot_btf_id, socket_btf_id, task_btf, windows,
     },
-    task::{current_task, current_task_btf, current_tgid, exit_args_of, header, tp_field},
+    task::{current_task, current_task_btf, current_tgid, exit_args_of, tp_field, write_header},
 };
 
 /// `long ret` in every `syscalls:sys_exit_*` format.
@@ -405,13 +405,14 @@ fn emit_file<F: Fields>(
     };
     let Some(mut entry) = EVENTS.reserve::<FileOpenEvent>(0) else {
         count_lost(EventKind::FileOpen);
+        fold::record_lost(&fold_key);
         return Ok(());
     };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points at a reserved record of the right size; the name is copied through
     // a checked kernel read.
     unsafe {
-        (*event).header = header(EventKind::FileOpen);
+        write_header(&raw mut (*event).header, EventKind::FileOpen);
         (*event).watch_id = watch_id;
         (*event).matched = matched as u32;
         (*event).flags = flags;
@@ -493,17 +494,20 @@ pub fn emit_secret(
     };
     let Some(mut entry) = EVENTS.reserve::<SecretEvent>(0) else {
         count_lost(EventKind::Secret);
+        fold::record_lost(&fold_key);
         return Ok(());
     };
-    entry.write(SecretEvent {
-        header: header(EventKind::Secret),
-        method: method as u32,
-        target_pid,
-        detail,
-        total,
-        watch_id,
-        flags,
-    });
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved record of the right size; every field is written.
+    unsafe {
+        write_header(&raw mut (*event).header, EventKind::Secret);
+        (*event).method = method as u32;
+        (*event).target_pid = target_pid;
+        (*event).detail = detail;
+        (*event).total = total;
+        (*event).watch_id = watch_id;
+        (*event).flags = flags;
+    }
     entry.submit(SUBMIT_FLAGS);
     Ok(())
 }

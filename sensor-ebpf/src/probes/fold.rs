@@ -19,7 +19,7 @@ pub fn occurrence(key: &FoldKey) -> Option<u64> {
     if let Some(state) = FOLD.get_ptr_mut(key) {
         return bump(state, now);
     }
-    let fresh = FoldState { total: 1, last_emit_ns: now };
+    let fresh = FoldState { total: 1, last_emit_ns: now, lost_records: 0 };
     if FOLD.insert(key, fresh, BPF_NOEXIST as u64).is_ok() {
         return Some(1);
     }
@@ -27,6 +27,21 @@ pub fn occurrence(key: &FoldKey) -> Option<u64> {
     match FOLD.get_ptr_mut(key) {
         Some(state) => bump(state, now),
         None => Some(1),
+    }
+}
+
+/// The record `occurrence` asked for found the ring full: noted on the key, so the sensor
+/// reports its occurrences from the key itself instead of waiting for a record.
+#[inline(always)]
+pub fn record_lost(key: &FoldKey) {
+    if let Some(state) = FOLD.get_ptr_mut(key) {
+        // SAFETY: `state` points into a live map value; the add is atomic across CPUs.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                &raw mut (*state).lost_records,
+                1,
+            );
+        }
     }
 }
 

@@ -101,6 +101,7 @@ fn on_sock_addr(ctx: &SockAddrContext, family: u32) -> Result<(), i64> {
     };
     let Some(mut entry) = EVENTS.reserve::<ConnectEvent>(0) else {
         count_lost(EventKind::Connect);
+        fold::record_lost(&fold_key);
         return Ok(());
     };
     entry.write(ConnectEvent {

@@ -94,6 +94,16 @@ pub fn cred(task: *const u8) -> Result<*const u8, i64> {
 /// `bpf_probe_read_kernel` (any program type, small stack).
 #[inline(always)]
 pub fn header(kind: EventKind) -> EventHeader {
+    let mut header = core::mem::MaybeUninit::<EventHeader>::uninit();
+    write_header(header.as_mut_ptr(), kind);
+    // SAFETY: `write_header` wrote every field.
+    unsafe { header.assume_init() }
+}
+
+/// [`header`] written in place, field by field, into a reserved record: no copy of the
+/// header on the BPF stack, which the io_uring completion program has little of to spare.
+#[inline(always)]
+pub fn write_header(dst: *mut EventHeader, kind: EventKind) {
     let uid_gid = bpf_get_current_uid_gid();
     let task = current_task();
     let o = offsets();
@@ -106,7 +116,27 @@ pub fn header(kind: EventKind) -> EventHeader {
     } else {
         kread::at(task, o.task_loginuid).unwrap_or(u32::MAX)
     };
-    header_of(kind, uid_gid, euid, login_uid, parent_tgid(task))
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: `dst` points at writable memory for a header (a reserved record or the caller's
+    // uninitialised local); each field is written once, the comm by the helper.
+    unsafe {
+        (&raw mut (*dst).kind).write(kind as u32);
+        (&raw mut (*dst).count).write(1);
+        (&raw mut (*dst).ktime_ns).write(now_ns());
+        (&raw mut (*dst).pid).write(pid_tgid as u32);
+        (&raw mut (*dst).tgid).write((pid_tgid >> 32) as u32);
+        (&raw mut (*dst).ppid).write(parent_tgid(task));
+        (&raw mut (*dst).uid).write(uid_gid as u32);
+        (&raw mut (*dst).gid).write((uid_gid >> 32) as u32);
+        (&raw mut (*dst).euid).write(euid);
+        (&raw mut (*dst).login_uid).write(login_uid);
+        (&raw mut (*dst)._pad0).write(0);
+        (&raw mut (*dst).cgroup_id).write(bpf_get_current_cgroup_id());
+        let comm = &raw mut (*dst).comm;
+        if aya_ebpf::helpers::generated::bpf_get_current_comm(comm.cast(), COMM_LEN as u32) != 0 {
+            comm.write([0; COMM_LEN]);
+        }
+    }
 }
 
 /// [`header`] with plain loads through the task's BTF pointer where the kernel allows them

@@ -510,9 +510,9 @@ fn leading_u64(bytes: &[u8]) -> Option<u64> {
 
 /// `name=123` anywhere in a log line, colours or not.
 /// File-open records lost and not recovered, from the sensor's stop line
-/// (`lost_by_kind=file_open=N …`, absent when none were; `recovered_by_sweep=M`: keys whose
-/// records were all lost, reported anyway from the kernel's fold counts — one record each in
-/// the bench's distinct shape, where every access is its own key).
+/// (`lost_by_kind=file_open=N …`, absent when none were; `recovered_by_sweep=M`: lost records
+/// of keys with no record delivered, whose occurrences the sensor reported from the kernel's
+/// fold counts instead).
 fn lost_file_opens(stopped: &str) -> u64 {
     let lost = field_u64(stopped, "file_open=").unwrap_or(0);
     lost.saturating_sub(field_u64(stopped, "recovered_by_sweep=").unwrap_or(0))
