@@ -62,9 +62,10 @@ pub struct ProcessTable {
     entries: FxHashMap<u32, Vec<ProcessInfo>>,
     /// Exited processes in exit order: (exit time, pid, start time), for garbage collection.
     exits: VecDeque<(u64, u32, u64)>,
-    /// Cgroup paths by kernel id, each found once ([`ProcFs::cgroup_path_of_id`]); ids are
-    /// never reused, so an entry never goes stale.
-    cgroup_paths: FxHashMap<u64, String>,
+    /// Cgroup paths by kernel id, each looked up once ([`ProcFs::cgroup_path_of_id`]); ids
+    /// are never reused, so an entry never goes stale — nor does a miss (a cgroup removed, or
+    /// no right to open by handle), which would otherwise cost a lookup per event.
+    cgroup_paths: FxHashMap<u64, Option<String>>,
 }
 
 /// Most cgroup paths remembered by id; the cache starts over beyond it (a host creating
@@ -217,31 +218,36 @@ impl ProcessTable {
     /// The kernel saw `pid` in cgroup `id` (an event's record): when the table has it
     /// elsewhere — it moved, with or without an exec — its cgroup, container, pod and unit
     /// follow, found from the id alone, so a process that has exited since is still placed
-    /// right. False when the id could not be resolved (the entry is left as it was, its old id
-    /// included, so that the next event tries again).
+    /// right; where the id cannot be opened (no right to open by handle), `/proc` says, if the
+    /// process is still in that very cgroup. False when neither could tell (the entry is left
+    /// as it was, its old id included, so that the next event tries again).
     pub fn follow_cgroup(&mut self, pid: u32, id: u64) -> bool {
         let Some(known) = self.get(pid).map(|e| e.cgroup_id) else { return false };
         if id == 0 || known == id {
             return true;
         }
-        let Some(path) = self.cgroup_path(id) else { return false };
+        let found = self.cgroup_path(id).or_else(|| {
+            let path = self.proc.read_cgroup(pid).ok()?;
+            (self.proc.cgroup_id(&path) == id).then_some(path)
+        });
+        let Some(path) = found else { return false };
         if let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) {
             set_cgroup(entry, path, id);
         }
         true
     }
 
-    /// The path of cgroup `id`, remembered once found.
+    /// The path of cgroup `id`, remembered once looked up.
     fn cgroup_path(&mut self, id: u64) -> Option<String> {
-        if let Some(path) = self.cgroup_paths.get(&id) {
-            return Some(path.clone());
+        if let Some(known) = self.cgroup_paths.get(&id) {
+            return known.clone();
         }
-        let path = self.proc.cgroup_path_of_id(id)?;
+        let path = self.proc.cgroup_path_of_id(id);
         if self.cgroup_paths.len() >= CGROUP_PATHS_MAX {
             self.cgroup_paths.clear();
         }
         self.cgroup_paths.insert(id, path.clone());
-        Some(path)
+        path
     }
 
     /// The path of the file `pid` executed. The kernel's file name when it is one from the
