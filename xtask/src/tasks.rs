@@ -22,14 +22,25 @@ pub fn test(extra: &[String]) -> anyhow::Result<()> {
         unsafe { std::env::set_var("CARGO_INCREMENTAL", "0") };
     }
     sh(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    sh(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // `--locked`: what CI builds is exactly the committed lock file; a dependency change
+    // without its lock file update fails here instead of resolving something else.
+    sh(cargo().args([
+        "clippy",
+        "--locked",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     // The kernel programs, linted for the target they run on.
     sh(Command::new("rustup")
-        .args(["run", "nightly", "cargo", "clippy", "-p", "sensor-ebpf", "--bins"])
+        .args(["run", "nightly", "cargo", "clippy", "--locked", "-p", "sensor-ebpf", "--bins"])
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .args(["--target-dir", "target/ebpf-clippy", "--", "-D", "warnings"]))?;
-    let summary =
-        cargo_test(cargo().args(["test", "--workspace", "--no-fail-fast"]).arg("--").args(extra))?;
+    let summary = cargo_test(
+        cargo().args(["test", "--locked", "--workspace", "--no-fail-fast"]).arg("--").args(extra),
+    )?;
     println!(
         "summary: {} passed, {} failed, {} skipped",
         summary.passed, summary.failed, summary.ignored
