@@ -260,14 +260,15 @@ impl Enricher {
     /// The identity of `pid`: the kernel's view at the event (`kernel`) wins for ids; the
     /// table fills in exe, hash, command line, cgroup, session and ancestry.
     fn identity_of(&mut self, pid: u32, kernel: Option<&ProcessRef>) -> Identity {
+        let known = self.table.get_or_load(pid).is_some();
         if let Some(k) = kernel
-            && self.table.get_or_load(pid).is_some()
+            && known
         {
             // The cgroup the kernel saw at the event, which a process may have moved to since
             // its exec (and left again, or exited, before anyone looked at /proc).
             self.table.follow_cgroup(pid, k.cgroup_id);
         }
-        let info = self.table.get_or_load(pid).cloned();
+        let info = self.table.get(pid).cloned();
         let ancestors = self.table.ancestors(pid, ANCESTRY_DEPTH);
         let mut id = Identity { pid, ancestors, ..Identity::default() };
         if let Some(info) = &info {

@@ -203,15 +203,14 @@ impl ProcessTable {
         entry.euid = exec.euid;
         entry.gid = exec.gid;
         entry.login_uid = exec.login_uid;
-        if moved && !self.follow_cgroup(pid, exec.cgroup_id) {
-            // Not found by id (gone already, or no cgroup v2 mount): where /proc says the
-            // process is now, with that cgroup's own id so that the two always agree.
-            if let Ok(path) = self.proc.read_cgroup(pid) {
-                let id = self.proc.cgroup_id(&path);
-                if let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) {
-                    set_cgroup(entry, path, id);
-                }
-            }
+        // Not found by id (gone already, or no cgroup v2 mount): where /proc says the process
+        // is now, with that cgroup's own id so that the two always agree.
+        if moved
+            && exec.cgroup_id != 0
+            && let Some((path, id)) = self.locate_cgroup(pid, exec.cgroup_id)
+            && let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut())
+        {
+            set_cgroup(entry, path, id);
         }
     }
 
@@ -226,15 +225,25 @@ impl ProcessTable {
         if id == 0 || known == id {
             return true;
         }
-        let found = self.cgroup_path(id).or_else(|| {
-            let path = self.proc.read_cgroup(pid).ok()?;
-            (self.proc.cgroup_id(&path) == id).then_some(path)
-        });
-        let Some(path) = found else { return false };
+        let Some((path, _)) = self.locate_cgroup(pid, id).filter(|&(_, at)| at == id) else {
+            return false;
+        };
         if let Some(entry) = self.entries.get_mut(&pid).and_then(|v| v.last_mut()) {
             set_cgroup(entry, path, id);
         }
         true
+    }
+
+    /// Where `pid` runs, the kernel having seen it in cgroup `id`: that cgroup's path, found
+    /// from the id; else `/proc/PID/cgroup` with the id of the path read there (another one
+    /// when the process has moved again since).
+    fn locate_cgroup(&mut self, pid: u32, id: u64) -> Option<(String, u64)> {
+        if let Some(path) = self.cgroup_path(id) {
+            return Some((path, id));
+        }
+        let path = self.proc.read_cgroup(pid).ok()?;
+        let at = self.proc.cgroup_id(&path);
+        Some((path, at))
     }
 
     /// The path of cgroup `id`, remembered once looked up.
