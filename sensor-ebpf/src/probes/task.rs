@@ -1,8 +1,8 @@
 //! The current task: identity, credentials and the event header.
 
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-    bpf_get_current_task, bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_task,
+    bpf_get_current_uid_gid, bpf_ktime_get_boot_ns,
 };
 use sensor_ebpf::{COMM_LEN, EventHeader, EventKind, RUNTIME_SELF_TGID};
 
@@ -116,27 +116,7 @@ pub fn write_header(dst: *mut EventHeader, kind: EventKind) {
     } else {
         kread::at(task, o.task_loginuid).unwrap_or(u32::MAX)
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: `dst` points at writable memory for a header (a reserved record or the caller's
-    // uninitialised local); each field is written once, the comm by the helper.
-    unsafe {
-        (&raw mut (*dst).kind).write(kind as u32);
-        (&raw mut (*dst).count).write(1);
-        (&raw mut (*dst).ktime_ns).write(now_ns());
-        (&raw mut (*dst).pid).write(pid_tgid as u32);
-        (&raw mut (*dst).tgid).write((pid_tgid >> 32) as u32);
-        (&raw mut (*dst).ppid).write(parent_tgid(task));
-        (&raw mut (*dst).uid).write(uid_gid as u32);
-        (&raw mut (*dst).gid).write((uid_gid >> 32) as u32);
-        (&raw mut (*dst).euid).write(euid);
-        (&raw mut (*dst).login_uid).write(login_uid);
-        (&raw mut (*dst)._pad0).write(0);
-        (&raw mut (*dst).cgroup_id).write(bpf_get_current_cgroup_id());
-        let comm = &raw mut (*dst).comm;
-        if aya_ebpf::helpers::generated::bpf_get_current_comm(comm.cast(), COMM_LEN as u32) != 0 {
-            comm.write([0; COMM_LEN]);
-        }
-    }
+    write_header_of(dst, kind, uid_gid, (euid, login_uid, parent_tgid(task)));
 }
 
 /// [`header`] with plain loads through the task's BTF pointer where the kernel allows them
@@ -161,26 +141,36 @@ pub fn header_fast(kind: EventKind) -> EventHeader {
     let ppid = kread::btf_ptr(task, o.task_real_parent)
         .and_then(|p| kread::btf_at(p, o.task_tgid))
         .unwrap_or(0);
-    header_of(kind, uid_gid, euid, login_uid, ppid)
+    let mut header = core::mem::MaybeUninit::<EventHeader>::uninit();
+    write_header_of(header.as_mut_ptr(), kind, uid_gid, (euid, login_uid, ppid));
+    // SAFETY: `write_header_of` wrote every field.
+    unsafe { header.assume_init() }
 }
 
+/// Writes a header in place from the ids the caller read (`ids`: euid, login uid, parent);
+/// the rest comes from helpers about the current task.
 #[inline(always)]
-fn header_of(kind: EventKind, uid_gid: u64, euid: u32, login_uid: u32, ppid: u32) -> EventHeader {
+fn write_header_of(dst: *mut EventHeader, kind: EventKind, uid_gid: u64, ids: (u32, u32, u32)) {
+    let (euid, login_uid, ppid) = ids;
     let pid_tgid = bpf_get_current_pid_tgid();
-    EventHeader {
-        kind: kind as u32,
-        count: 1,
-        ktime_ns: now_ns(),
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        ppid,
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
-        euid,
-        login_uid,
-        _pad0: 0,
-        // SAFETY: helper without preconditions.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    // SAFETY: `dst` points at writable memory for a header (a reserved record or the caller's
+    // uninitialised local); each field is written once, the comm by the helper.
+    unsafe {
+        (&raw mut (*dst).kind).write(kind as u32);
+        (&raw mut (*dst).count).write(1);
+        (&raw mut (*dst).ktime_ns).write(now_ns());
+        (&raw mut (*dst).pid).write(pid_tgid as u32);
+        (&raw mut (*dst).tgid).write((pid_tgid >> 32) as u32);
+        (&raw mut (*dst).ppid).write(ppid);
+        (&raw mut (*dst).uid).write(uid_gid as u32);
+        (&raw mut (*dst).gid).write((uid_gid >> 32) as u32);
+        (&raw mut (*dst).euid).write(euid);
+        (&raw mut (*dst).login_uid).write(login_uid);
+        (&raw mut (*dst)._pad0).write(0);
+        (&raw mut (*dst).cgroup_id).write(bpf_get_current_cgroup_id());
+        let comm = &raw mut (*dst).comm;
+        if aya_ebpf::helpers::generated::bpf_get_current_comm(comm.cast(), COMM_LEN as u32) != 0 {
+            comm.write([0; COMM_LEN]);
+        }
     }
 }
