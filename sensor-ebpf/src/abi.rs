@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 12;
+pub const ABI_VERSION: u32 = 13;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -248,6 +248,10 @@ pub struct FileOpenEvent {
     pub name: [u8; NAME_LEN],
 }
 
+/// Set on a secret fold key's method when its target is the caller's own number for a process
+/// whose host pid was not found.
+pub const SECRET_NS_NAMED: u32 = 1 << 31;
+
 /// How another process's secrets were touched.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -292,6 +296,11 @@ pub struct SecretEvent {
     pub watch_id: u32,
     /// `f_flags` for /proc opens.
     pub flags: u32,
+    /// The target as the caller named it, where the caller's pid namespace is not the host's
+    /// (ptrace and process_vm_readv from a container); 0 otherwise. `target_pid` is then the
+    /// host pid the kernel found for it, 0 when it found none.
+    pub ns_pid: u32,
+    pub _pad0: u32,
 }
 
 /// A connect (or UDP send) to a watched endpoint. Folded like [`FileOpenEvent`].
@@ -426,8 +435,13 @@ impl FoldKey {
     }
 
     /// `tgid` touching `target`'s secrets by `method` (`detail`: ptrace request, key serial…).
+    /// `target` is the host pid; `ns_pid` the caller's own number for it (see
+    /// [`SecretEvent::ns_pid`]), which stands in, marked, when no host pid was found.
     #[inline(always)]
-    pub const fn secret(tgid: u32, method: u32, target: u32, detail: u64) -> Self {
+    pub const fn secret(tgid: u32, method: u32, target: u32, ns_pid: u32, detail: u64) -> Self {
+        let unresolved = target == 0 && ns_pid != 0;
+        let (target, method) =
+            if unresolved { (ns_pid, method | SECRET_NS_NAMED) } else { (target, method) };
         Self {
             tgid,
             kind: EventKind::Secret as u32,
@@ -541,6 +555,27 @@ pub struct KernelOffsets {
     pub io_rsrc_node_file_ptr: u32,
     /// `io_kiocb.flags` (`REQ_F_*`); [`NO_OFFSET`] without io_uring.
     pub io_kiocb_flags: u32,
+    /// How far a procfs inode's `struct pid *` (`proc_inode.pid`) lies before the inode itself
+    /// (`proc_inode.vfs_inode`): the process a `/proc/<pid>/…` file belongs to, whichever
+    /// procfs instance and pid namespace it was opened in. [`NO_OFFSET`] when unknown.
+    pub proc_inode_pid_back: u32,
+    /// `task_struct.thread_pid`, `pid.level`, `pid.numbers`, the size of a `struct upid` and
+    /// `upid.ns`: a task's pid namespace and its number there. [`NO_OFFSET`] in
+    /// `task_thread_pid` when unknown.
+    pub task_thread_pid: u32,
+    pub pid_level: u32,
+    pub pid_numbers: u32,
+    pub upid_size: u32,
+    pub upid_ns: u32,
+    /// A pid namespace's pids by number: `pid_namespace.idr`'s root (`idr_rt.xa_head`) and
+    /// `idr_base`, and in each tree node `xa_node.shift` and `xa_node.slots`, of
+    /// `xa_slots_len` (a power of two) entries.
+    pub pidns_idr_head: u32,
+    pub pidns_idr_base: u32,
+    pub xa_node_shift: u32,
+    pub xa_node_slots: u32,
+    pub xa_slots_len: u32,
+    pub _pad0: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -647,7 +682,7 @@ const _: () = assert!(size_of::<ExecEvent>() == 72 + 48 + PATH_LEN + ARGS_LEN + 
 const _: () = assert!(size_of::<ForkEvent>() == 80);
 const _: () = assert!(size_of::<ExitEvent>() == 80);
 const _: () = assert!(size_of::<FileOpenEvent>() == 72 + 48 + NAME_LEN);
-const _: () = assert!(size_of::<SecretEvent>() == 72 + 32);
+const _: () = assert!(size_of::<SecretEvent>() == 72 + 40);
 const _: () = assert!(size_of::<ConnectEvent>() == 72 + 40);
 const _: () = assert!(size_of::<CredChangeEvent>() == 72 + 16);
 const _: () = assert!(size_of::<FileKey>() == 16);
@@ -655,10 +690,10 @@ const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<FoldState>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 46 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 58 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 46 * 4 + 4 * 8 + 16);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 58 * 4 + 4 * 8 + 16);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

@@ -42,14 +42,40 @@ impl KernelBtf {
     /// Byte offset of `member` in `struct strukt`, looking inside anonymous structs and unions
     /// (such as the one holding `file.f_path`).
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
-        let types = self.btf.resolve_types_by_name(strukt)?;
-        let Some(Type::Struct(s)) = types.into_iter().find(|t| matches!(t, Type::Struct(_))) else {
-            return Err(BtfError::NoStruct(strukt.to_string()));
-        };
+        let s = self.find_struct(strukt)?;
         self.find_member(&s, member)?.map(|bits| bits / 8).ok_or_else(|| BtfError::NoMember {
             strukt: strukt.to_string(),
             member: member.to_string(),
         })
+    }
+
+    /// Size in bytes of `struct strukt` (the stride of an array of them).
+    pub fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
+        Ok(self.find_struct(strukt)?.size() as u32)
+    }
+
+    /// Number of elements of the array member `member` of `struct strukt`.
+    pub fn array_len(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let s = self.find_struct(strukt)?;
+        let no_array =
+            || BtfError::NoMember { strukt: strukt.to_string(), member: format!("{member}[]") };
+        let m = s
+            .members
+            .iter()
+            .find(|m| self.btf.resolve_name(*m).is_ok_and(|n| n == member))
+            .ok_or_else(no_array)?;
+        match self.btf.resolve_chained_type(m)? {
+            Type::Array(a) => Ok(a.len() as u32),
+            _ => Err(no_array()),
+        }
+    }
+
+    fn find_struct(&self, strukt: &str) -> Result<btf_rs::Struct, BtfError> {
+        let types = self.btf.resolve_types_by_name(strukt)?;
+        match types.into_iter().find(|t| matches!(t, Type::Struct(_))) {
+            Some(Type::Struct(s)) => Ok(s),
+            _ => Err(BtfError::NoStruct(strukt.to_string())),
+        }
     }
 
     /// Offset in bits of `member` within `s`, recursing into anonymous members.
@@ -134,6 +160,16 @@ impl KernelBtf {
         self.path_offset("io_ring_ctx", &path).unwrap_or(NO_OFFSET)
     }
 
+    /// `proc_inode.vfs_inode - proc_inode.pid`: where a procfs inode's `struct pid *` lies.
+    fn proc_inode_pid_back(&self) -> Result<u32, BtfError> {
+        let pid = self.member_offset("proc_inode", "pid")?;
+        let inode = self.member_offset("proc_inode", "vfs_inode")?;
+        inode.checked_sub(pid).ok_or_else(|| BtfError::NoMember {
+            strukt: "proc_inode".into(),
+            member: "pid before vfs_inode".into(),
+        })
+    }
+
     /// Every offset the kernel programs need.
     pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
         let task = |m: &str| self.member_offset("task_struct", m);
@@ -183,6 +219,22 @@ impl KernelBtf {
                 .member_offset("io_rsrc_node", "file_ptr")
                 .unwrap_or(NO_OFFSET),
             io_kiocb_flags: self.member_offset("io_kiocb", "flags").unwrap_or(NO_OFFSET),
+            proc_inode_pid_back: self.proc_inode_pid_back().unwrap_or(NO_OFFSET),
+            task_thread_pid: task("thread_pid").unwrap_or(NO_OFFSET),
+            pid_level: self.member_offset("pid", "level")?,
+            pid_numbers: self.member_offset("pid", "numbers")?,
+            upid_size: self.struct_size("upid")?,
+            upid_ns: self.member_offset("upid", "ns")?,
+            pidns_idr_head: self.path_offset(
+                "pid_namespace",
+                &[("idr", "idr"), ("idr_rt", "xarray"), ("xa_head", "")],
+            )?,
+            pidns_idr_base: self
+                .path_offset("pid_namespace", &[("idr", "idr"), ("idr_base", "")])?,
+            xa_node_shift: self.member_offset("xa_node", "shift")?,
+            xa_node_slots: self.member_offset("xa_node", "slots")?,
+            xa_slots_len: self.array_len("xa_node", "slots")?,
+            _pad0: 0,
             dentry_name_len: self.path_offset("dentry", &[("d_name", "qstr"), ("len", "")])?,
             vma_vm_file: self.member_offset("vm_area_struct", "vm_file")?,
             // x86-64 register names; other architectures read arguments at syscall entry.
@@ -238,6 +290,14 @@ mod tests {
         let offsets = btf.kernel_offsets().expect("offsets");
         assert!(offsets.task_tgid > 0);
         assert!(offsets.task_real_parent > offsets.task_tgid);
+        // The pid-namespace walk: `struct upid { int nr; struct pid_namespace *ns; }`, and the
+        // procfs inode's pid pointer at the head of `proc_inode`, before the inode.
+        assert_eq!((offsets.upid_size, offsets.upid_ns), (16, 8));
+        assert_eq!(offsets.pid_nr, offsets.pid_numbers);
+        assert!(offsets.proc_inode_pid_back > 0 && offsets.proc_inode_pid_back != NO_OFFSET);
+        assert_ne!(offsets.task_thread_pid, NO_OFFSET);
+        assert!(offsets.xa_slots_len.is_power_of_two() && offsets.xa_slots_len >= 16);
+        assert!(offsets.xa_node_slots > offsets.xa_node_shift);
         if std::path::Path::new("/proc/sys/kernel/io_uring_disabled").exists() {
             assert_ne!(offsets.io_kiocb_opcode, NO_OFFSET, "io_uring kernel without io_kiocb");
             assert_ne!(offsets.io_open_file_slot, NO_OFFSET);

@@ -154,16 +154,23 @@ impl From<&What> for pb::event::Kind {
                     write: *write,
                 })
             }
-            What::SecretAccess { method, target_pid, target, watch, path, detail } => {
-                K::SecretAccess(pb::SecretAccess {
-                    method: secret_method(method) as i32,
-                    target_pid: *target_pid,
-                    target: target.as_deref().map(pb::ProcessIdentity::from),
-                    watch: watch.clone().unwrap_or_default(),
-                    path: path.clone().unwrap_or_default(),
-                    detail: *detail,
-                })
-            }
+            What::SecretAccess {
+                method,
+                target_pid,
+                target_ns_pid,
+                target,
+                watch,
+                path,
+                detail,
+            } => K::SecretAccess(pb::SecretAccess {
+                method: secret_method(method) as i32,
+                target_pid: *target_pid,
+                target_ns_pid: target_ns_pid.unwrap_or(0),
+                target: target.as_deref().map(pb::ProcessIdentity::from),
+                watch: watch.clone().unwrap_or_default(),
+                path: path.clone().unwrap_or_default(),
+                detail: *detail,
+            }),
             What::Connect { watch, category: _, address, port, protocol: p } => {
                 K::Connect(pb::Connect {
                     watch: watch.clone(),
@@ -310,6 +317,7 @@ mod tests {
             What::SecretAccess {
                 method: "ptrace",
                 target_pid: 9,
+                target_ns_pid: Some(3),
                 target: Some(Box::new(identity())),
                 watch: None,
                 path: None,
@@ -344,7 +352,7 @@ mod tests {
                 (What::SecretAccess { .. }, K::SecretAccess(s)) => {
                     assert_eq!(s.method, pb::SecretMethod::Ptrace as i32);
                     assert_eq!(s.target.expect("target").pid, 42);
-                    assert_eq!(s.detail, 16);
+                    assert_eq!((s.target_pid, s.target_ns_pid, s.detail), (9, 3, 16));
                 }
                 (What::Connect { .. }, K::Connect(c)) => {
                     assert_eq!((c.address.as_str(), c.port), ("169.254.169.254", 80));

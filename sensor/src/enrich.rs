@@ -162,7 +162,7 @@ impl Enricher {
                     },
                 ));
             }
-            Detail::Secret { method, target_pid, detail, .. } => {
+            Detail::Secret { method, target_pid, detail, ns_pid, .. } => {
                 let target =
                     (*target_pid != 0).then(|| Box::new(self.identity_of(*target_pid, None)));
                 // Another thread of the same process is not another process.
@@ -186,6 +186,7 @@ impl Enricher {
                     What::SecretAccess {
                         method,
                         target_pid: *target_pid,
+                        target_ns_pid: (*ns_pid != 0).then_some(*ns_pid),
                         target,
                         watch,
                         path,

@@ -89,6 +89,9 @@ pub enum Detail {
         /// ptrace request, keyctl key serial…
         detail: u64,
         flags: u32,
+        /// The caller's own number for the target, where its pid namespace is not the host's
+        /// (0 otherwise); `target_pid` is then the host pid found for it, or 0.
+        ns_pid: u32,
     },
     /// A connect or UDP send to a watched endpoint.
     Connect { watch_id: u32, protocol: &'static str, address: IpAddr, port: u16 },
@@ -186,7 +189,7 @@ pub fn opens_for_write(flags: u32) -> bool {
     flags & O_ACCMODE != 0 || flags & O_WRITE_INTENT != 0
 }
 
-fn secret_method(m: SecretMethod) -> &'static str {
+pub(crate) fn secret_method(m: SecretMethod) -> &'static str {
     match m {
         SecretMethod::ProcEnviron => "proc_environ",
         SecretMethod::ProcMem => "proc_mem",
@@ -273,12 +276,14 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
             let e: SecretEvent = read(bytes, "secret")?;
             let method =
                 SecretMethod::try_from(e.method).map_err(|v| unknown("secret method", v))?;
-            fold = Some((FoldKey::secret(header.tgid, e.method, e.target_pid, e.detail), e.total));
+            let key = FoldKey::secret(header.tgid, e.method, e.target_pid, e.ns_pid, e.detail);
+            fold = Some((key, e.total));
             Detail::Secret {
                 method: secret_method(method),
                 target_pid: e.target_pid,
                 detail: e.detail,
                 flags: e.flags,
+                ns_pid: e.ns_pid,
             }
         }
         EventKind::Connect => {

@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use sensor_ebpf::{EventKind, FoldKey, FoldState, NO_WATCH, SecretMethod};
+use sensor_ebpf::{EventKind, FoldKey, FoldState, NO_WATCH, SECRET_NS_NAMED, SecretMethod};
 
-use crate::event::{Detail, Event, ProcessRef};
+use crate::event::{Detail, Event, ProcessRef, secret_method};
 
 /// A kernel entry this recent may still have its record in flight in the ring.
 const IN_FLIGHT_NS: u64 = 100_000_000;
@@ -119,19 +119,18 @@ impl FoldTracker {
 /// The most an orphaned fold key says: who, what kind, which object.
 fn event_from_key(key: &FoldKey, now_unix_ns: u64) -> Event {
     let detail = match EventKind::try_from(key.kind) {
-        Ok(EventKind::Secret) => Detail::Secret {
-            method: match SecretMethod::try_from(key.object as u32) {
-                Ok(SecretMethod::ProcEnviron) => "proc_environ",
-                Ok(SecretMethod::ProcMem) => "proc_mem",
-                Ok(SecretMethod::Ptrace) => "ptrace",
-                Ok(SecretMethod::ProcessVmReadv) => "process_vm_readv",
-                Ok(SecretMethod::Keyctl) => "keyctl",
-                _ => "unix_socket",
-            },
-            target_pid: (key.object >> 32) as u32,
-            detail: key.qualifier,
-            flags: 0,
-        },
+        Ok(EventKind::Secret) => {
+            let (method, target) = (key.object as u32, (key.object >> 32) as u32);
+            let unresolved = method & SECRET_NS_NAMED != 0;
+            Detail::Secret {
+                method: SecretMethod::try_from(method & !SECRET_NS_NAMED)
+                    .map_or("unix_socket", secret_method),
+                target_pid: if unresolved { 0 } else { target },
+                detail: key.qualifier,
+                flags: 0,
+                ns_pid: if unresolved { target } else { 0 },
+            }
+        }
         Ok(EventKind::Connect) => Detail::Connect {
             watch_id: NO_WATCH,
             protocol: if key.qualifier >> 16 == 17 { "udp" } else { "tcp" },
@@ -239,5 +238,25 @@ mod tests {
         let never = FoldState { total: 1, last_emit_ns: 1_000_000_000, lost_records: 0 };
         assert_eq!(t.sweep(&[(key, never)], 1, 12_000_000_000).len(), 1);
         assert_eq!(t.recovered_records(), 2);
+    }
+
+    #[test]
+    fn a_lost_secret_access_is_told_from_its_key_with_the_callers_number() {
+        let ptrace = SecretMethod::Ptrace as u32;
+        let lost = FoldState { total: 1, last_emit_ns: 0, lost_records: 1 };
+        let at = |key| match event_from_key(&key, 1).detail {
+            Detail::Secret { method, target_pid, ns_pid, detail, .. } => {
+                (method, target_pid, ns_pid, detail)
+            }
+            other => panic!("{other:?}"),
+        };
+        // Host pid found: the key holds it (the caller's own number is not kept).
+        assert_eq!(at(FoldKey::secret(5, ptrace, 812, 2, 16)), ("ptrace", 812, 0, 16));
+        // None found: the caller's number, marked, never taken for a host pid.
+        let unresolved = FoldKey::secret(5, ptrace, 0, 2, 16);
+        assert_ne!(unresolved, FoldKey::secret(5, ptrace, 2, 0, 16));
+        assert_eq!(at(unresolved), ("ptrace", 0, 2, 16));
+        let mut t = FoldTracker::new(std::time::Duration::from_secs(1));
+        assert_eq!(t.sweep(&[(unresolved, lost)], 1, 10_000_000_000).len(), 1);
     }
 }

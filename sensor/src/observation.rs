@@ -50,7 +50,12 @@ pub enum What {
     /// Another process's secrets were touched.
     SecretAccess {
         method: &'static str,
+        /// Host pid (0 when not known).
         target_pid: u32,
+        /// The target as the caller named it, in its own pid namespace (a container's), where
+        /// that is not the host's.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        target_ns_pid: Option<u32>,
         target: Option<Box<Identity>>,
         /// For unix sockets: the watch and the socket path.
         watch: Option<String>,

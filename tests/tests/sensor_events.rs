@@ -90,6 +90,7 @@ on_both_read_paths!(
     names_in_a_watched_directory_match_by_name_or_by_any_name,
     unwatched_opens_and_the_sensors_own_reads_produce_nothing,
     environ_of_another_process_by_relative_path_is_a_secret_access,
+    a_process_in_its_own_pid_namespace_is_reported_with_host_pids,
     ptrace_attach_and_process_vm_readv_are_secret_accesses,
     a_connect_to_a_watched_unix_socket_names_the_listening_process,
 );
@@ -340,6 +341,54 @@ async fn environ_of_another_process_by_relative_path_is_a_secret_access(opts: Lo
     let Detail::Secret { method, target_pid: t, .. } = event.detail else { unreachable!() };
     assert_eq!((method, t), ("proc_environ", target_pid));
     assert_eq!(event.process.ppid, std::process::id());
+}
+
+/// A container's processes name each other by their own namespace's pids, and see their own
+/// `/proc`: targets are still reported by host pid, and a process touching itself not at all.
+async fn a_process_in_its_own_pid_namespace_is_reported_with_host_pids(opts: LoadOptions) {
+    let Some(mut sensor) = start_sensor(&opts) else { return };
+    // (action, method, the caller's number for the target in the record): the actor runs as
+    // pid 2 of a new namespace; its target, pid 1 there, is the namespace's init. A procfs
+    // file's target comes from its inode, with no number of the caller's.
+    let cases = [
+        (["environ", "1"], "proc_environ", 0),
+        (["vm-readv", "1"], "process_vm_readv", 1),
+        (["ptrace", "1"], "ptrace", 1),
+    ];
+    for (action, method, ns_pid) in cases {
+        let init = act_in_pid_namespace(&action);
+        let event = wait_for(&mut sensor, WAIT, |e| {
+            e.process.ppid == init && matches!(e.detail, Detail::Secret { .. })
+        })
+        .await
+        .unwrap_or_else(|| panic!("no secret event for {action:?} in a pid namespace"));
+        let Detail::Secret { method: m, target_pid, ns_pid: n, .. } = event.detail else {
+            unreachable!()
+        };
+        assert_eq!((m, target_pid, n), (method, init, ns_pid), "{action:?}");
+        assert_eq!(event.process.comm, "kw-actor");
+    }
+    // Its own environ through its own /proc, and its own memory by its own number (2).
+    for action in [["environ", "self"], ["vm-readv", "2"]] {
+        let init = act_in_pid_namespace(&action);
+        let own = wait_for(&mut sensor, QUIET, |e| {
+            e.process.ppid == init && matches!(e.detail, Detail::Secret { .. })
+        })
+        .await;
+        assert!(own.is_none(), "{action:?} of itself reported: {own:?}");
+    }
+}
+
+/// Runs kw-actor's `action` as pid 2 of a new pid namespace; returns the host pid of that
+/// namespace's init (pid 1 there, the actor's parent).
+fn act_in_pid_namespace(action: &[&str]) -> u32 {
+    let output = actor().arg("in-pid-namespace").args(action).output().expect("spawning kw-actor");
+    assert!(
+        output.status.success(),
+        "kw-actor in-pid-namespace {action:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().parse().expect("the init's host pid")
 }
 
 async fn ptrace_attach_and_process_vm_readv_are_secret_accesses(opts: LoadOptions) {

@@ -313,7 +313,7 @@ fn match_file<F: Fields>(view: &mut F, file: *const u8, pid_tgid: u64) -> Result
             None => superblock(view, sb)?,
         };
         if magic == PROC_SUPER_MAGIC {
-            return proc_secret(&opened, name_ptr, parent, pid_tgid);
+            return proc_secret(&opened, inode, name_ptr, parent, pid_tgid);
         }
     }
     let parent_ino = parent_ino(view, parent)?;
@@ -431,15 +431,16 @@ fn emit_file<F: Fields>(
 }
 
 /// `/proc/<pid>/environ` or `/proc/<pid>/mem` of another process, recognised from the opened
-/// dentry (name, and the parent's name as the pid), not from the string the caller passed.
+/// file (its name, and the process its procfs inode belongs to), not from the string the
+/// caller passed.
 #[inline(always)]
 fn proc_secret(
     opened: &Opened,
+    inode: *const u8,
     name_ptr: *const u8,
     parent: *const u8,
     pid_tgid: u64,
 ) -> Result<(), i64> {
-    let o = offsets();
     let mut name = [0u8; 8];
     // SAFETY: checked kernel read into a local buffer.
     unsafe { bpf_probe_read_kernel_str_bytes(name_ptr, &mut name)? };
@@ -450,16 +451,41 @@ fn proc_secret(
     } else {
         return Ok(());
     };
-    let mut digits = [0u8; 12];
-    let parent_name = kread::ptr(parent, o.dentry_name)?;
-    // SAFETY: as above.
-    unsafe { bpf_probe_read_kernel_str_bytes(parent_name, &mut digits)? };
-    let target = parse_pid(&digits);
+    let target = match proc_inode_pid(inode) {
+        Some(pid) => pid,
+        None => parent_pid_name(parent)?,
+    };
     let tgid = (pid_tgid >> 32) as u32;
     if target == 0 || target == tgid || target == pid_tgid as u32 {
-        return Ok(()); // not a pid directory, or the caller's own process
+        return Ok(()); // not a process's file, or the caller's own
     }
-    emit_secret(tgid, method, target, 0, opened.flags(), NO_WATCH)
+    emit_secret(tgid, method, Target::host(target), 0, opened.flags(), NO_WATCH)
+}
+
+/// The host pid of the task a procfs inode belongs to (`proc_inode.pid`), 0 for a file of no
+/// task; `None` where the kernel's layout is unknown. Exact whichever procfs instance the file
+/// was opened in: a container's own `/proc` numbers its directories by its pid namespace.
+#[inline(always)]
+fn proc_inode_pid(inode: *const u8) -> Option<u32> {
+    let o = offsets();
+    if o.proc_inode_pid_back == NO_OFFSET {
+        return None;
+    }
+    let pid: *const u8 = kread::at(inode.wrapping_sub(o.proc_inode_pid_back as usize), 0).ok()?;
+    if pid.is_null() {
+        return Some(0);
+    }
+    kread::at(pid, o.pid_nr).ok()
+}
+
+/// The pid a `/proc/<pid>` directory's name says (right only in the host's pid namespace).
+#[inline(always)]
+fn parent_pid_name(parent: *const u8) -> Result<u32, i64> {
+    let mut digits = [0u8; 12];
+    let parent_name = kread::ptr(parent, offsets().dentry_name)?;
+    // SAFETY: checked kernel read into a local buffer.
+    unsafe { bpf_probe_read_kernel_str_bytes(parent_name, &mut digits)? };
+    Ok(parse_pid(&digits))
 }
 
 /// Decimal digits up to the first NUL; 0 when anything else appears.
@@ -478,17 +504,32 @@ fn parse_pid(digits: &[u8; 12]) -> u32 {
     0
 }
 
+/// The process whose secrets were touched: its host pid, and the number the caller gave in
+/// its own pid namespace where that is not the host's (see
+/// [`sensor_ebpf::SecretEvent::ns_pid`]).
+pub struct Target {
+    pub pid: u32,
+    pub ns_pid: u32,
+}
+
+impl Target {
+    #[inline(always)]
+    pub fn host(pid: u32) -> Self {
+        Self { pid, ns_pid: 0 }
+    }
+}
+
 /// Emits (or folds) a secret-access record.
 #[inline(always)]
 pub fn emit_secret(
     tgid: u32,
     method: SecretMethod,
-    target_pid: u32,
+    target: Target,
     detail: u64,
     flags: u32,
     watch_id: u32,
 ) -> Result<(), i64> {
-    let fold_key = FoldKey::secret(tgid, method as u32, target_pid, detail);
+    let fold_key = FoldKey::secret(tgid, method as u32, target.pid, target.ns_pid, detail);
     let Some(total) = fold::occurrence(&fold_key) else {
         return Ok(());
     };
@@ -502,7 +543,9 @@ pub fn emit_secret(
     unsafe {
         write_header(&raw mut (*event).header, EventKind::Secret);
         (*event).method = method as u32;
-        (*event).target_pid = target_pid;
+        (*event).target_pid = target.pid;
+        (*event).ns_pid = target.ns_pid;
+        (*event)._pad0 = 0;
         (*event).detail = detail;
         (*event).total = total;
         (*event).watch_id = watch_id;
@@ -587,7 +630,7 @@ fn unix_connected(file: *const u8, tgid: u32) -> Result<(), i64> {
     if target == tgid {
         return Ok(());
     }
-    emit_secret(tgid, SecretMethod::UnixSocket, target, ino, 0, watch_id)
+    emit_secret(tgid, SecretMethod::UnixSocket, Target::host(target), ino, 0, watch_id)
 }
 
 /// The address family of socket `file` (a BTF pointer) with plain loads: its `private_data`

@@ -143,6 +143,18 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     io_ctx_files_nodes: 0,
     io_rsrc_node_file_ptr: 0,
     io_kiocb_flags: 0,
+    proc_inode_pid_back: 0,
+    task_thread_pid: 0,
+    pid_level: 0,
+    pid_numbers: 0,
+    upid_size: 0,
+    upid_ns: 0,
+    pidns_idr_head: 0,
+    pidns_idr_base: 0,
+    xa_node_shift: 0,
+    xa_node_slots: 0,
+    xa_slots_len: 0,
+    _pad0: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole

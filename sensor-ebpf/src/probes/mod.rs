@@ -12,5 +12,6 @@ mod kread;
 mod lifecycle;
 mod maps;
 mod net;
+mod pidns;
 mod secret;
 mod task;

@@ -8,7 +8,8 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use sensor_ebpf::{NO_WATCH, SecretMethod};
 
 use super::{
-    file::emit_secret,
+    file::{Target, emit_secret},
+    pidns::{host_pid, own_pid_namespace},
     task::{current_tgid, exit_args, is_self, tp_field},
 };
 
@@ -104,11 +105,25 @@ fn keyctl(option: u64, key: u64) -> Result<(), i64> {
     report(SecretMethod::Keyctl, 0, key as u32 as u64)
 }
 
+/// `target` is a pid as the caller named it: in a container's own pid namespace, that
+/// namespace's number, reported with the host pid behind it.
 #[inline(always)]
 fn report(method: SecretMethod, target: u32, detail: u64) -> Result<(), i64> {
     let tgid = current_tgid();
-    if is_self(tgid) || (target != 0 && target == tgid) {
+    if is_self(tgid) {
         return Ok(());
+    }
+    let target = match own_pid_namespace() {
+        Some(ns) if target != 0 => {
+            if target == ns.own {
+                return Ok(()); // the caller itself
+            }
+            Target { pid: host_pid(ns.ns, target), ns_pid: target }
+        }
+        _ => Target::host(target),
+    };
+    if target.pid != 0 && target.pid == tgid {
+        return Ok(()); // the caller's own process
     }
     emit_secret(tgid, method, target, detail, 0, NO_WATCH)
 }

@@ -70,6 +70,9 @@ fn main() -> ExitCode {
         "unix" => std::os::unix::net::UnixStream::connect(arg(1)).map(drop),
         // udp ADDR: one UDP datagram.
         "udp" => UdpSocket::bind("127.0.0.1:0").and_then(|s| s.send_to(b"kw", arg(1)).map(drop)),
+        // in-pid-namespace ACTION [ARGS…]: a new pid namespace with its own /proc, whose init
+        // (pid 1 there; its host pid printed) runs this program's ACTION as pid 2.
+        "in-pid-namespace" => in_pid_namespace(&args[1..]),
         // as-user UID PROGRAM [ARGS…]: drop to UID, then exec PROGRAM.
         "as-user" => as_user(arg(1).parse().unwrap_or(65534), &args[2..]),
         other => Err(std::io::Error::other(format!("unknown action {other:?}"))),
@@ -323,6 +326,59 @@ fn openat(dir: &str, name: &str) -> std::io::Result<()> {
     // SAFETY: fd was just opened.
     unsafe { libc::close(fd) };
     Ok(())
+}
+
+fn in_pid_namespace(action: &[String]) -> std::io::Result<()> {
+    let exe = std::env::current_exe()?;
+    // SAFETY: plain syscalls; this program is single-threaded, so the forked child may run
+    // anything.
+    let init = unsafe {
+        if libc::unshare(libc::CLONE_NEWPID | libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::fork()
+    };
+    if init < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if init == 0 {
+        let code = match init_of_namespace(&exe, action) {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("kw-actor: namespace init: {e}");
+                2
+            }
+        };
+        // SAFETY: leaving the forked child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    println!("{init}");
+    std::io::stdout().flush()?;
+    let mut status = 0;
+    // SAFETY: waiting for the child forked above.
+    unsafe { libc::waitpid(init, &mut status, 0) };
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("namespace init ended with status {status:#x}")))
+    }
+}
+
+/// Pid 1 of a new namespace: mounts the namespace's own /proc (in a private mount namespace),
+/// then runs `action` as its first child.
+fn init_of_namespace(exe: &Path, action: &[String]) -> std::io::Result<bool> {
+    // SAFETY: NUL-terminated strings; results checked.
+    unsafe {
+        let none = std::ptr::null();
+        if libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast()) != 0
+            || libc::mount(c"proc".as_ptr(), c"/proc".as_ptr(), c"proc".as_ptr(), 0, none.cast())
+                != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(Command::new(exe).args(action).status()?.success())
 }
 
 fn ptrace_attach(pid: i32) -> std::io::Result<()> {
