@@ -186,12 +186,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Probe { json } => {
-            let (report, mode) = loader::probe()?;
+            let report = loader::probe()?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{}", serde_json::to_string_pretty(&report.programs)?);
             } else {
-                print!("{}", probe_table(&report));
-                println!("\nkernel struct reads: {}", mode.reads());
+                print!("{}", probe_table(&report.programs));
+                println!("\nkernel struct reads: {}", report.mode.reads());
+                match report.gaps.as_slice() {
+                    [] => println!("not seen on this kernel: nothing"),
+                    gaps => {
+                        println!("not seen on this kernel:");
+                        gaps.iter().for_each(|gap| println!("  - {gap}"));
+                    }
+                }
             }
             Ok(())
         }

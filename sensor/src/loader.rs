@@ -370,7 +370,35 @@ fn inspect_kernel(opts: &LoadOptions) -> Result<(KernelBtf, KernelOffsets, Kerne
     let offsets = btf.kernel_offsets()?;
     let mode = KernelMode::of(&btf, &offsets, opts);
     tracing::info!(reads = mode.reads(), ?mode, "kernel struct reads");
+    for gap in coverage_gaps(&offsets) {
+        tracing::warn!(gap, "not seen on this kernel");
+    }
     Ok((btf, offsets, mode))
+}
+
+/// What the programs cannot see on this kernel although all of them load: the kernel's BTF
+/// lacks the struct members a path needs (an older or differently built kernel).
+pub fn coverage_gaps(o: &KernelOffsets) -> Vec<&'static str> {
+    let mut gaps = Vec::new();
+    if o.io_kiocb_opcode != NO_OFFSET && o.io_ctx_files_nr == NO_OFFSET {
+        gaps.push(
+            "io_uring opens into fixed-file slots, and reads of those slots (the ring's \
+             fixed-file table predates the 6.13 layout)",
+        );
+    }
+    if o.proc_inode_pid_back == NO_OFFSET {
+        gaps.push(
+            "the target of a /proc/<pid>/environ or mem read inside a container's own /proc \
+             (taken from the directory's name, a pid of the container's namespace)",
+        );
+    }
+    if o.task_thread_pid == NO_OFFSET {
+        gaps.push(
+            "the host pid of a ptrace or process_vm_readv target named from inside a pid \
+             namespace (the container's own number is reported)",
+        );
+    }
+    gaps
 }
 
 fn open_object(
@@ -609,10 +637,49 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
 }
 
 /// Tries every program and reports what works on this host, without failing on gaps.
-pub fn probe() -> Result<(Vec<ProgramStatus>, KernelMode), LoadError> {
+pub fn probe() -> Result<ProbeReport, LoadError> {
     prepare_host()?;
     let opts = LoadOptions::default();
     let kernel = inspect_kernel(&opts)?;
     let mut ebpf = open_object(&opts, None, &kernel)?;
-    Ok((attach_all(&mut ebpf, None, kernel.2), kernel.2))
+    Ok(ProbeReport {
+        programs: attach_all(&mut ebpf, None, kernel.2),
+        mode: kernel.2,
+        gaps: coverage_gaps(&kernel.1),
+    })
+}
+
+/// What `keywatch-sensor probe` found.
+pub struct ProbeReport {
+    pub programs: Vec<ProgramStatus>,
+    pub mode: KernelMode,
+    /// [`coverage_gaps`] of this kernel.
+    pub gaps: Vec<&'static str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coverage_gaps_name_what_an_older_kernel_layout_leaves_unseen() {
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("skipped: no readable kernel BTF");
+            return;
+        };
+        let offsets = btf.kernel_offsets().expect("offsets");
+        let here = coverage_gaps(&offsets);
+        if offsets.io_ctx_files_nr != NO_OFFSET {
+            assert!(here.is_empty(), "this kernel has every member: {here:?}");
+        }
+        let older = KernelOffsets {
+            io_ctx_files_nr: NO_OFFSET,
+            proc_inode_pid_back: NO_OFFSET,
+            task_thread_pid: NO_OFFSET,
+            ..offsets
+        };
+        let gaps = coverage_gaps(&older);
+        assert_eq!(gaps.len(), 3, "{gaps:?}");
+        assert!(gaps[0].contains("fixed-file slots") && gaps[2].contains("ptrace"), "{gaps:?}");
+    }
 }

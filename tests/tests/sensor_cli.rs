@@ -33,6 +33,10 @@ fn probe_reports_every_program_with_its_attach_point() {
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.starts_with("PROGRAM"), "a table with a header: {text}");
     assert!(text.contains("kernel struct reads: "), "says how kernel memory is read: {text}");
+    assert!(
+        text.contains("not seen on this kernel:"),
+        "says what this kernel leaves unseen: {text}"
+    );
 }
 
 #[test]
