@@ -172,6 +172,13 @@ impl TryFrom<pb::event::Kind> for EventKind {
                 EventKind::SecretAccess {
                     method: method.try_into()?,
                     target_pid: s.target_pid,
+                    target_ns_pid: (s.target_ns_pid != 0).then_some(s.target_ns_pid),
+                    target: s
+                        .target
+                        .map(Process::try_from)
+                        .transpose()
+                        .map_err(|e| format!("secret access target: {e}"))?
+                        .map(Box::new),
                     watch: s.watch,
                     path: s.path,
                 }
@@ -222,7 +229,7 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
             write: *write,
             ..Default::default()
         }),
-        EventKind::SecretAccess { method, target_pid, watch, path } => {
+        EventKind::SecretAccess { method, target_pid, target_ns_pid, target, watch, path } => {
             K::SecretAccess(pb::SecretAccess {
                 method: match method {
                     SecretMethod::ProcEnviron => pb::SecretMethod::ProcEnviron,
@@ -233,9 +240,11 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
                     SecretMethod::UnixSocket => pb::SecretMethod::UnixSocket,
                 } as i32,
                 target_pid: *target_pid,
+                target_ns_pid: target_ns_pid.unwrap_or(0),
+                target: target.as_deref().map(process_to_proto),
                 watch: watch.clone(),
                 path: path.clone(),
-                ..Default::default()
+                detail: 0,
             })
         }
         EventKind::Connect { watch, address, port, protocol } => K::Connect(pb::Connect {
@@ -276,35 +285,108 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
         seq: e.seq,
         time_ns: e.time.timestamp_nanos_opt().unwrap_or_default() as u64,
         count: e.count,
-        process: Some(pb::ProcessIdentity {
-            pid: p.pid,
-            tid: p.pid,
-            ppid: p.ppid,
-            uid: p.uid,
-            euid: p.euid,
-            gid: p.gid,
-            login_uid: p.login_uid,
-            comm: p.comm.clone(),
-            exe: p.exe.clone(),
-            exe_sha256: p.exe_sha256.clone(),
-            cmdline: p.cmdline.clone(),
-            container_id: p.container_id.clone(),
-            pod_uid: p.pod_uid.clone(),
-            systemd_unit: p.systemd_unit.clone(),
-            start_time_ns: p.start_time_ns,
-            tty: p.tty.clone(),
-            ancestors: p
-                .ancestors
-                .iter()
-                .map(|a| pb::Ancestor {
-                    pid: a.pid,
-                    exe: a.exe.clone(),
-                    comm: a.comm.clone(),
-                    start_time_ns: 0,
-                })
-                .collect(),
-            ..Default::default()
-        }),
+        process: Some(process_to_proto(p)),
         kind: Some(kind),
+    }
+}
+
+/// A process back on the wire.
+fn process_to_proto(p: &Process) -> pb::ProcessIdentity {
+    pb::ProcessIdentity {
+        pid: p.pid,
+        tid: p.pid,
+        ppid: p.ppid,
+        uid: p.uid,
+        euid: p.euid,
+        gid: p.gid,
+        login_uid: p.login_uid,
+        comm: p.comm.clone(),
+        exe: p.exe.clone(),
+        exe_sha256: p.exe_sha256.clone(),
+        cmdline: p.cmdline.clone(),
+        container_id: p.container_id.clone(),
+        pod_uid: p.pod_uid.clone(),
+        systemd_unit: p.systemd_unit.clone(),
+        start_time_ns: p.start_time_ns,
+        tty: p.tty.clone(),
+        ancestors: p
+            .ancestors
+            .iter()
+            .map(|a| pb::Ancestor {
+                pid: a.pid,
+                exe: a.exe.clone(),
+                comm: a.comm.clone(),
+                start_time_ns: 0,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire_event(kind: pb::event::Kind) -> pb::Event {
+        pb::Event {
+            seq: 1,
+            time_ns: 1_796_000_000_000_000_000,
+            count: 1,
+            process: Some(pb::ProcessIdentity {
+                pid: 40,
+                exe: "/usr/bin/gdb".into(),
+                ..Default::default()
+            }),
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn a_secret_access_keeps_its_target_and_the_callers_number() {
+        let target =
+            pb::ProcessIdentity { pid: 13520, exe: "/usr/bin/vault".into(), ..Default::default() };
+        let access = pb::SecretAccess {
+            method: pb::SecretMethod::Ptrace as i32,
+            target_pid: 13520,
+            target_ns_pid: 2,
+            target: Some(target),
+            ..Default::default()
+        };
+        let event = event_from_proto("h", wire_event(pb::event::Kind::SecretAccess(access)))
+            .expect("valid event");
+        let EventKind::SecretAccess { target_pid, target_ns_pid, target, .. } = &event.kind else {
+            panic!("{:?}", event.kind);
+        };
+        assert_eq!((*target_pid, *target_ns_pid), (13520, Some(2)));
+        assert_eq!(target.as_deref().map(|t| t.exe.as_str()), Some("/usr/bin/vault"));
+        // Back on the wire unchanged, and through the store's JSON.
+        let Some(pb::event::Kind::SecretAccess(back)) = event_to_proto(&event).kind else {
+            panic!("not a secret access");
+        };
+        assert_eq!((back.target_ns_pid, back.target.map(|t| t.pid)), (2, Some(13520)));
+        let json = serde_json::to_string(&event.kind).unwrap();
+        assert_eq!(serde_json::from_str::<EventKind>(&json).unwrap(), event.kind);
+        // A host-named target carries no namespace number; older stored rows have neither.
+        let old =
+            r#"{"type":"secret-access","method":"ptrace","target_pid":9,"watch":"","path":""}"#;
+        let EventKind::SecretAccess { target_ns_pid, target, .. } =
+            serde_json::from_str(old).unwrap()
+        else {
+            panic!("not a secret access");
+        };
+        assert_eq!((target_ns_pid, target), (None, None));
+    }
+
+    #[test]
+    fn a_malformed_target_names_itself() {
+        let access = pb::SecretAccess {
+            method: pb::SecretMethod::ProcEnviron as i32,
+            target_pid: 9,
+            target: Some(pb::ProcessIdentity::default()),
+            ..Default::default()
+        };
+        let err = event_from_proto("h", wire_event(pb::event::Kind::SecretAccess(access)))
+            .expect_err("a target with pid 0");
+        assert!(err.to_string().contains("secret access target: process pid is 0"), "{err}");
     }
 }

@@ -160,7 +160,16 @@ pub enum EventKind {
     /// Another process's secrets were touched.
     SecretAccess {
         method: SecretMethod,
+        /// Host pid (0 when the sensor found no process with the number the caller gave).
         target_pid: u32,
+        /// The number the caller gave, in its own pid namespace (a container's), where that is
+        /// not the host's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target_ns_pid: Option<u32>,
+        /// The process whose secrets were touched, as the sensor knew it (for a socket: the
+        /// listener).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<Box<Process>>,
         watch: String,
         path: String,
     },
@@ -220,15 +229,45 @@ impl EventKind {
         "gap",
     ];
 
+    /// Whose secrets a secret access touched, in words: `pid 812 (/usr/bin/vault, container
+    /// 3f2a…)`, with the caller's own number where it named the target from a pid namespace.
+    pub fn secret_target(&self) -> Option<String> {
+        let Self::SecretAccess { target_pid, target_ns_pid, target, .. } = self else {
+            return None;
+        };
+        let mut words = match target_pid {
+            0 => "an unknown process".to_owned(),
+            pid => format!("pid {pid}"),
+        };
+        let mut about = Vec::new();
+        if let Some(t) = target.as_deref().filter(|t| !t.exe.is_empty()) {
+            about.push(t.exe.clone());
+        }
+        if let Some(t) = target.as_deref().filter(|t| !t.container_id.is_empty()) {
+            about.push(format!("container {}", short_id(&t.container_id)));
+        }
+        if let Some(ns_pid) = target_ns_pid {
+            about.push(format!("pid {ns_pid} in the caller's namespace"));
+        }
+        if !about.is_empty() {
+            words.push_str(&format!(" ({})", about.join(", ")));
+        }
+        Some(words)
+    }
+
     /// One line describing the event.
     pub fn summary(&self) -> String {
         match self {
             Self::FileAccess { watch, path, write } => {
                 format!("{} {path} (watch {watch})", if *write { "write" } else { "read" })
             }
-            Self::SecretAccess { method, target_pid, path, .. } => {
-                format!("{} of pid {target_pid} {path}", method.as_str()).trim_end().to_owned()
-            }
+            Self::SecretAccess { method, path, .. } => format!(
+                "{} of {} {path}",
+                method.as_str(),
+                self.secret_target().unwrap_or_default()
+            )
+            .trim_end()
+            .to_owned(),
             Self::Connect { watch, address, port, protocol } => {
                 format!("{protocol} {} (watch {watch})", endpoint(address, *port))
             }
@@ -275,4 +314,9 @@ pub struct Event {
     /// cgroup, thread). Empty for events made in code; the store then encodes this model.
     #[serde(skip)]
     pub record: Vec<u8>,
+}
+
+/// The first 12 characters of a container id, as container tools print it.
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }

@@ -6,7 +6,7 @@ mod common;
 use collector::{
     alerts::Alert,
     declarations::model::{Declaration, Detections, RuleSetting},
-    event::{Ancestor, SecretMethod},
+    event::{Ancestor, EventKind, SecretMethod},
     rule::{Rule, Severity},
 };
 use common::*;
@@ -369,6 +369,44 @@ fn undeclared_alerts_say_so() {
     assert_eq!(alert.routes[0].team, "secops");
     assert_eq!(alert.routes[0].reason, collector::route::Reason::Undeclared);
     assert_eq!(alert.frameworks.attack, vec!["T1552.001", "T1078", "T1528"]);
+}
+
+#[test]
+fn a_secret_misuse_names_whose_secrets_and_the_callers_own_number() {
+    let reg = registry(DETECT_YAML);
+    let mut ev = secret(process("/tmp/x", 0), "2026-12-01T12:00:00Z", SecretMethod::Ptrace);
+    let mut vault = process("/usr/bin/vault", 0);
+    vault.pid = 13520;
+    vault.container_id = "3f2a9c0d1e4b5a6978c1d2e3f4a5b6c7d8e9f0a1b2c3d4e5f6a7b8c9d0e1f2a3".into();
+    ev.kind = EventKind::SecretAccess {
+        method: SecretMethod::Ptrace,
+        target_pid: 13520,
+        target_ns_pid: Some(2),
+        target: Some(Box::new(vault)),
+        watch: String::new(),
+        path: String::new(),
+    };
+    let context = collector::detect::Context { host: &prod(), workload: None, last_active: None };
+    let findings = collector::detect::detect(&reg, context, &ev);
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    assert_eq!(findings[0].rule, SecretMisuse);
+    assert_eq!(
+        findings[0].reason,
+        "an undeclared process (/tmp/x) read secrets of pid 13520 (/usr/bin/vault, container \
+         3f2a9c0d1e4b, pid 2 in the caller's namespace) via ptrace"
+    );
+    assert_eq!(
+        ev.kind.summary(),
+        "ptrace of pid 13520 (/usr/bin/vault, container 3f2a9c0d1e4b, pid 2 in the caller's \
+         namespace)"
+    );
+    // No process had the number any more: said so, with the number the caller gave.
+    let EventKind::SecretAccess { target_pid, target, .. } = &mut ev.kind else { unreachable!() };
+    (*target_pid, *target) = (0, None);
+    assert_eq!(
+        ev.kind.secret_target().as_deref(),
+        Some("an unknown process (pid 2 in the caller's namespace)")
+    );
 }
 
 #[test]

@@ -189,7 +189,7 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
             human_use(reg, ctx, event, &watch_name, &resource, &mut push);
             dormant(reg, ctx, event, &resource, &mut push);
         }
-        EventKind::SecretAccess { method, target_pid, watch, path } => {
+        EventKind::SecretAccess { method, target_pid, watch, path, .. } => {
             let unix = *method == SecretMethod::UnixSocket;
             let resource = Resource {
                 kind: if unix { "secret".into() } else { "process".into() },
@@ -212,8 +212,9 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
                     wl_name.clone(),
                     &resource,
                     format!(
-                        "{who} ({}) read secrets of pid {target_pid} via {}",
+                        "{who} ({}) read secrets of {} via {}",
                         event.process.exe,
+                        event.kind.secret_target().unwrap_or_default(),
                         method.as_str()
                     ),
                 );

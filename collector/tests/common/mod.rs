@@ -112,6 +112,8 @@ pub fn secret(p: Process, at: &str, method: SecretMethod) -> Event {
         EventKind::SecretAccess {
             method,
             target_pid: 77,
+            target_ns_pid: None,
+            target: None,
             watch: String::new(),
             path: "/proc/77/environ".into(),
         },
