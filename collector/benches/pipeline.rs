@@ -86,6 +86,7 @@ fn event(i: usize, start: DateTime<Utc>) -> Event {
             watch: format!("watch-{watch}"),
             path: format!("/srv/w{watch}/creds/key"),
             write: false,
+            held: false,
         },
         record: Vec::new(),
     }

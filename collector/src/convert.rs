@@ -164,7 +164,7 @@ impl TryFrom<pb::event::Kind> for EventKind {
                 if f.path.is_empty() {
                     return Err("file access without a path".into());
                 }
-                EventKind::FileAccess { watch: f.watch, path: f.path, write: f.write }
+                EventKind::FileAccess { watch: f.watch, path: f.path, write: f.write, held: f.held }
             }
             K::SecretAccess(s) => {
                 let method = pb::SecretMethod::try_from(s.method)
@@ -223,7 +223,8 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
     use pb::event::Kind as K;
     let p = &e.process;
     let kind = match &e.kind {
-        EventKind::FileAccess { watch, path, write } => K::FileAccess(pb::FileAccess {
+        EventKind::FileAccess { watch, path, write, held } => K::FileAccess(pb::FileAccess {
+            held: *held,
             watch: watch.clone(),
             path: path.clone(),
             write: *write,

@@ -156,6 +156,9 @@ pub enum EventKind {
         watch: String,
         path: String,
         write: bool,
+        /// Found open when the sensor started watching (opened before it could see).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        held: bool,
     },
     /// Another process's secrets were touched.
     SecretAccess {
@@ -258,8 +261,10 @@ impl EventKind {
     /// One line describing the event.
     pub fn summary(&self) -> String {
         match self {
-            Self::FileAccess { watch, path, write } => {
-                format!("{} {path} (watch {watch})", if *write { "write" } else { "read" })
+            Self::FileAccess { watch, path, write, held } => {
+                let how = if *write { "write" } else { "read" };
+                let held = if *held { ", held open when the sensor started" } else { "" };
+                format!("{how} {path} (watch {watch}{held})")
             }
             Self::SecretAccess { method, path, .. } => format!(
                 "{} of {} {path}",

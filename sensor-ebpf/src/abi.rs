@@ -182,6 +182,19 @@ pub enum FileMatch {
     Name = 3,
 }
 
+impl TryFrom<u32> for FileMatch {
+    type Error = u32;
+
+    fn try_from(value: u32) -> Result<Self, Self::Error> {
+        Ok(match value {
+            1 => Self::File,
+            2 => Self::Dir,
+            3 => Self::Name,
+            other => return Err(other),
+        })
+    }
+}
+
 /// Flag in a [`WATCHED_DIRS`](FileKey) value: report opens of any name in the directory.
 /// Without it only names in the names map are reported.
 pub const DIR_ANY_NAME: u32 = 1 << 31;

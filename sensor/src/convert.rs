@@ -144,8 +144,9 @@ impl From<&What> for pb::event::Kind {
     fn from(what: &What) -> Self {
         use pb::event::Kind as K;
         match what {
-            What::FileOpen { watch, category: _, path, dev, ino, flags, write } => {
+            What::FileOpen { watch, category: _, path, dev, ino, flags, write, held } => {
                 K::FileAccess(pb::FileAccess {
+                    held: *held,
                     watch: watch.clone(),
                     path: path.clone(),
                     dev: u64::from(*dev),
@@ -293,6 +294,7 @@ mod tests {
             ino: 1234,
             flags: 0,
             write: false,
+            held: true,
         });
         let e = pb::Event::from(&o);
         assert_eq!(e.seq, 0);
@@ -308,7 +310,7 @@ mod tests {
             (f.watch.as_str(), f.path.as_str()),
             ("aws-credentials", "/root/.aws/credentials")
         );
-        assert_eq!((f.dev, f.ino, f.write), (2049, 1234, false));
+        assert_eq!((f.dev, f.ino, f.write, f.held), (2049, 1234, false, true));
     }
 
     #[test]

@@ -10,7 +10,8 @@ use sensor_ebpf::{FileKey, NO_WATCH};
 const O_DIRECTORY: u32 = 0o200000;
 
 use crate::{
-    event::{Detail, Event, ProcessRef},
+    event::{Detail, Event, ProcessRef, file_match_name, opens_for_write},
+    held::Holding,
     observation::{Identity, Observation, What},
     process::{ExeHasher, ExecFacts, ProcessInfo, ProcessTable},
     watch_sync::SharedView,
@@ -83,6 +84,48 @@ impl Enricher {
         out
     }
 
+    /// Observations for watched files found open at the sensor's start ([`crate::held`]): each
+    /// its holder's file access, marked held, at `now_unix_ns`.
+    pub fn held_at_start(&mut self, holdings: Vec<Holding>, now_unix_ns: u64) -> Vec<Observation> {
+        let mut out = Vec::new();
+        for h in holdings {
+            let Some(info) = self.table.get_or_load(h.pid) else { continue };
+            let process = ProcessRef {
+                pid: h.pid,
+                tid: h.pid,
+                ppid: info.ppid,
+                uid: info.uid,
+                gid: info.gid,
+                euid: info.euid,
+                login_uid: info.login_uid,
+                comm: info.comm.clone(),
+                cgroup_id: info.cgroup_id,
+            };
+            let detail = Detail::FileOpen {
+                watch_id: h.watch_id,
+                matched: file_match_name(h.matched),
+                name: h.name,
+                dev: h.file.dev,
+                ino: h.file.ino,
+                parent_ino: h.parent_ino,
+                flags: h.flags,
+                write: opens_for_write(h.flags),
+                held: true,
+            };
+            let event = Event {
+                time_ns: now_unix_ns,
+                count: 1,
+                process,
+                detail,
+                fold: None,
+                mark: 0,
+                ring_pos: 0,
+            };
+            out.extend(self.enrich(event));
+        }
+        out
+    }
+
     fn observations(&mut self, mut event: Event) -> Vec<Observation> {
         let pid = event.process.pid;
         let before = self.creds_before(pid);
@@ -122,7 +165,17 @@ impl Enricher {
                     out.push(self.observe(&event, privilege_change(syscall, before, after)));
                 }
             }
-            Detail::FileOpen { watch_id, matched, name, dev, ino, parent_ino, flags, write } => {
+            Detail::FileOpen {
+                watch_id,
+                matched,
+                name,
+                dev,
+                ino,
+                parent_ino,
+                flags,
+                write,
+                held,
+            } => {
                 if flags & O_DIRECTORY != 0 {
                     return out; // a watched directory listed, not a credential read
                 }
@@ -159,6 +212,7 @@ impl Enricher {
                         ino: *ino,
                         flags: *flags,
                         write: *write,
+                        held: *held,
                     },
                 ));
             }

@@ -81,6 +81,8 @@ pub enum Detail {
         flags: u32,
         /// Opened for writing (O_WRONLY, O_RDWR, O_CREAT, O_TRUNC or O_APPEND).
         write: bool,
+        /// Found open at the sensor's start (see [`crate::held`]), not an open the kernel saw.
+        held: bool,
     },
     /// Another process's secrets were touched.
     Secret {
@@ -189,6 +191,15 @@ pub fn opens_for_write(flags: u32) -> bool {
     flags & O_ACCMODE != 0 || flags & O_WRITE_INTENT != 0
 }
 
+/// [`Detail::FileOpen::matched`] of a kernel match.
+pub(crate) fn file_match_name(m: FileMatch) -> &'static str {
+    match m {
+        FileMatch::File => "file",
+        FileMatch::Dir => "dir",
+        FileMatch::Name => "name",
+    }
+}
+
 pub(crate) fn secret_method(m: SecretMethod) -> &'static str {
     match m {
         SecretMethod::ProcEnviron => "proc_environ",
@@ -258,18 +269,16 @@ pub fn decode(bytes: &[u8], clock: &Clock) -> Result<Event, DecodeError> {
             fold = Some((FoldKey::file(header.tgid, e.dev, e.ino), e.total));
             Detail::FileOpen {
                 watch_id: e.watch_id,
-                matched: match e.matched {
-                    m if m == FileMatch::File as u32 => "file",
-                    m if m == FileMatch::Dir as u32 => "dir",
-                    m if m == FileMatch::Name as u32 => "name",
-                    other => return Err(unknown("file match", other)),
-                },
+                matched: FileMatch::try_from(e.matched)
+                    .map(file_match_name)
+                    .map_err(|other| unknown("file match", other))?,
                 name: text(&e.name, e.name_len),
                 dev: e.dev,
                 ino: e.ino,
                 parent_ino: e.parent_ino,
                 flags: e.flags,
                 write: opens_for_write(e.flags),
+                held: false,
             }
         }
         EventKind::Secret => {

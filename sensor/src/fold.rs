@@ -146,6 +146,7 @@ fn event_from_key(key: &FoldKey, now_unix_ns: u64) -> Event {
             parent_ino: 0,
             flags: 0,
             write: false,
+            held: false,
         },
     };
     Event {

@@ -11,6 +11,7 @@ pub mod enrich;
 pub mod event;
 pub mod fault;
 pub mod fold;
+pub mod held;
 pub mod kernel_maps;
 pub mod kfunc;
 pub mod loader;

@@ -46,6 +46,10 @@ pub enum What {
         ino: u64,
         flags: u32,
         write: bool,
+        /// Found open at the sensor's start, opened before anything watched (present only
+        /// then).
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        held: bool,
     },
     /// Another process's secrets were touched.
     SecretAccess {

@@ -4,7 +4,7 @@
 //! - [`Agent`]: a sensor plus everything that makes its events useful: watches resolved into
 //!   the kernel maps and kept current, and each event joined with the exact process identity.
 
-use std::{io::Write as _, sync::Arc, time::Duration};
+use std::{io::Write as _, path::Path, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,7 @@ use crate::{
     loader::{self, LoadError, LoadOptions, Loaded},
     observation::Observation,
     output,
-    process::{ExeHasher, ProcFs, ProcessTable},
+    process::{DEFAULT_PROC_ROOT, ExeHasher, ProcFs, ProcessTable},
     reader::{self, Progress, ReaderHandle},
     ring::{Ring, RingIdentity},
     watch::WatchSet,
@@ -177,6 +177,10 @@ impl Agent {
         }
         let mut enricher = Enricher::new(table, ExeHasher::default(), view.clone());
         enricher.lifecycle = opts.lifecycle;
+        // Programs adopted from pins kept watching while no sensor ran; freshly attached ones
+        // did not see what was opened before them.
+        let look_for_held = !matches!(sensor.loaded().origin, loader::Origin::Adopted);
+        let held_view = view.clone();
 
         let (tx, observations) = mpsc::channel(CHANNEL_CAPACITY);
         let mut events = std::mem::replace(&mut sensor.events, mpsc::channel(1).1);
@@ -184,6 +188,13 @@ impl Agent {
         std::thread::Builder::new()
             .name("enricher".into())
             .spawn(move || {
+                if look_for_held {
+                    for observation in held_at_start(&mut enricher, &held_view) {
+                        if tx.blocking_send(observation).is_err() {
+                            return;
+                        }
+                    }
+                }
                 for event in std::iter::from_fn(|| events.blocking_recv()).flatten() {
                     let mark = event.mark;
                     for observation in enricher.enrich(event) {
@@ -276,6 +287,21 @@ impl Drop for Agent {
 }
 
 /// Standalone mode: every observation as a JSON line on stdout until SIGINT/SIGTERM.
+/// File accesses for the watched files processes hold open now (see [`crate::held`]).
+fn held_at_start(enricher: &mut Enricher, view: &SharedView) -> Vec<Observation> {
+    let holdings = {
+        let view = view.read().expect("watch view");
+        crate::held::scan(Path::new(DEFAULT_PROC_ROOT), &view.kernel, std::process::id())
+    };
+    if !holdings.is_empty() {
+        tracing::info!(files = holdings.len(), "watched files already open at start");
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    enricher.held_at_start(holdings, now)
+}
+
 pub async fn run_stdout(opts: &AgentOptions) -> anyhow::Result<()> {
     let mut agent = Agent::start(opts).await?;
     tracing::info!(

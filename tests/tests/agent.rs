@@ -115,6 +115,52 @@ async fn a_credential_moved_away_stays_watched_at_its_new_place() {
     assert_eq!(path_of(&o), ("cloud-key", moved.to_str().unwrap()));
 }
 
+/// A holder of `path` (`kw-actor hold`), once its file is open.
+fn holder(path: &Path) -> std::process::Child {
+    use std::io::BufRead as _;
+    let mut child = actor()
+        .args(["hold", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning kw-actor");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.trim().parse::<u32>().is_ok(), "the holder prints its fd: {line:?}");
+    child
+}
+
+#[tokio::test]
+async fn a_credential_held_open_before_the_start_is_reported_once_at_start() {
+    let dir = tempdir();
+    let key = dir.path().join("id_ed25519");
+    std::fs::write(&key, "key").unwrap();
+    let other = dir.path().join("known_hosts");
+    std::fs::write(&other, "host").unwrap();
+    let mut holding = holder(&key);
+    let mut bystander = holder(&other);
+    let pattern = dir.path().join("id_*").display().to_string();
+    let started = agent(vec![spec("ssh-keys", &[pattern])]).await;
+    let Some(mut agent) = started else {
+        let _ = (holding.kill(), bystander.kill(), holding.wait(), bystander.wait());
+        return;
+    };
+    let o = file_open_by(&mut agent, holding.id()).await;
+    let noise = wait_until(
+        Duration::from_millis(700),
+        agent.next_matching(|o| {
+            o.process.pid == bystander.id() && matches!(o.what, What::FileOpen { .. })
+        }),
+    )
+    .await;
+    let _ = (holding.kill(), bystander.kill(), holding.wait(), bystander.wait());
+    let o = o.expect("the held key is reported at start");
+    assert_eq!(path_of(&o), ("ssh-keys", key.to_str().unwrap()));
+    assert!(matches!(o.what, What::FileOpen { held: true, write: false, .. }), "{:?}", o.what);
+    assert_eq!((o.process.ppid, o.process.comm.as_str()), (std::process::id(), "kw-actor"));
+    assert!(o.process.exe.ends_with("kw-actor"), "{}", o.process.exe);
+    assert!(noise.is_none(), "an unwatched file held open was reported: {noise:?}");
+}
+
 #[tokio::test]
 async fn a_file_matching_a_glob_created_after_start_is_watched_and_others_are_not() {
     let dir = tempdir();

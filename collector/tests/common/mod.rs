@@ -85,7 +85,11 @@ pub fn event(process: Process, at: &str, kind: EventKind) -> Event {
 
 pub fn read(p: Process, at: &str, path: &str) -> Event {
     let watch = if path.contains(".aws") { "aws-credentials" } else { "" };
-    event(p, at, EventKind::FileAccess { watch: watch.into(), path: path.into(), write: false })
+    event(
+        p,
+        at,
+        EventKind::FileAccess { watch: watch.into(), path: path.into(), write: false, held: false },
+    )
 }
 
 pub fn aws(p: Process, at: &str) -> Event {

@@ -62,6 +62,7 @@ fn observation(i: u64) -> Observation {
             ino: i + 1,
             flags: 0,
             write: false,
+            held: false,
         },
         mark: 0,
         ring_pos: 0,

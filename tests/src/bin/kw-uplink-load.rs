@@ -93,6 +93,7 @@ pub fn observation(i: u64, now_ns: u64) -> Observation {
             ino: i + 1,
             flags: 0,
             write: false,
+            held: false,
         },
         mark: 0,
         ring_pos: 0,

@@ -31,6 +31,7 @@ fn event(seq: u64) -> Event {
             watch: "aws-credentials".into(),
             path: "/home/dev/.aws/credentials".into(),
             write: false,
+            held: false,
         },
         record: Vec::new(),
     }
