@@ -223,8 +223,38 @@ async fn a_credential_fd_taken_from_another_process_is_reported() {
     let creds = Creds::new();
     let cred = creds.cred();
     watch(&mut sensor, &cred, 12);
+    let taker = take_from_a_holder("hold", &cred);
+    let event = file_open_by(&mut sensor, taker, WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no file event for the fd taken by pid {taker}"));
+    assert_file_open(&event, &cred, 12);
+}
+
+/// An ssh-agent connection taken over: the taker never connects, yet uses the agent.
+#[tokio::test]
+async fn an_agent_socket_taken_from_another_process_is_a_secret_access() {
+    let Some(mut sensor) = sensor() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), 32).unwrap();
+    let taker = take_from_a_holder("hold-unix", &path);
+    let event = wait_for(&mut sensor, WAIT, |e| {
+        e.process.pid == taker && matches!(e.detail, Detail::Secret { .. })
+    })
+    .await
+    .unwrap_or_else(|| panic!("no secret event for the socket taken by pid {taker}"));
+    drop(listener);
+    let Detail::Secret { method, target_pid, detail, .. } = event.detail else { unreachable!() };
+    assert_eq!((method, target_pid), ("unix_socket", std::process::id()), "the listener");
+    assert_eq!(detail, file_key(&path).unwrap().ino);
+}
+
+/// kw-actor `hold_action` opens `path` and holds it; another kw-actor takes the descriptor
+/// (`pidfd_getfd`). Returns the taker's pid.
+fn take_from_a_holder(hold_action: &str, path: &Path) -> u32 {
     let mut holder = actor()
-        .args(["hold", cred.to_str().unwrap()])
+        .args([hold_action, path.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawning the holder");
@@ -238,10 +268,7 @@ async fn a_credential_fd_taken_from_another_process_is_reported() {
     let taker = act(&["take", &holder.id().to_string(), &fd]);
     let _ = holder.kill();
     let _ = holder.wait();
-    let event = file_open_by(&mut sensor, taker, WAIT)
-        .await
-        .unwrap_or_else(|| panic!("no file event for the fd taken by pid {taker}"));
-    assert_file_open(&event, &cred, 12);
+    taker
 }
 
 #[tokio::test]

@@ -83,10 +83,36 @@ pub fn sys_exit_open_by_handle_at(ctx: TracePointContext) -> u32 {
 }
 
 /// An fd copied out of another process (`pidfd_getfd`): a credential that process had open
-/// is as good as read, without any open by the taker.
+/// is as good as read, and a socket it had connected to an agent (ssh-agent, docker.sock) as
+/// good as connected — without any open or connect by the taker.
 #[tracepoint(category = "syscalls", name = "sys_exit_pidfd_getfd")]
 pub fn sys_exit_pidfd_getfd(ctx: TracePointContext) -> u32 {
-    on_open_exit(&ctx)
+    let fd: i64 = tp_field(&ctx, RET);
+    if fd >= 0 {
+        let _ = on_new_fd(fd as u32);
+        let _ = on_taken_socket(fd as u32);
+    }
+    0
+}
+
+/// `S_IFMT` and `S_IFSOCK` of `inode.i_mode`.
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// A socket taken as `fd`: a secret access when it is connected to a watched unix socket.
+#[inline(always)]
+fn on_taken_socket(fd: u32) -> Result<(), i64> {
+    let tgid = current_tgid();
+    if super::task::is_self(tgid) {
+        return Ok(());
+    }
+    let file = file_of_fd(fd)?;
+    let inode = kread::ptr(file, offsets().file_f_inode)?;
+    let mode: u16 = kread::at(inode, offsets().inode_i_mode)?;
+    if mode & S_IFMT != S_IFSOCK {
+        return Ok(());
+    }
+    unix_connected(file, tgid)
 }
 
 #[inline(always)]

@@ -47,7 +47,11 @@ fn main() -> ExitCode {
         }
         // hold PATH: open PATH, print the fd number, wait to be killed.
         "hold" => hold(arg(1)),
-        // take PID FD: copy fd FD out of process PID (pidfd_getfd), then read through it.
+        // hold-unix PATH: connect to the unix stream socket PATH, print the fd number, wait to
+        // be killed.
+        "hold-unix" => hold_unix(arg(1)),
+        // take PID FD: copy fd FD out of process PID (pidfd_getfd), then read through it (a
+        // socket is only taken).
         "take" => take(arg(1).parse().unwrap_or(0), arg(2).parse().unwrap_or(-1)),
         // write PATH: open for writing and append a byte.
         "write" => std::fs::OpenOptions::new()
@@ -150,6 +154,15 @@ fn hold(path: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+fn hold_unix(path: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let socket = std::os::unix::net::UnixStream::connect(path)?;
+    println!("{}", socket.as_raw_fd());
+    std::io::stdout().flush()?;
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    Ok(())
+}
+
 fn take(pid: i32, fd: i32) -> std::io::Result<()> {
     use std::os::fd::FromRawFd as _;
     // SAFETY: plain syscalls with integer arguments; results checked.
@@ -167,6 +180,9 @@ fn take(pid: i32, fd: i32) -> std::io::Result<()> {
     let mut buf = Vec::new();
     // SAFETY: a fresh fd owned from here on.
     let mut file = unsafe { File::from_raw_fd(taken as i32) };
+    if std::os::unix::fs::FileTypeExt::is_socket(&file.metadata()?.file_type()) {
+        return Ok(());
+    }
     std::io::Seek::rewind(&mut file)?;
     file.read_to_end(&mut buf).map(drop)
 }
