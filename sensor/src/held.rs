@@ -3,7 +3,8 @@
 //! The kernel programs see opens, not reads: a process that opened a credential before any
 //! program was attached (a first install, or a start after `uninstall`) can go on reading it
 //! unseen. At such a start the sensor looks through every process's descriptors in `/proc`
-//! and reports each watched file found open there once, as a file access marked `held`.
+//! and reports each watched file found open there once, as a file access marked `held` — or
+//! mapped into its memory, which stays readable after the descriptor is closed.
 //! (After a restart that adopted pinned programs nothing was unwatched, and nothing is
 //! reported.)
 
@@ -42,25 +43,17 @@ pub fn scan(proc_root: &Path, watches: &KernelWatches, own_pid: u32) -> Vec<Hold
     for pid in numeric_entries(proc_root).filter(|&pid| pid != own_pid) {
         let mut seen = HashSet::new();
         let dir = proc_root.join(pid.to_string());
-        for fd in numeric_entries(&dir.join("fd")) {
-            let link = dir.join("fd").join(fd.to_string());
-            // Credentials are regular files; sockets, pipes and devices are skipped unread.
-            let Ok(meta) = fs::metadata(&link) else { continue };
-            if !meta.is_file() {
-                continue;
-            }
-            let file = FileKey { dev: kernel_dev(meta.dev()), _pad0: 0, ino: meta.ino() };
+        let mut hold = |file: FileKey, path: &Path, flags: &dyn Fn() -> u32| {
             if seen.contains(&file) {
-                continue;
+                return;
             }
-            let Ok(path) = fs::read_link(&link) else { continue };
             let parent = path
                 .parent()
                 .and_then(|p| *parents.entry(p.to_path_buf()).or_insert_with(|| file_key(p).ok()));
             let name = path.file_name().map(|n| n.as_bytes().to_vec()).unwrap_or_default();
             let Some((matched, watch_id)) = match_held(watches, &file, parent.as_ref(), &name)
             else {
-                continue;
+                return;
             };
             seen.insert(file);
             found.push(Holding {
@@ -68,13 +61,48 @@ pub fn scan(proc_root: &Path, watches: &KernelWatches, own_pid: u32) -> Vec<Hold
                 file,
                 parent_ino: parent.map_or(0, |p| p.ino),
                 name: String::from_utf8_lossy(&name).into_owned(),
-                flags: open_flags(&dir.join("fdinfo").join(fd.to_string())).unwrap_or(0),
+                flags: flags(),
                 matched,
                 watch_id,
             });
+        };
+        for fd in numeric_entries(&dir.join("fd")) {
+            let link = dir.join("fd").join(fd.to_string());
+            // Credentials are regular files; sockets, pipes and devices are skipped unread.
+            let Ok(meta) = fs::metadata(&link) else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let Ok(path) = fs::read_link(&link) else { continue };
+            let file = FileKey { dev: kernel_dev(meta.dev()), _pad0: 0, ino: meta.ino() };
+            let fdinfo = dir.join("fdinfo").join(fd.to_string());
+            hold(file, &path, &|| open_flags(&fdinfo).unwrap_or(0));
+        }
+        let maps = fs::read_to_string(dir.join("maps")).unwrap_or_default();
+        for (file, path, flags) in maps.lines().filter_map(mapped_file) {
+            hold(file, &path, &|| flags);
         }
     }
     found
+}
+
+/// The file a `/proc/PID/maps` line maps, and open flags saying whether the mapping can write
+/// it back (shared and writable); `None` for anonymous and special mappings.
+fn mapped_file(line: &str) -> Option<(FileKey, PathBuf, u32)> {
+    let mut fields = line.splitn(6, ' ');
+    let (_range, perms, _offset) = (fields.next()?, fields.next()?, fields.next()?);
+    let (dev, ino) = (fields.next()?, fields.next()?.parse::<u64>().ok()?);
+    let path = fields.next()?.trim_start();
+    if ino == 0 || !path.starts_with('/') {
+        return None;
+    }
+    let (major, minor) = dev.split_once(':')?;
+    let (major, minor) =
+        (u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?);
+    let file = FileKey { dev: (major << 20) | (minor & 0xf_ffff), _pad0: 0, ino };
+    let writes_back = perms.contains('w') && perms.contains('s');
+    let flags = if writes_back { libc::O_RDWR as u32 } else { libc::O_RDONLY as u32 };
+    Some((file, PathBuf::from(path), flags))
 }
 
 /// What the kernel's file-open hook would have matched: the inode itself, or its directory
@@ -115,23 +143,36 @@ fn numeric_entries(dir: &Path) -> impl Iterator<Item = u32> {
 mod tests {
     use super::*;
 
+    /// A file `name` in a fresh directory, watched as `watch_id`.
+    fn watched_file(
+        name: &str,
+        watch_id: u32,
+    ) -> (tempfile::TempDir, PathBuf, FileKey, KernelWatches) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        fs::write(&path, "-----BEGIN PRIVATE KEY-----").unwrap();
+        let key = file_key(&path).unwrap();
+        let mut watches = KernelWatches::default();
+        watches.files.insert(key, watch_id);
+        (dir, path, key, watches)
+    }
+
+    /// What `scan` finds held by this process.
+    fn held_here(watches: &KernelWatches) -> Vec<Holding> {
+        let me = std::process::id();
+        scan(Path::new("/proc"), watches, 0).into_iter().filter(|h| h.pid == me).collect()
+    }
+
     #[test]
     fn a_watched_file_held_open_is_found_once_with_its_flags() {
-        let dir = tempfile::tempdir().unwrap();
-        let cred = dir.path().join("credentials");
-        fs::write(&cred, "key").unwrap();
+        let (dir, cred, key, watches) = watched_file("credentials", 4);
         let other = dir.path().join("notes");
         fs::write(&other, "x").unwrap();
-        let key = file_key(&cred).unwrap();
-        let mut watches = KernelWatches::default();
-        watches.files.insert(key, 4);
         // This process holds it twice (read, and read-write) and an unwatched file once.
         let _a = fs::File::open(&cred).unwrap();
         let _b = fs::OpenOptions::new().read(true).write(true).open(&cred).unwrap();
         let _c = fs::File::open(&other).unwrap();
-        let me = std::process::id();
-        let held: Vec<_> =
-            scan(Path::new("/proc"), &watches, 0).into_iter().filter(|h| h.pid == me).collect();
+        let held = held_here(&watches);
         assert_eq!(held.len(), 1, "{held:?}");
         let h = &held[0];
         assert_eq!(
@@ -140,7 +181,39 @@ mod tests {
         );
         assert_eq!(h.flags & libc::O_ACCMODE as u32, libc::O_RDONLY as u32, "the first fd's flags");
         // Its own process is skipped.
+        let me = std::process::id();
         assert!(scan(Path::new("/proc"), &watches, me).iter().all(|h| h.pid != me));
+    }
+
+    #[test]
+    fn a_watched_file_mapped_after_its_descriptor_closed_is_found() {
+        use std::os::fd::AsRawFd as _;
+        let (_dir, cred, key, watches) = watched_file("key.pem", 6);
+        let file = fs::File::open(&cred).unwrap();
+        // SAFETY: a private read-only mapping of the file's first page; unmapped below.
+        let map = unsafe {
+            let (prot, flags) = (libc::PROT_READ, libc::MAP_PRIVATE);
+            libc::mmap(std::ptr::null_mut(), 4096, prot, flags, file.as_raw_fd(), 0)
+        };
+        assert_ne!(map, libc::MAP_FAILED);
+        drop(file);
+        let held = held_here(&watches);
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(map, 4096) };
+        assert_eq!(held.len(), 1, "{held:?}");
+        let h = &held[0];
+        assert_eq!((h.file, h.watch_id, h.flags), (key, 6, libc::O_RDONLY as u32));
+    }
+
+    #[test]
+    fn maps_lines_name_their_file_and_whether_it_can_be_written_back() {
+        let line = "7f1c2a000000-7f1c2a001000 rw-s 00000000 fd:01 1835012          /srv/my key.pem";
+        let (file, path, flags) = mapped_file(line).expect("a file mapping");
+        assert_eq!((file.dev, file.ino), ((0xfd << 20) | 1, 1835012));
+        assert_eq!((path.to_str(), flags), (Some("/srv/my key.pem"), libc::O_RDWR as u32));
+        let stack = "7ffd5a1e0000-7ffd5a201000 rw-p 00000000 00:00 0          [stack]";
+        assert!(mapped_file(stack).is_none());
+        assert!(mapped_file("7f1c2a000000-7f1c2a001000 r--p 00000000 00:00 0").is_none());
     }
 
     #[test]
