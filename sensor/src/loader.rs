@@ -223,6 +223,8 @@ pub enum LoadError {
         .0.iter().map(|s| s.program).collect::<Vec<_>>().join(",")
     )]
     Missing(Vec<ProgramStatus>),
+    #[error("detaching or attaching again: {0}")]
+    Toggle(String),
 }
 
 /// Load-time options.
@@ -277,10 +279,36 @@ pub struct Loaded {
     lost: Option<PerCpuArray<MapData, u64>>,
     pub report: Vec<ProgramStatus>,
     pub origin: Origin,
+    /// Programs this process attached without pinning them, by link.
+    links: Vec<(&'static ProgramSpec, OwnedLink)>,
+    /// Programs [`Loaded::set_attached`] detached.
+    detached: Vec<&'static ProgramSpec>,
     _pins: Option<PinDir>,
 }
 
 impl Loaded {
+    /// Detaches every program (`false`) or attaches them again (`true`), leaving them loaded
+    /// and the maps as they are: for measurements that compare a host with and without the
+    /// programs in quick alternation. Only for programs this process attached without pins.
+    pub fn set_attached(&mut self, attached: bool) -> Result<(), LoadError> {
+        let ebpf = self.ebpf.as_mut().filter(|_| self._pins.is_none()).ok_or_else(|| {
+            LoadError::Toggle("only programs attached without pins can be detached".into())
+        })?;
+        if attached {
+            let cgroup = CgroupRoot::open();
+            for spec in std::mem::take(&mut self.detached) {
+                let link = attach_loaded(ebpf, spec, &cgroup).map_err(LoadError::Toggle)?;
+                self.links.push((spec, link));
+            }
+        } else {
+            for (spec, link) in std::mem::take(&mut self.links) {
+                detach(ebpf, spec, link).map_err(LoadError::Toggle)?;
+                self.detached.push(spec);
+            }
+        }
+        Ok(())
+    }
+
     fn take_map(&mut self, name: &'static str) -> Result<Map, LoadError> {
         self.ebpf
             .as_mut()
@@ -441,59 +469,104 @@ const LOAD_REFUSED: &str = "load refused: ";
 /// Attaches one program; with `pins`, pins its link so it outlives this process.
 fn attach(
     ebpf: &mut Ebpf,
-    spec: &ProgramSpec,
+    spec: &'static ProgramSpec,
     cgroup: &CgroupRoot,
     pins: Option<&PinDir>,
-) -> Result<(), String> {
+) -> Result<Option<OwnedLink>, String> {
+    load_program(ebpf, spec)?;
+    let link = attach_loaded(ebpf, spec, cgroup)?;
+    let Some(pins) = pins else { return Ok(Some(link)) };
+    take_link(ebpf, spec, link)?
+        .pin(pins.link_path(spec.name))
+        .map_err(|e| format!("pinning the link: {e}"))?;
+    Ok(None)
+}
+
+/// A program attached by this process and not pinned: detached again by its id.
+#[derive(Debug)]
+enum OwnedLink {
+    TracePoint(aya::programs::trace_point::TracePointLinkId),
+    RawTracePoint(aya::programs::raw_trace_point::RawTracePointLinkId),
+    CgroupSockAddr(aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId),
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, spec: &ProgramSpec) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
     let program = ebpf.program_mut(spec.name).ok_or("not in the eBPF object")?;
+    program.try_into().map_err(|e| format!("{e}"))
+}
+
+fn load_program(ebpf: &mut Ebpf, spec: &ProgramSpec) -> Result<(), String> {
     let loaded = |e: aya::programs::ProgramError| format!("{LOAD_REFUSED}{}", brief(&e));
+    match spec.attach {
+        Attach::TracePoint { .. } => program::<TracePoint>(ebpf, spec)?.load().map_err(loaded),
+        Attach::RawTracePoint { .. } => {
+            program::<RawTracePoint>(ebpf, spec)?.load().map_err(loaded)
+        }
+        Attach::CgroupSockAddr { .. } => {
+            program::<CgroupSockAddr>(ebpf, spec)?.load().map_err(loaded)
+        }
+    }
+}
+
+/// Attaches a loaded program where `spec` says.
+fn attach_loaded(
+    ebpf: &mut Ebpf,
+    spec: &ProgramSpec,
+    cgroup: &CgroupRoot,
+) -> Result<OwnedLink, String> {
     let attached = |e: aya::programs::ProgramError| {
         let cause = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
         format!("attach failed: {e}{cause}")
     };
-    let taken = |e: aya::programs::ProgramError| format!("link not pinnable: {e}");
-    let link: Option<FdLink> = match spec.attach {
-        Attach::TracePoint { category, name } => {
-            let p: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load().map_err(loaded)?;
-            let id = p.attach(category, name).map_err(attached)?;
-            match pins {
-                Some(_) => Some(
-                    FdLink::try_from(p.take_link(id).map_err(taken)?)
-                        .map_err(|e| format!("link not pinnable on this kernel: {e}"))?,
-                ),
-                None => None,
-            }
-        }
-        Attach::RawTracePoint { name } => {
-            let p: &mut RawTracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load().map_err(loaded)?;
-            let id = p.attach(name).map_err(attached)?;
-            match pins {
-                Some(_) => Some(FdLink::from(p.take_link(id).map_err(taken)?)),
-                None => None,
-            }
-        }
+    Ok(match spec.attach {
+        Attach::TracePoint { category, name } => OwnedLink::TracePoint(
+            program::<TracePoint>(ebpf, spec)?.attach(category, name).map_err(attached)?,
+        ),
+        Attach::RawTracePoint { name } => OwnedLink::RawTracePoint(
+            program::<RawTracePoint>(ebpf, spec)?.attach(name).map_err(attached)?,
+        ),
         Attach::CgroupSockAddr { .. } => {
             let root = cgroup.dir.as_ref().map_err(Clone::clone)?;
-            let p: &mut CgroupSockAddr = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load().map_err(loaded)?;
             // On kernels with BPF links (5.7+) every cgroup link is multi-attach and the link
             // takes no flags; older kernels get the legacy attach, where this would be exclusive.
-            let id = p.attach(root, CgroupAttachMode::Single).map_err(attached)?;
-            match pins {
-                Some(_) => Some(
-                    FdLink::try_from(p.take_link(id).map_err(taken)?)
-                        .map_err(|e| format!("link not pinnable on this kernel: {e}"))?,
-                ),
-                None => None,
-            }
+            let p = program::<CgroupSockAddr>(ebpf, spec)?;
+            OwnedLink::CgroupSockAddr(p.attach(root, CgroupAttachMode::Single).map_err(attached)?)
         }
-    };
-    if let (Some(link), Some(pins)) = (link, pins) {
-        link.pin(pins.link_path(spec.name)).map_err(|e| format!("pinning the link: {e}"))?;
+    })
+}
+
+/// The link behind `link`, taken from its program to be pinned.
+fn take_link(ebpf: &mut Ebpf, spec: &ProgramSpec, link: OwnedLink) -> Result<FdLink, String> {
+    let taken = |e: aya::programs::ProgramError| format!("link not pinnable: {e}");
+    let unpinnable = |e| format!("link not pinnable on this kernel: {e}");
+    match link {
+        OwnedLink::TracePoint(id) => {
+            let link = program::<TracePoint>(ebpf, spec)?.take_link(id).map_err(taken)?;
+            FdLink::try_from(link).map_err(unpinnable)
+        }
+        OwnedLink::RawTracePoint(id) => {
+            let link = program::<RawTracePoint>(ebpf, spec)?.take_link(id).map_err(taken)?;
+            Ok(FdLink::from(link))
+        }
+        OwnedLink::CgroupSockAddr(id) => {
+            let link = program::<CgroupSockAddr>(ebpf, spec)?.take_link(id).map_err(taken)?;
+            FdLink::try_from(link).map_err(unpinnable)
+        }
     }
-    Ok(())
+}
+
+/// Detaches a program attached by this process; it stays loaded.
+fn detach(ebpf: &mut Ebpf, spec: &ProgramSpec, link: OwnedLink) -> Result<(), String> {
+    let failed = |e: aya::programs::ProgramError| format!("detach failed: {e}");
+    match link {
+        OwnedLink::TracePoint(id) => program::<TracePoint>(ebpf, spec)?.detach(id),
+        OwnedLink::RawTracePoint(id) => program::<RawTracePoint>(ebpf, spec)?.detach(id),
+        OwnedLink::CgroupSockAddr(id) => program::<CgroupSockAddr>(ebpf, spec)?.detach(id),
+    }
+    .map_err(failed)
 }
 
 /// A load error in a few lines: the verifier's log is long; its last lines say why.
@@ -521,14 +594,25 @@ impl CgroupRoot {
     }
 }
 
-fn attach_all(ebpf: &mut Ebpf, pins: Option<&PinDir>, mode: KernelMode) -> Vec<ProgramStatus> {
+/// Attaches every program of `mode`: the report, and the links this process owns (none when
+/// they are pinned).
+fn attach_all(
+    ebpf: &mut Ebpf,
+    pins: Option<&PinDir>,
+    mode: KernelMode,
+) -> (Vec<ProgramStatus>, Vec<(&'static ProgramSpec, OwnedLink)>) {
     let cgroup = CgroupRoot::open();
-    mode.programs()
+    let mut links = Vec::new();
+    let report = mode
+        .programs()
         .map(|spec| {
-            let outcome = attach(ebpf, spec, &cgroup, pins);
+            let outcome = attach(ebpf, spec, &cgroup, pins).map(|link| {
+                links.extend(link.map(|link| (spec, link)));
+            });
             status(spec, outcome)
         })
-        .collect()
+        .collect();
+    (report, links)
 }
 
 fn status(spec: &ProgramSpec, outcome: Result<(), String>) -> ProgramStatus {
@@ -569,11 +653,11 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let mut origin = Origin::Loaded;
     let kernel = inspect_kernel(opts)?;
     let mode = kernel.2;
-    let (ebpf, pinned_maps, report) = match pins.as_ref().map(PinDir::state) {
+    let (ebpf, pinned_maps, report, links) = match pins.as_ref().map(PinDir::state) {
         Some(PinState::Compatible) => {
             origin = Origin::Adopted;
             let (maps, report) = adopt(pins.as_ref().expect("pins present"), mode)?;
-            (None, maps, report)
+            (None, maps, report, Vec::new())
         }
         state => {
             if let (Some(PinState::Incompatible(reason)), Some(p)) = (state, pins.as_ref()) {
@@ -582,7 +666,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
                 origin = Origin::Replaced { reason };
             }
             let mut ebpf = open_object(opts, pins.as_ref(), &kernel)?;
-            let mut report = attach_all(&mut ebpf, pins.as_ref(), mode);
+            let (mut report, mut links) = attach_all(&mut ebpf, pins.as_ref(), mode);
             let refused: Vec<_> = report
                 .iter()
                 .filter(|s| s.reason.as_deref().is_some_and(|r| r.starts_with(LOAD_REFUSED)))
@@ -603,9 +687,9 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
                 let portable = LoadOptions { helper_reads: true, ..opts.clone() };
                 let kernel = inspect_kernel(&portable)?;
                 ebpf = open_object(&portable, pins.as_ref(), &kernel)?;
-                report = attach_all(&mut ebpf, pins.as_ref(), kernel.2);
+                (report, links) = attach_all(&mut ebpf, pins.as_ref(), kernel.2);
             }
-            (Some(ebpf), HashMap::new(), report)
+            (Some(ebpf), HashMap::new(), report, links)
         }
     };
     let missing: Vec<_> = report
@@ -625,7 +709,16 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         tracing::warn!(program = gap.program, reason = ?gap.reason, "program not attached (allowed by operator)");
     }
     let write_meta = pins.is_some() && ebpf.is_some();
-    let mut loaded = Loaded { ebpf, pinned_maps, lost: None, report, origin, _pins: pins };
+    let mut loaded = Loaded {
+        ebpf,
+        pinned_maps,
+        lost: None,
+        report,
+        origin,
+        links,
+        detached: Vec::new(),
+        _pins: pins,
+    };
     loaded.lost = Some(loaded.typed("LOST", PerCpuArray::try_from)?);
     if write_meta {
         let mut meta: Array<_, PinMeta> = loaded.typed("META", Array::try_from)?;
@@ -643,7 +736,7 @@ pub fn probe() -> Result<ProbeReport, LoadError> {
     let kernel = inspect_kernel(&opts)?;
     let mut ebpf = open_object(&opts, None, &kernel)?;
     Ok(ProbeReport {
-        programs: attach_all(&mut ebpf, None, kernel.2),
+        programs: attach_all(&mut ebpf, None, kernel.2).0,
         mode: kernel.2,
         gaps: coverage_gaps(&kernel.1),
     })

@@ -112,6 +112,11 @@ impl Sensor {
         &self.loaded
     }
 
+    /// Detaches every program or attaches them again (see [`Loaded::set_attached`]).
+    pub fn set_attached(&mut self, attached: bool) -> Result<(), LoadError> {
+        self.loaded.set_attached(attached)
+    }
+
     /// The ring buffer events come from (see [`crate::ring::RingCheckpoint`]).
     pub fn ring_identity(&self) -> Option<RingIdentity> {
         self.ring
@@ -274,6 +279,11 @@ impl Agent {
     /// The underlying sensor (program report, loss counters, reader statistics).
     pub fn sensor(&self) -> &Sensor {
         &self.sensor
+    }
+
+    /// Detaches every program or attaches them again (see [`Loaded::set_attached`]).
+    pub fn set_attached(&mut self, attached: bool) -> Result<(), LoadError> {
+        self.sensor.set_attached(attached)
     }
 }
 

@@ -162,6 +162,26 @@ async fn act_on_a_watched_credential(sensor: &mut Sensor, action: &str, id: u32)
     (creds, event)
 }
 
+/// The benchmark's quick alternation: programs detached see nothing, attached again see all.
+#[tokio::test]
+async fn programs_detached_see_nothing_and_attached_again_see_everything() {
+    let Some(mut sensor) = sensor() else { return };
+    let creds = Creds::new();
+    watch(&mut sensor, &creds.cred(), 13);
+    let cred = creds.cred().to_str().unwrap().to_owned();
+    sensor.set_attached(false).expect("detach");
+    let unseen = act(&["read", &cred]);
+    assert!(file_open_by(&mut sensor, unseen, QUIET).await.is_none(), "a detached program saw");
+    sensor.set_attached(true).expect("attach again");
+    let seen = act(&["read", &cred]);
+    let event = file_open_by(&mut sensor, seen, WAIT).await.expect("attached again: reported");
+    assert_file_open(&event, &creds.cred(), 13);
+    // A second round works the same (the links were replaced, not leaked).
+    sensor.set_attached(false).expect("detach again");
+    let unseen = act(&["read", &cred]);
+    assert!(file_open_by(&mut sensor, unseen, QUIET).await.is_none(), "detached again, saw");
+}
+
 #[tokio::test]
 async fn a_credential_opened_through_io_uring_is_reported() {
     let Some(mut sensor) = sensor() else { return };
