@@ -44,11 +44,13 @@ macro_rules! progress {
     ($($arg:tt)*) => {
         eprintln!(
             "[{:6.1} s] {}",
-            STARTED.get_or_init(Instant::now).elapsed().as_secs_f64(),
+            $crate::STARTED.get_or_init(std::time::Instant::now).elapsed().as_secs_f64(),
             format_args!($($arg)*)
         )
     };
 }
+
+mod interleave;
 
 fn main() -> ExitCode {
     STARTED.get_or_init(Instant::now);
@@ -75,6 +77,8 @@ struct Args {
     op_cost: bool,
     json: bool,
     rounds: Option<usize>,
+    /// Pairs of the quick alternation (`--interleave`), if asked for.
+    interleave: Option<usize>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -86,6 +90,7 @@ fn parse_args() -> anyhow::Result<Args> {
         op_cost: false,
         json: false,
         rounds: None,
+        interleave: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -104,9 +109,13 @@ fn parse_args() -> anyhow::Result<Args> {
             "--rounds" => {
                 args.rounds = Some(it.next().context("--rounds needs a number")?.parse()?);
             }
+            "--interleave" => {
+                args.interleave =
+                    Some(it.next().context("--interleave needs a number of pairs")?.parse()?);
+            }
             "-h" | "--help" => {
                 println!(
-                    "kw-bench --sensor PATH [--quick] [--json] [--rounds N] [--program-cost] [--only KEY,...]\n\n\
+                    "kw-bench --sensor PATH [--quick] [--json] [--rounds N] [--program-cost] [--only KEY,...] [--interleave N]\n\n\
                      Overhead of keywatch-sensor on this host, as ratios against a baseline\n\
                      measured in the same run. Needs root.\n\n\
                      --program-cost  only the file-open program's own nanoseconds per run\n\
@@ -118,7 +127,11 @@ fn parse_args() -> anyhow::Result<Args> {
                      \x20               ratio comes with a 95% interval of its median; on a\n\
                      \x20               noisy machine, more rounds narrow it\n\
                      --only KEYS     only these overhead workloads, no delivery or resource\n\
-                     \x20               passes; keys: {}",
+                     \x20               passes; keys: {}\n\
+                     --interleave N  only the overhead workloads (or --only ones), in N pairs\n\
+                     \x20               of blocks with the programs detached and attached in\n\
+                     \x20               place, milliseconds apart: tighter intervals than\n\
+                     \x20               sensor start/stop rounds on a noisy machine",
                     Workload::ALL.map(Workload::key).join(", ")
                 );
                 std::process::exit(0);
@@ -217,6 +230,11 @@ fn run() -> anyhow::Result<()> {
         for (w, ns) in open_program_cost(&sensor, &bench, &plan)? {
             println!("{:<34} {ns:>6.0} ns/run", w.label());
         }
+        return Ok(());
+    }
+    if let Some(pairs) = args.interleave {
+        let samples = interleave::interleaved(&bench, &plan, pairs.max(1))?;
+        print!("{}", interleave::table(&samples));
         return Ok(());
     }
     if args.op_cost {
