@@ -165,6 +165,24 @@ pub(crate) fn interleaved(bench: &Workspace, plan: &Plan, pairs: usize) -> anyho
     Ok(samples)
 }
 
+/// One workload's figures over its pairs.
+struct Summary {
+    detached: f64,
+    attached: f64,
+    ratio: f64,
+    ci: Option<(f64, f64)>,
+}
+
+fn summary(pairs: &[(f64, f64)]) -> Summary {
+    let ratios: Vec<f64> = pairs.iter().map(|(d, a)| a / d).collect();
+    Summary {
+        detached: stats(pairs.iter().map(|p| p.0).collect()).0,
+        attached: stats(pairs.iter().map(|p| p.1).collect()).0,
+        ratio: stats(ratios.clone()).0,
+        ci: median_ci95(ratios),
+    }
+}
+
 /// The table of an interleaved run.
 pub(crate) fn table(samples: &Pairs) -> String {
     let mut out = format!(
@@ -172,19 +190,39 @@ pub(crate) fn table(samples: &Pairs) -> String {
         "workload", "pairs", "detached ns", "attached ns", "ratio", "95% interval", "target"
     );
     for (w, pairs) in samples {
-        let ratios: Vec<f64> = pairs.iter().map(|(d, a)| a / d).collect();
-        let (median, _, _) = stats(ratios.clone());
-        let ci = median_ci95(ratios);
-        let detached = stats(pairs.iter().map(|p| p.0).collect()).0;
-        let attached = stats(pairs.iter().map(|p| p.1).collect()).0;
-        let interval = ci.map_or("-".to_owned(), |(lo, hi)| format!("{lo:.3}–{hi:.3}"));
+        let s = summary(pairs);
+        let interval = s.ci.map_or("-".to_owned(), |(lo, hi)| format!("{lo:.3}–{hi:.3}"));
         out.push_str(&format!(
-            "{:<34} {:>5} {detached:>12.0} {attached:>12.0} {median:>6.3}× {interval:>15} {:>6.2}×  {}\n",
+            "{:<34} {:>5} {:>12.0} {:>12.0} {:>6.3}× {interval:>15} {:>6.2}×  {}\n",
             w.label(),
             pairs.len(),
+            s.detached,
+            s.attached,
+            s.ratio,
             w.target(),
-            verdict(median, ci, w.target()),
+            verdict(s.ratio, s.ci, w.target()),
         ));
     }
     out
+}
+
+/// The same as JSON.
+pub(crate) fn json(samples: &Pairs) -> serde_json::Value {
+    let rows: Vec<_> = samples
+        .iter()
+        .map(|(w, pairs)| {
+            let s = summary(pairs);
+            serde_json::json!({
+                "workload": w.key(),
+                "pairs": pairs.len(),
+                "detached_ns": s.detached,
+                "attached_ns": s.attached,
+                "ratio": s.ratio,
+                "ci95": s.ci.map(|(lo, hi)| [lo, hi]),
+                "target": w.target(),
+                "verdict": verdict(s.ratio, s.ci, w.target()),
+            })
+        })
+        .collect();
+    serde_json::json!({ "interleaved": rows })
 }

@@ -234,7 +234,11 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(pairs) = args.interleave {
         let samples = interleave::interleaved(&bench, &plan, pairs.max(1))?;
-        print!("{}", interleave::table(&samples));
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&interleave::json(&samples))?);
+        } else {
+            print!("{}", interleave::table(&samples));
+        }
         return Ok(());
     }
     if args.op_cost {
