@@ -299,13 +299,16 @@ impl Drop for Agent {
 /// Standalone mode: every observation as a JSON line on stdout until SIGINT/SIGTERM.
 /// File accesses for the watched files processes hold open now (see [`crate::held`]).
 fn held_at_start(enricher: &mut Enricher, view: &SharedView) -> Vec<Observation> {
+    let started = std::time::Instant::now();
     let holdings = {
         let view = view.read().expect("watch view");
         crate::held::scan(Path::new(DEFAULT_PROC_ROOT), &view.kernel, std::process::id())
     };
-    if !holdings.is_empty() {
-        tracing::info!(files = holdings.len(), "watched files already open at start");
-    }
+    tracing::info!(
+        held = holdings.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "looked for watched files already open or mapped"
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
