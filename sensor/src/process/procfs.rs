@@ -179,6 +179,18 @@ impl ProcFs {
     }
 
     /// The working directory of `pid` (`/proc/PID/cwd`).
+    /// The path of a file `pid` holds open that `wanted` accepts (given its metadata).
+    pub fn open_file_where(
+        &self,
+        pid: u32,
+        wanted: impl Fn(fs::Metadata) -> bool,
+    ) -> Option<PathBuf> {
+        let fds = fs::read_dir(self.path(pid, "fd")).ok()?;
+        fds.flatten()
+            .filter(|fd| fs::metadata(fd.path()).is_ok_and(&wanted))
+            .find_map(|fd| fs::read_link(fd.path()).ok().filter(|p| p.is_absolute()))
+    }
+
     pub fn read_cwd(&self, pid: u32) -> Result<PathBuf, ProcReadError> {
         let path = self.path(pid, "cwd");
         fs::read_link(&path).map_err(|source| ProcReadError::Read { path, source })

@@ -264,7 +264,8 @@ impl ProcessTable {
     /// `/proc/self/fd/N`: `fexecve`, `execveat`), says little, so then `/proc`'s link (while
     /// the process lives), else the name under the parent's working directory — each only
     /// when it is the very file the kernel executed — else, for a program run from memory,
-    /// `/memfd:NAME` as `/proc` shows it. The name as given when none of these is.
+    /// `/memfd:NAME` as `/proc` shows it, else for a descriptor's name the file the parent
+    /// holds open if it is the one executed. The name as given when none of these is.
     fn exe_path(&self, pid: u32, ppid: u32, exec: &ExecFacts) -> PathBuf {
         let name = Path::new(&exec.filename);
         let by_fd = names_a_descriptor(name);
@@ -289,6 +290,10 @@ impl ProcessTable {
         }
         if exec.exe_name.starts_with("memfd:") {
             return PathBuf::from(format!("/{}", exec.exe_name));
+        }
+        // `fexecve` of a file the parent opened before forking: the parent often still has it.
+        if by_fd && let Some(held) = self.proc.open_file_where(ppid, is_executed) {
+            return held;
         }
         name.to_path_buf()
     }

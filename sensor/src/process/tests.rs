@@ -417,6 +417,29 @@ fn a_program_run_from_memory_is_named_as_proc_names_it() {
 }
 
 #[test]
+fn a_program_run_through_a_descriptor_is_named_by_the_file_its_parent_holds() {
+    use std::os::fd::AsRawFd as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let copy = dir.path().join("loader-payload");
+    fs::copy(sleep_binary(), &copy).expect("copy sleep");
+    let id = kernel_file_id(&copy);
+    let copy = fs::canonicalize(&copy).expect("canonical copy");
+    // This test is the parent: it holds the file open, as a loader does before `fexecve`.
+    let held = fs::File::open(&copy).expect("open the copy");
+    let name = format!("/dev/fd/{}", held.as_raw_fd());
+    let mut table = ProcessTable::default();
+    let gone = 5_000_401;
+    table.on_fork(std::process::id(), gone, now_ns());
+    table.on_exec(gone, ExecFacts { exe: Some(id), ..ran(&name) }, now_ns());
+    assert_eq!(table.get(gone).map(|p| p.exe.clone()), Some(copy));
+    // Another file under that descriptor number is not taken for it.
+    let other = ExecFacts { exe: Some((id.0, id.1 + 1)), ..ran(&name) };
+    table.on_exec(gone, other, now_ns());
+    assert_eq!(table.get(gone).map(|p| p.exe.clone()), Some(PathBuf::from(&name)));
+    drop(held);
+}
+
+#[test]
 fn a_cgroup_is_found_by_its_id_alone() {
     use std::os::unix::fs::MetadataExt as _;
     let proc = ProcFs::default();
