@@ -270,8 +270,12 @@ pub async fn start(
     for (file, scheme, addr) in
         [(API_ADDR_FILE, "https", api_addr), (SENSOR_ADDR_FILE, sensor_scheme, sensor_addr)]
     {
+        // Written aside and renamed into place: a CLI reading it meanwhile sees the old
+        // address or the new one, never a half-written file.
         let path = data.join(file);
-        std::fs::write(&path, format!("{scheme}://{}\n", dial_addr(addr)))
+        let partial = data.join(format!("{file}.partial"));
+        std::fs::write(&partial, format!("{scheme}://{}\n", dial_addr(addr)))
+            .and_then(|()| std::fs::rename(&partial, &path))
             .map_err(|e| ServeError::Write(path, e))?;
     }
 

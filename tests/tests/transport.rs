@@ -49,8 +49,12 @@ impl Collector {
             .spawn()
             .expect("starting the collector");
         let c = Self { child: Some(child), dir: dir.to_owned(), sensor_port, api_port };
+        // Up once both listeners accept and the API address is written for the CLI (written
+        // after the sensor listener binds: a test asking for a token in between would fail).
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", sensor_port)).is_err() {
+        let api_addr = dir.join("keywatch-data/api.addr");
+        let listening = |port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        while !(listening(sensor_port) && listening(api_port) && api_addr.exists()) {
             assert!(Instant::now() < deadline, "the collector did not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
