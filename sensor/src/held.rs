@@ -99,7 +99,7 @@ fn mapped_file(line: &str) -> Option<(FileKey, PathBuf, u32)> {
     let (major, minor) = dev.split_once(':')?;
     let (major, minor) =
         (u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?);
-    let file = FileKey { dev: (major << 20) | (minor & 0xf_ffff), _pad0: 0, ino };
+    let file = FileKey { dev: kernel_dev(libc::makedev(major, minor)), _pad0: 0, ino };
     let writes_back = perms.contains('w') && perms.contains('s');
     let flags = if writes_back { libc::O_RDWR as u32 } else { libc::O_RDONLY as u32 };
     Some((file, PathBuf::from(path), flags))

@@ -296,7 +296,6 @@ impl Drop for Agent {
     }
 }
 
-/// Standalone mode: every observation as a JSON line on stdout until SIGINT/SIGTERM.
 /// File accesses for the watched files processes hold open now (see [`crate::held`]).
 fn held_at_start(enricher: &mut Enricher, view: &SharedView) -> Vec<Observation> {
     let started = std::time::Instant::now();
@@ -315,6 +314,7 @@ fn held_at_start(enricher: &mut Enricher, view: &SharedView) -> Vec<Observation>
     enricher.held_at_start(holdings, now)
 }
 
+/// Standalone mode: every observation as a JSON line on stdout until SIGINT/SIGTERM.
 pub async fn run_stdout(opts: &AgentOptions) -> anyhow::Result<()> {
     let mut agent = Agent::start(opts).await?;
     tracing::info!(

@@ -178,7 +178,6 @@ impl ProcFs {
         Some(format!("/{}", inside.display()))
     }
 
-    /// The working directory of `pid` (`/proc/PID/cwd`).
     /// The path of a file `pid` holds open that `wanted` accepts (given its metadata).
     pub fn open_file_where(
         &self,
@@ -191,6 +190,7 @@ impl ProcFs {
             .find_map(|fd| fs::read_link(fd.path()).ok().filter(|p| p.is_absolute()))
     }
 
+    /// The working directory of `pid` (`/proc/PID/cwd`).
     pub fn read_cwd(&self, pid: u32) -> Result<PathBuf, ProcReadError> {
         let path = self.path(pid, "cwd");
         fs::read_link(&path).map_err(|source| ProcReadError::Read { path, source })
