@@ -243,15 +243,12 @@ impl EventKind {
             pid => format!("pid {pid}"),
         };
         let mut about = Vec::new();
-        if let Some(t) = target.as_deref().filter(|t| !t.exe.is_empty()) {
-            about.push(t.exe.clone());
+        if let Some(t) = target.as_deref() {
+            about.extend((!t.exe.is_empty()).then(|| t.exe.clone()));
+            let container = short_id(&t.container_id);
+            about.extend((!container.is_empty()).then(|| format!("container {container}")));
         }
-        if let Some(t) = target.as_deref().filter(|t| !t.container_id.is_empty()) {
-            about.push(format!("container {}", short_id(&t.container_id)));
-        }
-        if let Some(ns_pid) = target_ns_pid {
-            about.push(format!("pid {ns_pid} in the caller's namespace"));
-        }
+        about.extend(target_ns_pid.map(|n| format!("pid {n} in the caller's namespace")));
         if !about.is_empty() {
             words.push_str(&format!(" ({})", about.join(", ")));
         }
