@@ -46,10 +46,10 @@ fn main() -> ExitCode {
             std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(arg(1)).map(drop)
         }
         // hold PATH: open PATH, print the fd number, wait to be killed.
-        "hold" => hold(arg(1)),
+        "hold" => File::open(arg(1)).and_then(hold),
         // hold-unix PATH: connect to the unix stream socket PATH, print the fd number, wait to
         // be killed.
-        "hold-unix" => hold_unix(arg(1)),
+        "hold-unix" => std::os::unix::net::UnixStream::connect(arg(1)).and_then(hold),
         // take PID FD: copy fd FD out of process PID (pidfd_getfd), then read through it (a
         // socket is only taken).
         "take" => take(arg(1).parse().unwrap_or(0), arg(2).parse().unwrap_or(-1)),
@@ -145,19 +145,9 @@ fn by_handle(path: &str) -> std::io::Result<()> {
     unsafe { File::from_raw_fd(fd) }.read_to_end(&mut buf).map(drop)
 }
 
-fn hold(path: &str) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let file = File::open(path)?;
-    println!("{}", file.as_raw_fd());
-    std::io::stdout().flush()?;
-    std::thread::sleep(std::time::Duration::from_secs(60));
-    Ok(())
-}
-
-fn hold_unix(path: &str) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let socket = std::os::unix::net::UnixStream::connect(path)?;
-    println!("{}", socket.as_raw_fd());
+/// Prints the descriptor number of `held` and keeps it until killed.
+fn hold(held: impl std::os::fd::AsRawFd) -> std::io::Result<()> {
+    println!("{}", held.as_raw_fd());
     std::io::stdout().flush()?;
     std::thread::sleep(std::time::Duration::from_secs(60));
     Ok(())

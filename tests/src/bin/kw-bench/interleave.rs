@@ -11,7 +11,7 @@ use std::{
     fs::File,
     io::{Read as _, Write as _},
     os::fd::FromRawFd as _,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -85,9 +85,9 @@ impl Worker {
         self.to.as_mut().expect("the worker's input").write_all(&[index as u8])?;
         let mut answer = [0u8; 8];
         self.from.read_exact(&mut answer).context("the worker stopped")?;
-        match u64::from_le_bytes(answer) {
-            u64::MAX => bail!("the worker's {} loop failed", w.key()),
-            ns => Ok(ns as f64 / block_iters(w) as f64),
+        match f64::from_le_bytes(answer) {
+            ns if ns.is_nan() => bail!("the worker's {} loop failed", w.key()),
+            ns => Ok(ns),
         }
     }
 }
@@ -101,19 +101,15 @@ impl Drop for Worker {
     }
 }
 
-/// The worker's loop: one byte (a workload) in, nanoseconds for its block out.
+/// The worker's loop: one byte (a workload) in, wall-clock nanoseconds per operation of its
+/// block out (NaN when the loop failed).
 fn serve(bench: &Workspace, plan: &Plan, mut from: File, mut to: File) -> anyhow::Result<()> {
     let workloads = Workloads { bench, plan, listener: Listener::open()? };
     let mut asked = [0u8; 1];
     while from.read_exact(&mut asked).is_ok() {
         let w = Workload::ALL[asked[0] as usize];
-        let iters = block_iters(w);
-        let ns = workloads.run(w, (iters / 50).max(2)).and_then(|()| {
-            let started = Instant::now();
-            workloads.run(w, iters)?;
-            Ok(started.elapsed().as_nanos() as u64)
-        });
-        to.write_all(&ns.unwrap_or(u64::MAX).to_le_bytes())?;
+        let ns = workloads.measure_n(w, block_iters(w), None).map_or(f64::NAN, |(wall, _)| wall);
+        to.write_all(&ns.to_le_bytes())?;
     }
     Ok(())
 }

@@ -11,6 +11,9 @@
 //!    for (delivered counts plus counted losses equal what was produced);
 //! 3. the sensor's RSS and CPU at idle and under 10,000 watched accesses per second.
 //!
+//! With `--interleave N`, only the first, with one sensor in this process whose programs are
+//! detached and attached again in place between measurements (see `interleave`).
+//!
 //! Prints figures and targets; it never fails on a missed target. Needs root.
 
 use std::{
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
 }
 
 /// Command line: `kw-bench --sensor PATH [--quick] [--json] [--rounds N] [--program-cost]
-/// [--only KEY,…]`.
+/// [--only KEY,…] [--interleave N]`.
 struct Args {
     sensor: PathBuf,
     quick: bool,
@@ -633,7 +636,16 @@ impl Workloads<'_> {
     /// Nanoseconds per operation of one timed loop: wall clock, and CPU time spent on the host
     /// for it (see [`CpuSnapshot`]; `sensor` is the running sensor's pid, if any).
     fn measure(&self, w: Workload, sensor: Option<u32>) -> anyhow::Result<(f64, f64)> {
-        let iters = self.plan.iters(w);
+        self.measure_n(w, self.plan.iters(w), sensor)
+    }
+
+    /// [`Self::measure`] of a loop of `iters` operations.
+    fn measure_n(
+        &self,
+        w: Workload,
+        iters: u64,
+        sensor: Option<u32>,
+    ) -> anyhow::Result<(f64, f64)> {
         // A short warm-up of the same loop, untimed.
         self.run(w, (iters / 50).max(2))?;
         let cpu = CpuSnapshot::take(sensor);
