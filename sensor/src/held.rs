@@ -55,13 +55,19 @@ pub fn scan(proc_root: &Path, watches: &KernelWatches, own_pid: u32) -> Vec<Hold
             else {
                 return;
             };
+            let flags = flags();
+            if flags & libc::O_PATH as u32 != 0 {
+                // A handle that cannot read, as the kernel hook skips it (this is how a
+                // sensor follows the files it watches); another descriptor may still read.
+                return;
+            }
             seen.insert(file);
             found.push(Holding {
                 pid,
                 file,
                 parent_ino: parent.map_or(0, |p| p.ino),
                 name: String::from_utf8_lossy(&name).into_owned(),
-                flags: flags(),
+                flags,
                 matched,
                 watch_id,
             });
@@ -157,6 +163,11 @@ mod tests {
         (dir, path, key, watches)
     }
 
+    fn open_path_only(path: &Path) -> fs::File {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path).unwrap()
+    }
+
     /// What `scan` finds held by this process.
     fn held_here(watches: &KernelWatches) -> Vec<Holding> {
         let me = std::process::id();
@@ -168,7 +179,10 @@ mod tests {
         let (dir, cred, key, watches) = watched_file("credentials", 4);
         let other = dir.path().join("notes");
         fs::write(&other, "x").unwrap();
-        // This process holds it twice (read, and read-write) and an unwatched file once.
+        // A handle that cannot read the file alone is no holding.
+        let path_only = open_path_only(&cred);
+        assert!(held_here(&watches).is_empty(), "an O_PATH handle counted as a holding");
+        // This process holds it twice more (read, and read-write) and an unwatched file once.
         let _a = fs::File::open(&cred).unwrap();
         let _b = fs::OpenOptions::new().read(true).write(true).open(&cred).unwrap();
         let _c = fs::File::open(&other).unwrap();
@@ -180,6 +194,7 @@ mod tests {
             (key, FileMatch::File, 4, "credentials")
         );
         assert_eq!(h.flags & libc::O_ACCMODE as u32, libc::O_RDONLY as u32, "the first fd's flags");
+        drop(path_only);
         // Its own process is skipped.
         let me = std::process::id();
         assert!(scan(Path::new("/proc"), &watches, me).iter().all(|h| h.pid != me));
