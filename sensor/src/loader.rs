@@ -75,6 +75,7 @@ pub const PROGRAMS: &[ProgramSpec] = &[
     tp("sys_exit_openat", "syscalls", "credential/secret files: openat", "4.7"),
     tp("sys_exit_openat2", "syscalls", "credential/secret files: openat2", "5.6"),
     tp("sys_exit_open", "syscalls", "credential/secret files: open", "4.7"),
+    tp("sys_exit_creat", "syscalls", "credential/secret files: creat (a write)", "4.7"),
     tp(
         "sys_exit_open_by_handle_at",
         "syscalls",

@@ -291,13 +291,19 @@ fn take_from_a_holder(hold_action: &str, path: &Path) -> u32 {
     taker
 }
 
+/// An append, and the legacy `creat` that truncates the credential (a syscall of its own).
 #[tokio::test]
 async fn a_write_to_a_credential_is_flagged() {
     let Some(mut sensor) = sensor() else { return };
-    let (creds, event) = act_on_a_watched_credential(&mut sensor, "write", 3).await;
-    assert_file_open(&event, &creds.cred(), 3);
-    let Detail::FileOpen { write, flags, .. } = event.detail else { unreachable!() };
-    assert!(write, "flags {flags:#o} should say write");
+    for (action, id) in [("write", 3), ("creat", 4)] {
+        let (creds, event) = act_on_a_watched_credential(&mut sensor, action, id).await;
+        assert_file_open(&event, &creds.cred(), id);
+        let Detail::FileOpen { write, flags, .. } = event.detail else { unreachable!() };
+        assert!(write, "{action}: flags {flags:#o} should say write");
+        if action == "creat" {
+            assert_eq!(std::fs::metadata(creds.cred()).unwrap().len(), 0, "creat truncated it");
+        }
+    }
 }
 
 async fn names_in_a_watched_directory_match_by_name_or_by_any_name(opts: LoadOptions) {

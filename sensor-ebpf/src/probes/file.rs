@@ -75,6 +75,13 @@ pub fn sys_exit_open(ctx: TracePointContext) -> u32 {
     on_open_exit(&ctx)
 }
 
+/// The legacy `creat(path, mode)`: an open for writing that truncates a file already there — an
+/// existing credential wiped or overwritten.
+#[tracepoint(category = "syscalls", name = "sys_exit_creat")]
+pub fn sys_exit_creat(ctx: TracePointContext) -> u32 {
+    on_open_exit(&ctx)
+}
+
 /// Opens by file handle (`name_to_handle_at` + `open_by_handle_at`, the "shocker" escape
 /// route): no path at all, so only the opened file tells what was read.
 #[tracepoint(category = "syscalls", name = "sys_exit_open_by_handle_at")]

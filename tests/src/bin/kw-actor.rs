@@ -58,6 +58,8 @@ fn main() -> ExitCode {
             .append(true)
             .open(arg(1))
             .and_then(|mut f| f.write_all(b"\n")),
+        // creat PATH: the legacy creat(2) on PATH, which truncates it.
+        "creat" => creat(arg(1)),
         // repeat PATH N: open+close PATH N times.
         "repeat" => repeat(arg(1), arg(2).parse().unwrap_or(1)),
         // environ PID: read /proc/PID/environ by a relative path.
@@ -116,10 +118,28 @@ fn from_memory(path: &str) -> std::io::Result<()> {
     Err(std::io::Error::last_os_error())
 }
 
+/// `path` for a C call.
+fn c_path(path: &str) -> std::io::Result<CString> {
+    CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)
+}
+
+/// creat(2): open for writing, truncating.
+fn creat(path: &str) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd as _;
+    let name = c_path(path)?;
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe { libc::creat(name.as_ptr(), 0o600) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd owned from here on.
+    drop(unsafe { File::from_raw_fd(fd) });
+    Ok(())
+}
+
 fn by_handle(path: &str) -> std::io::Result<()> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _};
-    let name =
-        CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let name = c_path(path)?;
     // struct file_handle followed by MAX_HANDLE_SZ (128) bytes, 8-aligned.
     let mut storage = [0u64; 1 + 128 / 8];
     let handle = storage.as_mut_ptr().cast::<libc::file_handle>();
@@ -221,8 +241,7 @@ fn uring_read(path: &str) -> std::io::Result<()> {
     use io_uring::{IoUring, opcode, types};
     let mut ring = IoUring::new(4)?;
     let mut run = |entry| uring_run(&mut ring, entry);
-    let name =
-        CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let name = c_path(path)?;
     let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
         .flags(libc::O_RDONLY | libc::O_CLOEXEC)
         .build();
@@ -248,8 +267,7 @@ fn uring_read_fixed(path: &str, slot: &str) -> std::io::Result<()> {
         Some(n) => types::DestinationSlot::try_from_slot_target(n)
             .map_err(|n| std::io::Error::other(format!("bad slot {n}")))?,
     };
-    let name =
-        CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let name = c_path(path)?;
     // No O_CLOEXEC: the kernel refuses it for a fixed slot (there is no fd to close on exec).
     let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
         .flags(libc::O_RDONLY)
@@ -271,8 +289,7 @@ fn uring_batch_fixed(path: &str, install: bool) -> std::io::Result<()> {
     // A cached name lets the open complete inline (a stat is no open), so the read after it
     // in the same submission finds the slot filled.
     std::fs::metadata(path)?;
-    let name =
-        CString::new(Path::new(path).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let name = c_path(path)?;
     let slot = types::DestinationSlot::try_from_slot_target(0)
         .map_err(|n| std::io::Error::other(format!("bad slot {n}")))?;
     let mut buf = vec![0u8; 4096];
@@ -321,8 +338,7 @@ fn repeat(path: &str, n: u64) -> std::io::Result<()> {
 
 fn openat(dir: &str, name: &str) -> std::io::Result<()> {
     let dir = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir)?;
-    let name =
-        CString::new(Path::new(name).as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let name = c_path(name)?;
     use std::os::fd::AsRawFd as _;
     // SAFETY: valid fd and NUL-terminated name.
     let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), libc::O_RDONLY) };
