@@ -220,11 +220,16 @@ impl Alert {
                 .collect(),
             _ => Vec::new(),
         };
-        let credential_owners: Vec<&str> = declared_by.iter().map(|d| d.owner.as_str()).collect();
+        let victim = finding.resource.target_workload.as_deref().and_then(|n| reg.workload(n));
+        let affected_owners: Vec<&str> = declared_by
+            .iter()
+            .map(|d| d.owner.as_str())
+            .chain(victim.map(|v| v.workload.owner.as_str()))
+            .collect();
         let routes = route::alert_teams(
             finding.rule,
             workload.map(|w| w.workload.owner.as_str()),
-            &credential_owners,
+            &affected_owners,
         );
         let name = finding.workload.clone().unwrap_or_else(|| UNDECLARED.to_owned());
         let in_force = finding.workload.as_deref().and_then(|w| reg.change_in_force(w, event.time));

@@ -3,7 +3,8 @@
 //!
 //! Every alert goes to its owning team; alerts about undeclared identities go to `secops`, and
 //! an `unknown-identity` alert also to the owners of the workloads that declare the watch used
-//! (their credential is being used by someone else); `dormant-identity` also goes to `iam`. A team route may escalate an alert that is still open
+//! (their credential is being used by someone else), a `secret-misuse` alert also to the
+//! owners of the workload whose secrets were read; `dormant-identity` also goes to `iam`. A team route may escalate an alert that is still open
 //! after `escalate_after` to `escalate_to` (whose own escalation then applies: chains).
 
 use std::collections::HashMap;
@@ -100,6 +101,8 @@ pub enum Reason {
     Dormant,
     /// An undeclared process used a watch this team's workloads declare.
     CredentialOwner,
+    /// Another process read the secrets of this team's workload.
+    TargetOwner,
     /// The alert was not acknowledged in time.
     Escalation,
     /// A workload declaration was widened.
@@ -114,6 +117,7 @@ impl Reason {
             Self::Undeclared => "undeclared",
             Self::Dormant => "dormant",
             Self::CredentialOwner => "credential-owner",
+            Self::TargetOwner => "target-owner",
             Self::Escalation => "escalation",
             Self::DeclarationChanged => "declaration-changed",
         }
@@ -126,6 +130,7 @@ impl Reason {
             Self::Undeclared,
             Self::Dormant,
             Self::CredentialOwner,
+            Self::TargetOwner,
             Self::Escalation,
             Self::DeclarationChanged,
         ]
@@ -141,19 +146,24 @@ pub struct RouteTeam {
     pub reason: Reason,
 }
 
-/// The teams a new alert goes to: the owner (or `secops` when undeclared); for
-/// `unknown-identity`, also `credential_owners` (the owning teams of the workloads that declare
-/// the watch used), each once; and `iam` as well for `dormant-identity`. The first one's
-/// escalation applies.
-pub fn alert_teams(rule: Rule, owner: Option<&str>, credential_owners: &[&str]) -> Vec<RouteTeam> {
+/// The teams a new alert goes to: the owner (or `secops` when undeclared); also
+/// `affected_owners`, each once — for `unknown-identity` the owning teams of the workloads that
+/// declare the watch used, for `secret-misuse` those of the workload whose secrets were read;
+/// and `iam` as well for `dormant-identity`. The first one's escalation applies.
+pub fn alert_teams(rule: Rule, owner: Option<&str>, affected_owners: &[&str]) -> Vec<RouteTeam> {
     let mut out = vec![match owner {
         Some(team) => RouteTeam { team: team.to_owned(), reason: Reason::Owner },
         None => RouteTeam { team: DEFAULT_ROUTE.to_owned(), reason: Reason::Undeclared },
     }];
-    if rule == Rule::UnknownIdentity && owner.is_none() {
-        for team in credential_owners {
+    let affected = match rule {
+        Rule::UnknownIdentity if owner.is_none() => Some(Reason::CredentialOwner),
+        Rule::SecretMisuse => Some(Reason::TargetOwner),
+        _ => None,
+    };
+    if let Some(reason) = affected {
+        for team in affected_owners {
             if !out.iter().any(|r| r.team == *team) {
-                out.push(RouteTeam { team: (*team).to_owned(), reason: Reason::CredentialOwner });
+                out.push(RouteTeam { team: (*team).to_owned(), reason });
             }
         }
     }
@@ -405,9 +415,13 @@ mod tests {
                 RouteTeam { team: "web".into(), reason: Reason::CredentialOwner },
             ]
         );
-        // Only unknown-identity: other rules about declared workloads keep their owner.
+        // Other rules about declared workloads keep their owner.
         let t = alert_teams(Rule::OutOfPattern, Some("web"), &["pay"]);
         assert_eq!(t, vec![RouteTeam { team: "web".into(), reason: Reason::Owner }]);
+        // A workload reading another's secrets: its owner, and the victim's (once).
+        let t = alert_teams(Rule::SecretMisuse, Some("web"), &["pay"]);
+        assert_eq!(t[1], RouteTeam { team: "pay".into(), reason: Reason::TargetOwner });
+        assert_eq!(alert_teams(Rule::SecretMisuse, Some("pay"), &["pay"]).len(), 1);
     }
 
     #[test]

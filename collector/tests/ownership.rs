@@ -18,7 +18,7 @@ use collector::{
     auth::{self, Role, TokenRecord},
     clock::{Clock, ManualClock},
     enroll::{Enroller, JoinTokenText, NewJoinToken},
-    event::Event,
+    event::{Event, EventKind, Process, SecretMethod},
     outbox::{Dispatcher, OutboxConfig},
     pki::Pki,
     serve::Collector,
@@ -645,6 +645,56 @@ async fn an_undeclared_use_of_a_declared_credential_reaches_secops_and_the_crede
         "{}",
         alert(&kw.c, id).render_details()
     );
+}
+
+/// Whoever reads a workload's secrets (its environ, memory, agent socket), the workload's
+/// owners hear of it, beside the reader's owner or SecOps.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_secret_misuse_reaches_the_owners_of_the_process_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hook, got) = local_receiver().await;
+    let clock = ManualClock::new(t(T0));
+    let kw = open(dir.path(), &clock);
+    let api = kw.c.api(None);
+    apply(&api, &kw.admin, &setup_yaml(&hook, &dir.path().join("a.jsonl"))).await;
+    let read_wa = |reader: Process| {
+        let mut e = secret(reader, T0, SecretMethod::ProcEnviron);
+        let EventKind::SecretAccess { target, .. } = &mut e.kind else { unreachable!() };
+        *target = Some(Box::new(process("/usr/bin/wa", 1001)));
+        e
+    };
+
+    // wb (team-b) reads wa's environ: team-b owns the alert, team-a is told.
+    let id = raise(&kw.c, "web-1", vec![read_wa(process("/usr/bin/wb", 1002))])[0];
+    let a = alert(&kw.c, id);
+    assert_eq!((a.rule.as_str(), a.owner.as_str()), ("secret-misuse", "team-b"));
+    assert_eq!(a.resource.target_workload.as_deref(), Some("wa"));
+    assert!(a.summary.contains("of workload wa"), "{}", a.summary);
+    let routes: Vec<(&str, &str)> =
+        a.routes.iter().map(|r| (r.team.as_str(), r.reason.as_str())).collect();
+    assert_eq!(routes, vec![("team-b", "owner"), ("team-a", "target-owner")]);
+    kw.dispatcher.pass().await.expect("pass");
+    let told = bodies(&got, "/a");
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert_eq!(
+        (told[0]["reason"].as_str(), told[0]["alert"]["id"].as_i64()),
+        (Some("target-owner"), Some(id))
+    );
+
+    // An undeclared reader: SecOps owns it, team-a is told; a read of an undeclared process
+    // (no victim workload) is SecOps' alone, and a separate alert.
+    let id = raise(&kw.c, "web-1", vec![read_wa(process("/usr/bin/gdb", 0))])[0];
+    let routes: Vec<(String, &str)> =
+        alert(&kw.c, id).routes.iter().map(|r| (r.team.clone(), r.reason.as_str())).collect();
+    assert_eq!(routes, vec![("secops".into(), "undeclared"), ("team-a".into(), "target-owner")]);
+    let other = raise(
+        &kw.c,
+        "web-1",
+        vec![secret(process("/usr/bin/gdb", 0), T0, SecretMethod::ProcEnviron)],
+    )[0];
+    assert_ne!(other, id, "another victim, another alert");
+    let routes: Vec<String> = alert(&kw.c, other).routes.into_iter().map(|r| r.team).collect();
+    assert_eq!(routes, vec!["secops"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

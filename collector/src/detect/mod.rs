@@ -28,21 +28,29 @@ pub struct Resource {
     pub method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_pid: Option<u32>,
+    /// The declared workload of the process whose secrets were read (its owners are told).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_workload: Option<String>,
 }
 
 impl Resource {
     /// The part of the grouping key that names the resource (target pids are left out so a
-    /// scraper walking every process still folds into one alert).
+    /// scraper walking every process still folds into one alert — per victim workload, each
+    /// of whose owners hears of it).
     pub fn group_part(&self) -> String {
         let o = |v: &Option<String>| v.clone().unwrap_or_default();
-        format!(
+        let mut part = format!(
             "{}|{}|{}|{}|{}",
             self.kind,
             o(&self.watch),
             o(&self.path),
             o(&self.endpoint),
             o(&self.method)
-        )
+        );
+        if let Some(workload) = &self.target_workload {
+            part.push_str(&format!("|{workload}"));
+        }
+        part
     }
 
     /// `aws-credentials /root/.aws/credentials`, `aws-sts 169.254.169.254:80`, `ptrace pid 42`.
@@ -53,6 +61,7 @@ impl Resource {
         parts.extend(self.path.clone());
         parts.extend(self.endpoint.clone());
         parts.extend(self.target_pid.map(|p| format!("pid {p}")));
+        parts.extend(self.target_workload.as_ref().map(|w| format!("of workload {w}")));
         if parts.is_empty() { self.kind.clone() } else { parts.join(" ") }
     }
 }
@@ -189,14 +198,16 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
             human_use(reg, ctx, event, &watch_name, &resource, &mut push);
             dormant(reg, ctx, event, &resource, &mut push);
         }
-        EventKind::SecretAccess { method, target_pid, watch, path, .. } => {
+        EventKind::SecretAccess { method, target_pid, target, watch, path, .. } => {
             let unix = *method == SecretMethod::UnixSocket;
+            let victim = target.as_deref().and_then(|t| reg.correlate(ctx.host, t));
             let resource = Resource {
                 kind: if unix { "secret".into() } else { "process".into() },
                 watch: Some(watch.clone()).filter(|w| !w.is_empty()),
                 path: Some(path.clone()).filter(|p| !p.is_empty()),
                 method: Some(method.as_str().into()),
                 target_pid: Some(*target_pid),
+                target_workload: victim.map(|v| v.workload.name.clone()),
                 ..Resource::default()
             };
             let declared = wl.is_some_and(|w| {
@@ -207,12 +218,14 @@ pub fn detect(reg: &Registry, ctx: Context<'_>, event: &Event) -> Vec<Finding> {
                 let who = wl.map_or("an undeclared process".to_owned(), |w| {
                     format!("workload {}", w.workload.name)
                 });
+                let of =
+                    victim.map_or(String::new(), |v| format!(" of workload {}", v.workload.name));
                 push(
                     Rule::SecretMisuse,
                     wl_name.clone(),
                     &resource,
                     format!(
-                        "{who} ({}) read secrets of {} via {}",
+                        "{who} ({}) read secrets of {}{of} via {}",
                         event.process.exe,
                         event.kind.secret_target().unwrap_or_default(),
                         method.as_str()
