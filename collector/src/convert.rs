@@ -150,6 +150,7 @@ impl TryFrom<pb::SecretMethod> for SecretMethod {
             pb::SecretMethod::ProcessVmReadv => Self::ProcessVmReadv,
             pb::SecretMethod::Keyctl => Self::Keyctl,
             pb::SecretMethod::UnixSocket => Self::UnixSocket,
+            pb::SecretMethod::ProcessVmWritev => Self::ProcessVmWritev,
         })
     }
 }
@@ -239,6 +240,7 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
                     SecretMethod::ProcessVmReadv => pb::SecretMethod::ProcessVmReadv,
                     SecretMethod::Keyctl => pb::SecretMethod::Keyctl,
                     SecretMethod::UnixSocket => pb::SecretMethod::UnixSocket,
+                    SecretMethod::ProcessVmWritev => pb::SecretMethod::ProcessVmWritev,
                 } as i32,
                 target_pid: *target_pid,
                 target_ns_pid: target_ns_pid.unwrap_or(0),

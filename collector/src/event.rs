@@ -131,6 +131,7 @@ pub enum SecretMethod {
     ProcessVmReadv,
     Keyctl,
     UnixSocket,
+    ProcessVmWritev,
 }
 
 impl SecretMethod {
@@ -143,6 +144,7 @@ impl SecretMethod {
             Self::ProcessVmReadv => "process-vm-readv",
             Self::Keyctl => "keyctl",
             Self::UnixSocket => "unix-socket",
+            Self::ProcessVmWritev => "process-vm-writev",
         }
     }
 }

@@ -14,7 +14,7 @@ pub enum Rule {
     OutOfPattern,
     /// Declared use outside every window and every approved change.
     OutOfWindow,
-    /// Undeclared cross-process secret read (environ, mem, ptrace, process_vm_readv, keyctl, socket).
+    /// Undeclared cross-process secret read (environ, mem, ptrace, process_vm_readv/writev, keyctl, socket).
     SecretMisuse,
     /// uid/euid became 0 or capabilities were gained where the workload does not declare it.
     PrivilegeEscalation,

@@ -186,6 +186,20 @@ fn every_rule_fires_on_its_case() {
             &[],
         ),
         case(
+            "declared process_vm_writev",
+            secret(
+                process("/usr/sbin/backup", 0),
+                "2026-12-01T12:00:00Z",
+                SecretMethod::ProcessVmWritev,
+            ),
+            &[],
+        ),
+        case(
+            "process_vm_writev by an undeclared process",
+            secret(process("/tmp/x", 0), "2026-12-01T12:00:00Z", SecretMethod::ProcessVmWritev),
+            &[SecretMisuse],
+        ),
+        case(
             "undeclared method of a declaring workload",
             secret(process("/usr/sbin/backup", 0), "2026-12-01T12:00:00Z", SecretMethod::ProcMem),
             &[SecretMisuse],

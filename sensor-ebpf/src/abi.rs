@@ -275,6 +275,7 @@ pub enum SecretMethod {
     ProcessVmReadv = 4,
     Keyctl = 5,
     UnixSocket = 6,
+    ProcessVmWritev = 7,
 }
 
 impl TryFrom<u32> for SecretMethod {
@@ -288,6 +289,7 @@ impl TryFrom<u32> for SecretMethod {
             4 => Self::ProcessVmReadv,
             5 => Self::Keyctl,
             6 => Self::UnixSocket,
+            7 => Self::ProcessVmWritev,
             other => return Err(other),
         })
     }

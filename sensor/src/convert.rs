@@ -126,6 +126,7 @@ fn secret_method(method: &str) -> pb::SecretMethod {
         "proc_mem" => pb::SecretMethod::ProcMem,
         "ptrace" => pb::SecretMethod::Ptrace,
         "process_vm_readv" => pb::SecretMethod::ProcessVmReadv,
+        "process_vm_writev" => pb::SecretMethod::ProcessVmWritev,
         "keyctl" => pb::SecretMethod::Keyctl,
         "unix_socket" => pb::SecretMethod::UnixSocket,
         _ => pb::SecretMethod::Unspecified,
@@ -373,8 +374,16 @@ mod tests {
 
     #[test]
     fn every_secret_method_has_a_wire_value() {
-        for m in ["proc_environ", "proc_mem", "ptrace", "process_vm_readv", "keyctl", "unix_socket"]
-        {
+        let methods = [
+            "proc_environ",
+            "proc_mem",
+            "ptrace",
+            "process_vm_readv",
+            "process_vm_writev",
+            "keyctl",
+            "unix_socket",
+        ];
+        for m in methods {
             assert_ne!(secret_method(m), pb::SecretMethod::Unspecified, "{m}");
         }
     }

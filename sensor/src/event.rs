@@ -206,6 +206,7 @@ pub(crate) fn secret_method(m: SecretMethod) -> &'static str {
         SecretMethod::ProcMem => "proc_mem",
         SecretMethod::Ptrace => "ptrace",
         SecretMethod::ProcessVmReadv => "process_vm_readv",
+        SecretMethod::ProcessVmWritev => "process_vm_writev",
         SecretMethod::Keyctl => "keyctl",
         SecretMethod::UnixSocket => "unix_socket",
     }

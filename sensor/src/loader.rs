@@ -116,6 +116,7 @@ pub const PROGRAMS: &[ProgramSpec] = &[
 const ARGS_AT_EXIT: &[ProgramSpec] = &[
     tp("sys_exit_ptrace", "syscalls", "secret access: ptrace", "5.15"),
     tp("sys_exit_process_vm_readv", "syscalls", "secret access: process_vm_readv", "5.15"),
+    tp("sys_exit_process_vm_writev", "syscalls", "secret access: process_vm_writev", "5.15"),
     tp("sys_exit_keyctl", "syscalls", "secret access: keyctl read", "5.15"),
 ];
 
@@ -123,6 +124,7 @@ const ARGS_AT_EXIT: &[ProgramSpec] = &[
 const ARGS_AT_ENTER: &[ProgramSpec] = &[
     tp("sys_enter_ptrace", "syscalls", "secret access: ptrace", "4.7"),
     tp("sys_enter_process_vm_readv", "syscalls", "secret access: process_vm_readv", "4.7"),
+    tp("sys_enter_process_vm_writev", "syscalls", "secret access: process_vm_writev", "4.7"),
     tp("sys_enter_keyctl", "syscalls", "secret access: keyctl read", "4.7"),
     tp("sys_enter_connect", "syscalls", "secret access: unix socket connect (fd)", "4.7"),
 ];

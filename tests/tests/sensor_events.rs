@@ -91,7 +91,7 @@ on_both_read_paths!(
     unwatched_opens_and_the_sensors_own_reads_produce_nothing,
     environ_of_another_process_by_relative_path_is_a_secret_access,
     a_process_in_its_own_pid_namespace_is_reported_with_host_pids,
-    ptrace_attach_and_process_vm_readv_are_secret_accesses,
+    ptrace_and_process_memory_reads_and_writes_are_secret_accesses,
     a_connect_to_a_watched_unix_socket_names_the_listening_process,
 );
 
@@ -444,14 +444,20 @@ fn act_in_pid_namespace(action: &[&str]) -> u32 {
     String::from_utf8_lossy(&output.stdout).trim().parse().expect("the init's host pid")
 }
 
-async fn ptrace_attach_and_process_vm_readv_are_secret_accesses(opts: LoadOptions) {
+async fn ptrace_and_process_memory_reads_and_writes_are_secret_accesses(opts: LoadOptions) {
     let Some(mut sensor) = start_sensor(&opts) else { return };
-    for (action, method) in [("ptrace", "ptrace"), ("vm-readv", "process_vm_readv")] {
+    let cases = [
+        ("ptrace", "ptrace"),
+        ("vm-readv", "process_vm_readv"),
+        ("vm-writev", "process_vm_writev"),
+    ];
+    for (action, method) in cases {
         let mut target = Command::new("sleep").arg("30").spawn().unwrap();
         let target_pid = target.id();
         let pid = act(&[action, &target_pid.to_string()]);
         let event = wait_for(&mut sensor, WAIT, |e| {
-            e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
+            e.process.pid == pid
+                && matches!(e.detail, Detail::Secret { method: m, .. } if m == method)
         })
         .await
         .unwrap_or_else(|| panic!("no secret event for {action}"));

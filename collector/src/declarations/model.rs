@@ -321,7 +321,7 @@ pub struct Expect {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
     /// Cross-process reads this workload may perform:
-    /// proc-environ | proc-mem | ptrace | process-vm-readv | keyctl.
+    /// proc-environ | proc-mem | ptrace | process-vm-readv | process-vm-writev | keyctl.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cross_process: Vec<SecretMethod>,
     /// Whether gaining root or capabilities is normal for this workload (default false).

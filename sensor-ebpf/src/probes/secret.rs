@@ -1,5 +1,5 @@
-//! Secret access across processes by syscall: ptrace attach/seize/peek, process_vm_readv and
-//! keyctl reads — attempts, whether or not they succeed (a failed one is itself worth
+//! Secret access across processes by syscall: ptrace attach/seize/peek, process_vm_readv,
+//! process_vm_writev (code injected without any ptrace attach) and keyctl reads — attempts, whether or not they succeed (a failed one is itself worth
 //! knowing). The arguments are what matters: exit hooks read them from the task's saved
 //! registers where the kernel allows ([`super::maps::args_at_exit`]), enter hooks from the
 //! record elsewhere; the loader attaches one set or the other.
@@ -74,6 +74,23 @@ pub fn sys_enter_process_vm_readv(ctx: TracePointContext) -> u32 {
 #[tracepoint(category = "syscalls", name = "sys_exit_process_vm_readv")]
 pub fn sys_exit_process_vm_readv(_ctx: TracePointContext) -> u32 {
     match exit_args().and_then(|(pid, _)| report(SecretMethod::ProcessVmReadv, pid as u32, 0)) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+/// `process_vm_writev(pid_t pid, …)`: writing another process's memory — injecting code that
+/// then reads its secrets from inside.
+#[tracepoint(category = "syscalls", name = "sys_enter_process_vm_writev")]
+pub fn sys_enter_process_vm_writev(ctx: TracePointContext) -> u32 {
+    let pid: u64 = tp_field(&ctx, ARG0);
+    match report(SecretMethod::ProcessVmWritev, pid as u32, 0) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_process_vm_writev")]
+pub fn sys_exit_process_vm_writev(_ctx: TracePointContext) -> u32 {
+    match exit_args().and_then(|(pid, _)| report(SecretMethod::ProcessVmWritev, pid as u32, 0)) {
         Ok(()) | Err(_) => 0,
     }
 }

@@ -69,7 +69,9 @@ fn main() -> ExitCode {
         // ptrace PID: attach, then detach.
         "ptrace" => ptrace_attach(arg(1).parse().unwrap_or(0)),
         // vm-readv PID ADDR: read a few bytes of PID's memory.
-        "vm-readv" => vm_readv(arg(1).parse().unwrap_or(0)),
+        "vm-readv" => vm_readv(arg(1).parse().unwrap_or(0)).map(drop),
+        // vm-writev PID: read a few bytes of PID's memory, then write them back.
+        "vm-writev" => vm_writev(arg(1).parse().unwrap_or(0)),
         // connect ADDR: TCP connect.
         "connect" => TcpStream::connect(arg(1)).map(drop),
         // unix PATH: connect to a unix stream socket.
@@ -416,8 +418,8 @@ fn ptrace_attach(pid: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn vm_readv(pid: i32) -> std::io::Result<()> {
-    // Read the first bytes of the target's stack area as listed in its maps.
+/// Reads the first bytes of `pid`'s stack area as listed in its maps; returns them and where.
+fn vm_readv(pid: i32) -> std::io::Result<([u8; 16], usize)> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let line = maps
         .lines()
@@ -430,6 +432,19 @@ fn vm_readv(pid: i32) -> std::io::Result<()> {
     let remote = libc::iovec { iov_base: start as *mut libc::c_void, iov_len: buf.len() };
     // SAFETY: one local buffer we own; the kernel checks the remote range.
     let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((buf, start))
+}
+
+/// Writes `pid`'s own bytes back where they were read: a real write that changes nothing.
+fn vm_writev(pid: i32) -> std::io::Result<()> {
+    let (mut buf, start) = vm_readv(pid)?;
+    let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let remote = libc::iovec { iov_base: start as *mut libc::c_void, iov_len: buf.len() };
+    // SAFETY: one local buffer we own; the kernel checks the remote range.
+    let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }
