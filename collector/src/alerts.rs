@@ -279,6 +279,20 @@ impl Alert {
         }
     }
 
+    /// The team that owns the alert first, then every other team it was routed or escalated
+    /// to, each once.
+    pub fn teams(&self) -> Vec<String> {
+        let mut teams = vec![self.owner.clone()];
+        let others =
+            self.routes.iter().map(|r| &r.team).chain(self.routed_to.iter().map(|r| &r.team));
+        for team in others {
+            if !teams.contains(team) {
+                teams.push(team.clone());
+            }
+        }
+        teams
+    }
+
     /// Folds a repeat (same group key) into this alert.
     pub fn fold(&mut self, other: &Alert) {
         self.count += other.count;

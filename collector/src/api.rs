@@ -429,11 +429,12 @@ impl pb::api_service_server::ApiService for Api {
             rule: nonempty(req.rule),
             host: nonempty(req.host),
             workload: nonempty(req.workload),
+            team: None,
             limit: req.limit as usize,
         };
-        // Owners see their team's alerts only.
+        // Owners see the alerts their team owns or was sent, only.
         if who.role == Role::Owner {
-            filter.owner = who.team.clone();
+            filter.team = who.team.clone();
         }
         let store = self.store.clone();
         let alerts = blocking(move || store.alerts(&filter)).await?.map_err(store_status)?;
@@ -453,7 +454,7 @@ impl pb::api_service_server::ApiService for Api {
             .await?
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found(format!("alert {id} not found")))?;
-        auth::authorize(&who, &Action::ReadAlert { team: alert.owner.clone() })
+        auth::authorize(&who, &Action::ReadAlert { teams: alert.teams() })
             .map_err(|d| Status::permission_denied(d.to_string()))?;
         Ok(Response::new(alert_to_proto(&alert)))
     }

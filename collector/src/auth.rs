@@ -105,10 +105,12 @@ pub enum Action {
     WriteDeclaration { kind: Kind, team: Option<String> },
     /// Read declarations and their history.
     ReadDeclarations,
-    /// List alerts (owners see their team's only).
+    /// List alerts (owners see those their team owns or was sent only).
     ListAlerts,
-    /// Read one alert owned by `team` (`undeclared` for alerts without a workload).
-    ReadAlert { team: String },
+    /// Read one alert; `teams`: the team that owns it (`undeclared` for alerts without a
+    /// workload) first, then every other team it was sent to (the credential's or the
+    /// target's owners, escalations), who may read it too.
+    ReadAlert { teams: Vec<String> },
     /// Acknowledge or resolve an alert owned by `team`.
     TransitionAlert { team: String },
     /// Read a host's timeline; `teams` own the workloads the host runs (see
@@ -135,7 +137,9 @@ impl Action {
             ),
             Self::ReadDeclarations => "read declarations".into(),
             Self::ListAlerts => "list alerts".into(),
-            Self::ReadAlert { team } => format!("read alerts of {team}"),
+            Self::ReadAlert { teams } => {
+                format!("read alerts of {}", teams.first().map_or("", String::as_str))
+            }
             Self::TransitionAlert { team } => format!("acknowledge or resolve alerts of {team}"),
             Self::ReadTimeline { host, .. } => format!("read the timeline of host {host}"),
             Self::ManageTokens => "manage tokens".into(),
@@ -150,8 +154,8 @@ impl Action {
     fn teams(&self) -> Vec<String> {
         match self {
             Self::WriteDeclaration { team, .. } => team.iter().cloned().collect(),
-            Self::ReadAlert { team } | Self::TransitionAlert { team } => vec![team.clone()],
-            Self::ReadTimeline { teams, .. } => teams.clone(),
+            Self::TransitionAlert { team } => vec![team.clone()],
+            Self::ReadAlert { teams } | Self::ReadTimeline { teams, .. } => teams.clone(),
             _ => Vec::new(),
         }
     }
@@ -186,8 +190,10 @@ fn allowed(role: Role, team: Option<&str>, action: &Action) -> bool {
         (R::Owner, A::WriteDeclaration { kind: Kind::Workload | Kind::ApprovedChange, team }) => {
             team.as_deref().is_some_and(own)
         }
-        (R::Owner, A::ReadAlert { team } | A::TransitionAlert { team }) => own(team),
-        (R::Owner, A::ReadTimeline { teams, .. }) => teams.iter().any(|t| own(t)),
+        (R::Owner, A::TransitionAlert { team }) => own(team),
+        (R::Owner, A::ReadAlert { teams } | A::ReadTimeline { teams, .. }) => {
+            teams.iter().any(|t| own(t))
+        }
         _ => false,
     }
 }

@@ -681,6 +681,30 @@ async fn a_secret_misuse_reaches_the_owners_of_the_process_read() {
         (Some("target-owner"), Some(id))
     );
 
+    // team-a's owners may read and list the alert they were sent, not acknowledge it; team-b's
+    // owners own it. A team neither owning nor told sees nothing.
+    let (a_owner, c_owner) = (
+        put_token(&kw.c, Role::Owner, Some("team-a"), "a"),
+        put_token(&kw.c, Role::Owner, Some("team-c"), "c"),
+    );
+    let get = |token: &str| api.get_alert(req(token, pb::GetAlertRequest { id }));
+    assert_eq!(get(&a_owner).await.expect("team-a reads it").into_inner().id, id);
+    let denied = get(&c_owner).await.expect_err("team-c may not");
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert!(
+        denied.message().contains("needs role iam, secops, owner of one of team-b, team-a"),
+        "{}",
+        denied.message()
+    );
+    for (token, expected) in [(&a_owner, vec![id]), (&c_owner, vec![])] {
+        let r = api.list_alerts(req(token, pb::ListAlertsRequest::default())).await;
+        let ids: Vec<i64> = r.expect("list").into_inner().alerts.iter().map(|a| a.id).collect();
+        assert_eq!(ids, expected);
+    }
+    let ack = pb::TransitionAlertRequest { id, status: "acknowledged".into(), note: String::new() };
+    let refused = api.transition_alert(req(&a_owner, ack)).await.expect_err("not team-a's to ack");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+
     // An undeclared reader: SecOps owns it, team-a is told; a read of an undeclared process
     // (no victim workload) is SecOps' alone, and a separate alert.
     let id = raise(&kw.c, "web-1", vec![read_wa(process("/usr/bin/gdb", 0))])[0];

@@ -123,6 +123,8 @@ pub struct AlertFilter {
     pub rule: Option<String>,
     pub host: Option<String>,
     pub workload: Option<String>,
+    /// Owned by this team or sent to it (routed or escalated).
+    pub team: Option<String>,
     /// At most this many, newest first (0: 1000).
     pub limit: usize,
 }

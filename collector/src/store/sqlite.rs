@@ -978,6 +978,16 @@ impl Store for SqliteStore {
                     sql.push_str(&format!(" AND {column} = ?{}", args.len()));
                 }
             }
+            if let Some(team) = &filter.team {
+                args.push(team.clone());
+                let n = args.len();
+                sql.push_str(&format!(
+                    " AND (owner = ?{n} \
+                     OR EXISTS (SELECT 1 FROM json_each(body, '$.routes') \
+                                WHERE json_extract(value, '$.team') = ?{n}) \
+                     OR EXISTS (SELECT 1 FROM deliveries d WHERE d.alert_id = alerts.id AND d.team = ?{n}))"
+                ));
+            }
             let limit = if filter.limit == 0 { 1_000 } else { filter.limit };
             sql.push_str(&format!(" ORDER BY last_seen_ns DESC, id DESC LIMIT {limit}"));
             let mut stmt = conn.prepare(&sql)?;
