@@ -590,7 +590,9 @@ pub struct KernelOffsets {
     pub xa_node_shift: u32,
     pub xa_node_slots: u32,
     pub xa_slots_len: u32,
-    pub _pad0: u32,
+    /// `ovl_file.realfile`: where an overlayfs file's `private_data` holds the file of the layer
+    /// below it stands for; [`NO_OFFSET`] on kernels whose `private_data` is that file itself.
+    pub ovl_file_realfile: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).

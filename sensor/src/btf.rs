@@ -220,6 +220,9 @@ impl KernelBtf {
                 .unwrap_or(NO_OFFSET),
             io_kiocb_flags: self.member_offset("io_kiocb", "flags").unwrap_or(NO_OFFSET),
             proc_inode_pid_back: self.proc_inode_pid_back().unwrap_or(NO_OFFSET),
+            // Overlayfs wraps its real file since 6.13 (`struct ovl_file`); before, or when
+            // overlay is a module not loaded yet (its BTF is not in vmlinux), no wrapper.
+            ovl_file_realfile: self.member_offset("ovl_file", "realfile").unwrap_or(NO_OFFSET),
             task_thread_pid: task("thread_pid").unwrap_or(NO_OFFSET),
             pid_level: self.member_offset("pid", "level")?,
             pid_numbers: self.member_offset("pid", "numbers")?,
@@ -234,7 +237,6 @@ impl KernelBtf {
             xa_node_shift: self.member_offset("xa_node", "shift")?,
             xa_node_slots: self.member_offset("xa_node", "slots")?,
             xa_slots_len: self.array_len("xa_node", "slots")?,
-            _pad0: 0,
             dentry_name_len: self.path_offset("dentry", &[("d_name", "qstr"), ("len", "")])?,
             vma_vm_file: self.member_offset("vm_area_struct", "vm_file")?,
             // x86-64 register names; other architectures read arguments at syscall entry.

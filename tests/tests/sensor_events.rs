@@ -136,6 +136,10 @@ async fn credential_reads_resolve_to_the_inode_whatever_the_path(opts: LoadOptio
         ("through a hard link", vec!["read".into(), creds.path("hardlink").display().to_string()]),
         ("openat(dirfd)", vec!["openat".into(), dir.clone(), "credentials".into()]),
         ("/proc/self/root", vec!["read".into(), proc_root]),
+        (
+            "through an overlay mount",
+            vec!["overlay-read".into(), dir.clone(), "credentials".into()],
+        ),
     ];
     for (what, args) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -33,6 +33,8 @@ use super::{
 const RET: usize = 16;
 /// `PROC_SUPER_MAGIC`.
 const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+/// `OVERLAYFS_SUPER_MAGIC`.
+const OVERLAYFS_SUPER_MAGIC: u64 = 0x794c_7630;
 /// `O_PATH` in `file.f_flags`.
 const O_PATH: u32 = 0o10000000;
 /// `io_uring:io_uring_complete` format: `void *req` and `int res`.
@@ -334,6 +336,11 @@ fn match_file<F: Fields>(view: &mut F, file: *const u8, pid_tgid: u64) -> Result
         if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
             return emit_file(view, &opened, key, None, (watch_id, FileMatch::File));
         }
+        // An overlay's regular file keeps the inode number of the layer's file it stands for,
+        // so the filter let it through; that file may be the watched one.
+        if magic == OVERLAYFS_SUPER_MAGIC && layer_file_matched(view, &opened)? {
+            return Ok(());
+        }
     }
     let (parent, name_ptr, name_len) = {
         let view = view.load(dentry, w.dentry)?;
@@ -379,6 +386,37 @@ fn match_file<F: Fields>(view: &mut F, file: *const u8, pid_tgid: u64) -> Result
         return emit_file(view, &opened, key, found, (watch_id, FileMatch::Name));
     }
     Ok(())
+}
+
+/// An overlayfs file opened: when the file of the layer below it (the real file overlayfs
+/// reads for it) is a watched file, reports that, and says so. A credential read through an
+/// overlay mount — which a user namespace lets any user make over their own files — is a read
+/// of the credential itself. Helper reads only: the layer's file is no BTF pointer.
+#[inline(always)]
+fn layer_file_matched<F: Fields>(view: &mut F, opened: &Opened) -> Result<bool, i64> {
+    let o = offsets();
+    let mut real = kread::ptr(opened.file, o.file_private_data)?;
+    if o.ovl_file_realfile != NO_OFFSET {
+        real = kread::ptr(real, o.ovl_file_realfile)?;
+    }
+    let inode = kread::ptr(real, o.file_f_inode)?;
+    let sb = kread::ptr(inode, o.inode_i_sb)?;
+    let key = FileKey {
+        dev: kread::at(sb, o.sb_s_dev)?,
+        _pad0: 0,
+        ino: kread::at(inode, o.inode_i_ino)?,
+    };
+    let Some(&watch_id) = (unsafe { WATCHED_FILES.get(key) }) else {
+        return Ok(false);
+    };
+    // Named from the layer's own directory entry; the caller's open flags.
+    let dentry = kread::ptr(real, o.file_dentry)?;
+    let parent = kread::ptr(dentry, o.dentry_d_parent)?;
+    let parent_ino = kread::at(kread::ptr(parent, o.dentry_d_inode)?, o.inode_i_ino)?;
+    let found = Some((parent_ino, kread::ptr(dentry, o.dentry_name)?));
+    let layer = Opened { file: real, dentry, flags: Some(opened.flags()), tgid: opened.tgid };
+    emit_file(view, &layer, key, found, (watch_id, FileMatch::File))?;
+    Ok(true)
 }
 
 /// The inode number of directory entry `parent`.

@@ -154,7 +154,7 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     xa_node_shift: 0,
     xa_node_slots: 0,
     xa_slots_len: 0,
-    _pad0: 0,
+    ovl_file_realfile: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole

@@ -41,6 +41,9 @@ fn main() -> ExitCode {
         // by-handle PATH: name_to_handle_at, then open_by_handle_at (needs
         // CAP_DAC_READ_SEARCH), then read.
         "by-handle" => by_handle(arg(1)),
+        // overlay-read DIR NAME: in a mount namespace of its own, mount a read-only overlay
+        // whose lower layer is DIR and read NAME through it.
+        "overlay-read" => overlay_read(arg(1), arg(2)),
         // open-path PATH: an O_PATH handle to PATH (it cannot read), then close it.
         "open-path" => {
             std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(arg(1)).map(drop)
@@ -97,6 +100,40 @@ fn main() -> ExitCode {
 fn read(path: &str) -> std::io::Result<()> {
     let mut buf = Vec::new();
     File::open(path)?.read_to_end(&mut buf).map(drop)
+}
+
+fn overlay_read(dir: &str, name: &str) -> std::io::Result<()> {
+    let check =
+        |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+    let top = tempfile::tempdir()?;
+    let (mnt, empty) = (top.path().join("mnt"), top.path().join("empty"));
+    std::fs::create_dir(&mnt)?;
+    std::fs::create_dir(&empty)?;
+    let options = format!("lowerdir={dir}:{}", empty.display());
+    let (target, options) = (c_path(mnt.to_str().unwrap_or_default())?, c_path(&options)?);
+    // SAFETY: NUL-terminated strings alive across the calls; the namespace is this process's
+    // own, so the mounts vanish with it.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        let private = libc::MS_REC | libc::MS_PRIVATE;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            private,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            c"overlay".as_ptr(),
+            target.as_ptr(),
+            c"overlay".as_ptr(),
+            libc::MS_RDONLY,
+            options.as_ptr().cast(),
+        ))?;
+    }
+    read(mnt.join(name).to_str().unwrap_or_default())?;
+    // SAFETY: the mount made above.
+    check(unsafe { libc::umount(target.as_ptr()) })
 }
 
 fn from_memory(path: &str) -> std::io::Result<()> {
