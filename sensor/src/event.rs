@@ -212,10 +212,11 @@ pub(crate) fn secret_method(m: SecretMethod) -> &'static str {
     }
 }
 
+/// The address connected to; an IPv4-mapped one from an IPv6 socket is the IPv4 host it is.
 fn ip_of(family: u32, addr: [u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(addr);
     match (family, v6.to_ipv4_mapped()) {
-        (2, Some(v4)) => IpAddr::V4(v4),
+        (_, Some(v4)) => IpAddr::V4(v4),
         (2, None) => IpAddr::V4(Ipv4Addr::new(addr[12], addr[13], addr[14], addr[15])),
         _ => IpAddr::V6(v6),
     }

@@ -511,6 +511,12 @@ async fn connects_and_udp_sends_to_watched_endpoints_are_reported() {
     );
     let seen = connect_seen(&mut sensor, "connect", unwatched, QUIET).await;
     assert_eq!(seen, None, "unwatched endpoint reported");
+    // The same endpoint from an IPv6 socket (IPv4-mapped), and by TCP Fast Open (no connect
+    // call at all).
+    for action in ["connect-mapped", "fastopen"] {
+        let seen = connect_seen(&mut sensor, action, tcp, WAIT).await;
+        assert_eq!(seen, Some(tcp_event(21)), "{action}");
+    }
 
     // An entry for any port of the address (port 0): now that connect is watched too.
     let any_port = entry(0, PROTO_TCP, 24);

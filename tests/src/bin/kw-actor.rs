@@ -77,6 +77,10 @@ fn main() -> ExitCode {
         "vm-writev" => vm_writev(arg(1).parse().unwrap_or(0)),
         // connect ADDR: TCP connect.
         "connect" => TcpStream::connect(arg(1)).map(drop),
+        // connect-mapped ADDR: TCP connect from an IPv6 socket to the IPv4 ADDR, IPv4-mapped.
+        "connect-mapped" => connect_mapped(arg(1)),
+        // fastopen ADDR: TCP Fast Open: sendto(MSG_FASTOPEN) connects, no connect call.
+        "fastopen" => fastopen(arg(1)),
         // unix PATH: connect to a unix stream socket.
         "unix" => std::os::unix::net::UnixStream::connect(arg(1)).map(drop),
         // udp ADDR: one UDP datagram.
@@ -100,6 +104,48 @@ fn main() -> ExitCode {
 fn read(path: &str) -> std::io::Result<()> {
     let mut buf = Vec::new();
     File::open(path)?.read_to_end(&mut buf).map(drop)
+}
+
+fn connect_mapped(addr: &str) -> std::io::Result<()> {
+    let std::net::SocketAddr::V4(v4) = addr.parse().map_err(std::io::Error::other)? else {
+        return Err(std::io::Error::other("an IPv4 address"));
+    };
+    let mapped = std::net::SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0);
+    TcpStream::connect(mapped).map(drop)
+}
+
+fn fastopen(addr: &str) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let std::net::SocketAddr::V4(v4) = addr.parse().map_err(std::io::Error::other)? else {
+        return Err(std::io::Error::other("an IPv4 address"));
+    };
+    // SAFETY: a fresh socket, owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a valid socket, buffer and address of the stated sizes.
+    let n = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            b"kw".as_ptr().cast(),
+            2,
+            libc::MSG_FASTOPEN,
+            (&raw const sin).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn overlay_read(dir: &str, name: &str) -> std::io::Result<()> {
