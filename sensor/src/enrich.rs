@@ -364,7 +364,12 @@ impl Enricher {
         if info.exe.as_os_str().is_empty() {
             return None;
         }
-        let hash = self.hasher.hash_process(self.table.proc_fs(), info.pid, Path::new(&info.exe));
+        let hash = self.hasher.hash_process(
+            self.table.proc_fs(),
+            info.pid,
+            Path::new(&info.exe),
+            info.exe_file,
+        );
         if let Some(h) = &hash {
             self.table.set_exe_sha256(info.pid, info.start_time_ns, &info.exe, h.clone());
         }

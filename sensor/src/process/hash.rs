@@ -61,8 +61,18 @@ impl ExeHasher {
 
     /// Hash of the executable of a running process, read through `/proc/PID/exe` so it works
     /// when the file was deleted or replaced after exec, and falling back to `exe` when the
-    /// process is gone. `None` when neither can be read or the file is over the size cap.
-    pub fn hash_process(&self, proc: &ProcFs, pid: u32, exe: &Path) -> Option<String> {
+    /// process is gone — only if the file there is `executed` (device in the kernel's encoding,
+    /// inode), when that is known: a binary replaced since, or a path that named another file
+    /// in the process's own mount namespace (a binary bind-mounted over a trusted one's path),
+    /// must not lend the process the trusted binary's hash. `None` when neither can be read,
+    /// the file is not the one executed, or it is over the size cap.
+    pub fn hash_process(
+        &self,
+        proc: &ProcFs,
+        pid: u32,
+        exe: &Path,
+        executed: Option<(u32, u64)>,
+    ) -> Option<String> {
         let via_proc = proc.path(pid, "exe");
         // A recycled pid would hash someone else's binary: only trust /proc while it still
         // names the same exe.
@@ -76,7 +86,7 @@ impl ExeHasher {
         if !exe.is_absolute() || super::table::names_a_descriptor(exe) {
             return None;
         }
-        match self.hash_file(exe) {
+        match self.hash_file_if(exe, executed) {
             Ok(hash) => hash,
             Err(e) => {
                 tracing::debug!(pid, exe = %exe.display(), error = %e, "cannot hash executable");
@@ -87,8 +97,21 @@ impl ExeHasher {
 
     /// Hash of the file at `path` (symlinks followed); `Ok(None)` when over the size cap.
     pub fn hash_file(&self, path: &Path) -> io::Result<Option<String>> {
+        self.hash_file_if(path, None)
+    }
+
+    /// [`Self::hash_file`], when the file opened is `expected` (device in the kernel's
+    /// encoding, inode) if that is given; an error otherwise.
+    fn hash_file_if(
+        &self,
+        path: &Path,
+        expected: Option<(u32, u64)>,
+    ) -> io::Result<Option<String>> {
         let mut file = File::open(path)?;
         let meta = file.metadata()?;
+        if expected.is_some_and(|e| e != (crate::watch::kernel_dev(meta.dev()), meta.ino())) {
+            return Err(io::Error::other("the file there is not the one the process executed"));
+        }
         let key = FileKey {
             dev: meta.dev(),
             ino: meta.ino(),

@@ -26,6 +26,10 @@ pub struct ProcessInfo {
     pub exe: PathBuf,
     /// Hex SHA-256 of the executable, once [`super::ExeHasher`] has computed it.
     pub exe_sha256: Option<String>,
+    /// The executed file itself: device (the kernel's encoding) and inode, from the exec
+    /// record or `/proc/PID/exe`; `None` when unknown. Whatever `exe` names now, only this file
+    /// is hashed as the process's program.
+    pub exe_file: Option<(u32, u64)>,
     /// Arguments, `argv[0]` first.
     pub cmdline: Vec<String>,
     /// cgroup v2 path (the `0::` line of `/proc/PID/cgroup`).
@@ -59,6 +63,7 @@ impl ProcessInfo {
             comm: String::new(),
             exe: PathBuf::new(),
             exe_sha256: None,
+            exe_file: None,
             cmdline: Vec::new(),
             cgroup_path: String::new(),
             cgroup_id: 0,

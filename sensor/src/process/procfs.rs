@@ -120,6 +120,7 @@ impl ProcFs {
             comm: stat.comm,
             exe: self.read_exe(pid).unwrap_or_default(),
             exe_sha256: None,
+            exe_file: self.exe_file(pid),
             cmdline: self.read_cmdline(pid).unwrap_or_default(),
             cgroup_id: self.cgroup_id(&cgroup_path),
             cgroup_path,
@@ -130,6 +131,13 @@ impl ProcFs {
             tty: tty_name(stat.tty_nr),
             exited: None,
         })
+    }
+
+    /// Device (the kernel's encoding) and inode of the file `pid` runs.
+    pub fn exe_file(&self, pid: u32) -> Option<(u32, u64)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = fs::metadata(self.path(pid, "exe")).ok()?;
+        Some((crate::watch::kernel_dev(meta.dev()), meta.ino()))
     }
 
     /// The kernel's id of the cgroup at `path` (as `/proc/PID/cgroup` gives it): on cgroup v2

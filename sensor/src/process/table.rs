@@ -198,6 +198,7 @@ impl ProcessTable {
         entry.comm = if exec.comm.is_empty() { comm_of(&exe) } else { exec.comm };
         entry.exe = exe;
         entry.exe_sha256 = None;
+        entry.exe_file = exec.exe;
         entry.cmdline = cmdline;
         entry.uid = exec.uid;
         entry.euid = exec.euid;

@@ -289,10 +289,10 @@ fn hashes_a_running_exe_even_when_deleted() {
 
     let hasher = ExeHasher::default();
     let proc = ProcFs::default();
-    assert_eq!(hasher.hash_process(&proc, child.pid(), &copy), Some(expected.clone()));
+    assert_eq!(hasher.hash_process(&proc, child.pid(), &copy, None), Some(expected.clone()));
     assert_eq!(hasher.cached(), 1);
     // Second call is a cache hit (same dev/ino/mtime/size).
-    assert_eq!(hasher.hash_process(&proc, child.pid(), &copy), Some(expected.clone()));
+    assert_eq!(hasher.hash_process(&proc, child.pid(), &copy, None), Some(expected.clone()));
     assert_eq!(hasher.cached(), 1);
 
     let mut table = ProcessTable::default();
@@ -300,6 +300,28 @@ fn hashes_a_running_exe_even_when_deleted() {
     assert!(table.set_exe_sha256(child.pid(), start, &copy, expected.clone()));
     assert_eq!(table.get(child.pid()).and_then(|p| p.exe_sha256.clone()), Some(expected));
     assert!(!table.set_exe_sha256(child.pid(), start, Path::new("/other"), "x".into()));
+}
+
+/// A process gone before it was hashed: its path is hashed only while it holds the file the
+/// process executed — not a binary replaced since, nor another one a private mount namespace
+/// showed at that path.
+#[test]
+fn a_gone_process_is_hashed_from_its_path_only_if_the_file_there_is_the_one_it_ran() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("payments-api");
+    fs::copy(sleep_binary(), &path).expect("copy sleep");
+    let ran = kernel_file_id(&path);
+    let original = sha256_file(&path).expect("hash");
+    let gone = 4_000_000; // beyond pid_max: /proc has no such process
+    let (hasher, proc) = (ExeHasher::default(), ProcFs::default());
+    assert_eq!(hasher.hash_process(&proc, gone, &path, Some(ran)), Some(original));
+
+    let other = dir.path().join("other");
+    fs::write(&other, b"#!/bin/sh\n").expect("write");
+    fs::rename(&other, &path).expect("replace");
+    assert_eq!(hasher.hash_process(&proc, gone, &path, Some(ran)), None, "another file's hash");
+    let now = sha256_file(&path).expect("hash");
+    assert_eq!(hasher.hash_process(&proc, gone, &path, Some(kernel_file_id(&path))), Some(now));
 }
 
 #[test]
@@ -413,7 +435,7 @@ fn a_program_run_from_memory_is_named_as_proc_names_it() {
     assert_eq!(table.get(pid).map(|p| p.exe.clone()), Some(PathBuf::from("/memfd:payload")));
     // A descriptor's name is never hashed: it would open the sensor's own descriptor.
     let hasher = ExeHasher::default();
-    assert_eq!(hasher.hash_process(table.proc_fs(), pid, Path::new("/dev/fd/3")), None);
+    assert_eq!(hasher.hash_process(table.proc_fs(), pid, Path::new("/dev/fd/3"), None), None);
 }
 
 #[test]
