@@ -4,7 +4,7 @@ use core::mem::size_of;
 
 /// Bumped whenever a type in this module changes layout; the sensor refuses objects (and pinned
 /// maps) of another version.
-pub const ABI_VERSION: u32 = 13;
+pub const ABI_VERSION: u32 = 14;
 
 /// Longest path copied from the kernel (exec file name), NUL included.
 pub const PATH_LEN: usize = 256;
@@ -593,6 +593,12 @@ pub struct KernelOffsets {
     /// `ovl_file.realfile`: where an overlayfs file's `private_data` holds the file of the layer
     /// below it stands for; [`NO_OFFSET`] on kernels whose `private_data` is that file itself.
     pub ovl_file_realfile: u32,
+    /// How far a btrfs inode's `struct btrfs_root *` (`btrfs_inode.root`) lies before the
+    /// inode itself (`btrfs_inode.vfs_inode`), and `btrfs_root.anon_dev`: the device `stat`
+    /// gives the files of a btrfs subvolume, which number their inodes each from 256.
+    /// [`NO_OFFSET`] in `btrfs_inode_root_back` without btrfs.
+    pub btrfs_inode_root_back: u32,
+    pub btrfs_root_anon_dev: u32,
 }
 
 /// Largest run of a kernel struct read with one `bpf_probe_read_kernel` (a [`ReadWindow`]).
@@ -707,10 +713,10 @@ const _: () = assert!(size_of::<EndpointKey>() == 20);
 const _: () = assert!(size_of::<FoldKey>() == 24);
 const _: () = assert!(size_of::<FoldState>() == 24);
 const _: () = assert!(size_of::<NameKey>() == 24);
-const _: () = assert!(size_of::<KernelOffsets>() == 58 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 60 * 4);
 const _: () = assert!(size_of::<ReadWindow>() == 8);
 const _: () = assert!(size_of::<ReadWindows>() == 4 * 8);
-const _: () = assert!(size_of::<SensorConfig>() == 8 + 58 * 4 + 4 * 8 + 16);
+const _: () = assert!(size_of::<SensorConfig>() == 8 + 60 * 4 + 4 * 8 + 16);
 const _: () = assert!(FILTER_WORDS == 1 << (18 - 6));
 
 #[cfg(feature = "user")]

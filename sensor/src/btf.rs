@@ -160,13 +160,14 @@ impl KernelBtf {
         self.path_offset("io_ring_ctx", &path).unwrap_or(NO_OFFSET)
     }
 
-    /// `proc_inode.vfs_inode - proc_inode.pid`: where a procfs inode's `struct pid *` lies.
-    fn proc_inode_pid_back(&self) -> Result<u32, BtfError> {
-        let pid = self.member_offset("proc_inode", "pid")?;
-        let inode = self.member_offset("proc_inode", "vfs_inode")?;
-        inode.checked_sub(pid).ok_or_else(|| BtfError::NoMember {
-            strukt: "proc_inode".into(),
-            member: "pid before vfs_inode".into(),
+    /// `strukt.vfs_inode - strukt.member`: how far before a file system's embedded inode its
+    /// own `member` lies (`proc_inode.pid`, `btrfs_inode.root`).
+    fn before_vfs_inode(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let at = self.member_offset(strukt, member)?;
+        let inode = self.member_offset(strukt, "vfs_inode")?;
+        inode.checked_sub(at).ok_or_else(|| BtfError::NoMember {
+            strukt: strukt.into(),
+            member: format!("{member} before vfs_inode"),
         })
     }
 
@@ -219,10 +220,15 @@ impl KernelBtf {
                 .member_offset("io_rsrc_node", "file_ptr")
                 .unwrap_or(NO_OFFSET),
             io_kiocb_flags: self.member_offset("io_kiocb", "flags").unwrap_or(NO_OFFSET),
-            proc_inode_pid_back: self.proc_inode_pid_back().unwrap_or(NO_OFFSET),
+            proc_inode_pid_back: self.before_vfs_inode("proc_inode", "pid").unwrap_or(NO_OFFSET),
             // Overlayfs wraps its real file since 6.13 (`struct ovl_file`); before, or when
             // overlay is a module not loaded yet (its BTF is not in vmlinux), no wrapper.
             ovl_file_realfile: self.member_offset("ovl_file", "realfile").unwrap_or(NO_OFFSET),
+            // Only with btrfs built in (a module's BTF is not in vmlinux).
+            btrfs_inode_root_back: self
+                .before_vfs_inode("btrfs_inode", "root")
+                .unwrap_or(NO_OFFSET),
+            btrfs_root_anon_dev: self.member_offset("btrfs_root", "anon_dev").unwrap_or(NO_OFFSET),
             task_thread_pid: task("thread_pid").unwrap_or(NO_OFFSET),
             pid_level: self.member_offset("pid", "level")?,
             pid_numbers: self.member_offset("pid", "numbers")?,

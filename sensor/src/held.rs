@@ -86,6 +86,9 @@ pub fn scan(proc_root: &Path, watches: &KernelWatches, own_pid: u32) -> Vec<Hold
         }
         let maps = fs::read_to_string(dir.join("maps")).unwrap_or_default();
         for (file, path, flags) in maps.lines().filter_map(mapped_file) {
+            // maps gives the superblock's device; btrfs files are watched by their
+            // subvolume's (what `stat` says), so the file at the path decides when it is this one.
+            let file = file_key(&path).ok().filter(|k| k.ino == file.ino).unwrap_or(file);
             hold(file, &path, &|| flags);
         }
     }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+pub mod btrfs;
+
 use sensor::{
     event::Event,
     loader::{LoadError, LoadOptions},

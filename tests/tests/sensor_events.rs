@@ -295,6 +295,28 @@ fn take_from_a_holder(hold_action: &str, path: &Path) -> u32 {
     taker
 }
 
+/// btrfs numbers the inodes of each subvolume anew and gives each subvolume a device of its own
+/// (the one `stat` shows, not its superblock's): a credential there is matched by that device,
+/// and the file with the same inode number in another subvolume is not it.
+#[tokio::test]
+async fn credentials_on_btrfs_are_told_apart_per_subvolume() {
+    let Some(mut sensor) = sensor() else { return };
+    let Some(fs) = keywatch_tests::btrfs::ScratchBtrfs::mount() else { return };
+    let cred = fs.path().join("credentials");
+    std::fs::write(&cred, "[default]").unwrap();
+    let twin = fs.subvolume("other").join("credentials");
+    std::fs::write(&twin, "[default]").unwrap();
+    let (key, twin_key) = (file_key(&cred).unwrap(), file_key(&twin).unwrap());
+    assert_eq!(key.ino, twin_key.ino, "each subvolume numbers its inodes from 256");
+    watch(&mut sensor, &cred, 33);
+
+    let pid = act(&["read", twin.to_str().unwrap()]);
+    assert!(file_open_by(&mut sensor, pid, QUIET).await.is_none(), "another subvolume's file");
+    let pid = act(&["read", cred.to_str().unwrap()]);
+    let event = file_open_by(&mut sensor, pid, WAIT).await.expect("the watched credential");
+    assert_file_open(&event, &cred, 33);
+}
+
 /// An append, and the legacy `creat` that truncates the credential (a syscall of its own).
 #[tokio::test]
 async fn a_write_to_a_credential_is_flagged() {

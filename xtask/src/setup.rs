@@ -96,7 +96,25 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn llvm_dev() -> anyhow::Result<()> {
-    let missing: Vec<&str> = LLVM_PACKAGES
+    debian_packages("LLVM 22 development files", LLVM_PACKAGES)
+}
+
+/// What the privileged tests use besides the kernel: `mkfs.btrfs`, to test credentials on a
+/// btrfs file system (made in a file, mounted through a loop device). Required under CI;
+/// elsewhere a test that needs a missing tool skips, saying why.
+pub fn test_tools() -> anyhow::Result<()> {
+    match debian_packages("test tools (mkfs.btrfs)", &["btrfs-progs"]) {
+        Err(e) if std::env::var_os("CI").is_none() => {
+            println!("setup: WARNING {e:#}; the tests that need them will skip");
+            Ok(())
+        }
+        done => done,
+    }
+}
+
+/// Installs the Debian `packages` not installed yet (`purpose` says what they are for).
+fn debian_packages(purpose: &str, packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -105,13 +123,13 @@ fn llvm_dev() -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        println!("setup: LLVM 22 development files: present");
+        println!("setup: {purpose}: present");
         return Ok(());
     }
     if which::which("apt-get").is_err() {
         bail!(
-            "missing {}: install LLVM 22 development files with your package manager \
-             (this setup knows Debian's apt-get)",
+            "missing {}: install the {purpose} with your package manager (this setup knows \
+             Debian's apt-get)",
             missing.join(" ")
         );
     }

@@ -16,6 +16,7 @@ fn cargo() -> Command {
 /// Everything CI checks: setup, formatting, lints, all tests.
 pub fn test(extra: &[String]) -> anyhow::Result<()> {
     setup::run()?;
+    setup::test_tools()?;
     if std::env::var_os("CI").is_some() && std::env::var_os("CARGO_INCREMENTAL").is_none() {
         // A one-off build gains nothing from incremental state, which costs gigabytes of disk.
         // SAFETY: single-threaded here; the variable is read only by the cargo children.

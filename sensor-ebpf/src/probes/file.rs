@@ -35,6 +35,8 @@ const RET: usize = 16;
 const PROC_SUPER_MAGIC: u64 = 0x9fa0;
 /// `OVERLAYFS_SUPER_MAGIC`.
 const OVERLAYFS_SUPER_MAGIC: u64 = 0x794c_7630;
+/// `BTRFS_SUPER_MAGIC`.
+const BTRFS_SUPER_MAGIC: u64 = 0x9123_683e;
 /// `O_PATH` in `file.f_flags`.
 const O_PATH: u32 = 0o10000000;
 /// `io_uring:io_uring_complete` format: `void *req` and `int res`.
@@ -237,10 +239,36 @@ fn fixed_file(req: *const u8, index: u32) -> Result<*const u8, i64> {
 
 /// `s_dev` and `s_magic` of a superblock.
 #[inline(always)]
-fn superblock<F: Fields>(view: &mut F, sb: *const u8) -> Result<(u32, u64), i64> {
+fn superblock<F: Fields>(view: &mut F, sb: *const u8, inode: *const u8) -> Result<(u32, u64), i64> {
     let o = offsets();
-    let view = view.load(sb, windows().sb)?;
-    Ok((view.at::<u32>(o.sb_s_dev)?, view.at::<u64>(o.sb_s_magic)?))
+    let (dev, magic) = {
+        let view = view.load(sb, windows().sb)?;
+        (view.at::<u32>(o.sb_s_dev)?, view.at::<u64>(o.sb_s_magic)?)
+    };
+    Ok((inode_dev(inode, dev, magic), magic))
+}
+
+/// The device `inode` is known by to `stat` — the sensor watches files by that device: its
+/// superblock's (`sb_dev`, of a file system of `magic`), except on btrfs, whose subvolumes
+/// number their inodes each from 256 and each have a device of their own
+/// (`btrfs_root.anon_dev`). Helper reads: `inode` need not be a BTF pointer.
+#[inline(always)]
+pub(super) fn inode_dev(inode: *const u8, sb_dev: u32, magic: u64) -> u32 {
+    let o = offsets();
+    if magic != BTRFS_SUPER_MAGIC || o.btrfs_inode_root_back == NO_OFFSET {
+        return sb_dev;
+    }
+    let root = kread::ptr(inode.wrapping_sub(o.btrfs_inode_root_back as usize), 0);
+    root.and_then(|root| kread::at::<u32>(root, o.btrfs_root_anon_dev)).unwrap_or(sb_dev)
+}
+
+/// [`superblock`] with helper reads only.
+#[inline(always)]
+fn inode_dev_read(inode: *const u8) -> Result<u32, i64> {
+    let o = offsets();
+    let sb = kread::ptr(inode, o.inode_i_sb)?;
+    let (dev, magic) = (kread::at::<u32>(sb, o.sb_s_dev)?, kread::at::<u64>(sb, o.sb_s_magic)?);
+    Ok(inode_dev(inode, dev, magic))
 }
 
 /// A file just opened as `fd` in the current process: matched against the watches.
@@ -330,7 +358,7 @@ fn match_file<F: Fields>(view: &mut F, file: *const u8, pid_tgid: u64) -> Result
     // The file itself first: the parent directory is only walked when it is not watched.
     let mut fs = None;
     if maybe_watched(ino) {
-        let (dev, magic) = superblock(view, sb)?;
+        let (dev, magic) = superblock(view, sb, inode)?;
         fs = Some((dev, magic));
         let key = FileKey { dev, _pad0: 0, ino };
         if let Some(&watch_id) = unsafe { WATCHED_FILES.get(key) } {
@@ -350,7 +378,7 @@ fn match_file<F: Fields>(view: &mut F, file: *const u8, pid_tgid: u64) -> Result
     if name_len == 7 || name_len == 3 {
         let (_, magic) = match fs {
             Some(fs) => fs,
-            None => superblock(view, sb)?,
+            None => superblock(view, sb, inode)?,
         };
         if magic == PROC_SUPER_MAGIC {
             return proc_secret(&opened, inode, name_ptr, parent, pid_tgid);
@@ -362,7 +390,7 @@ fn match_file<F: Fields>(view: &mut F, file: *const u8, pid_tgid: u64) -> Result
     }
     let (dev, _) = match fs {
         Some(fs) => fs,
-        None => superblock(view, sb)?,
+        None => superblock(view, sb, inode)?,
     };
     let key = FileKey { dev, _pad0: 0, ino };
     let dir = FileKey { dev, _pad0: 0, ino: parent_ino };
@@ -400,12 +428,8 @@ fn layer_file_matched<F: Fields>(view: &mut F, opened: &Opened) -> Result<bool, 
         real = kread::ptr(real, o.ovl_file_realfile)?;
     }
     let inode = kread::ptr(real, o.file_f_inode)?;
-    let sb = kread::ptr(inode, o.inode_i_sb)?;
-    let key = FileKey {
-        dev: kread::at(sb, o.sb_s_dev)?,
-        _pad0: 0,
-        ino: kread::at(inode, o.inode_i_ino)?,
-    };
+    let key =
+        FileKey { dev: inode_dev_read(inode)?, _pad0: 0, ino: kread::at(inode, o.inode_i_ino)? };
     let Some(&watch_id) = (unsafe { WATCHED_FILES.get(key) }) else {
         return Ok(false);
     };
@@ -689,8 +713,7 @@ fn unix_connected(file: *const u8, tgid: u32) -> Result<(), i64> {
     let dentry = kread::ptr(peer, o.unix_path_dentry)?;
     let inode = kread::ptr(dentry, o.dentry_d_inode)?;
     let ino: u64 = kread::at(inode, o.inode_i_ino)?;
-    let sb = kread::ptr(inode, o.inode_i_sb)?;
-    let dev: u32 = kread::at(sb, o.sb_s_dev)?;
+    let dev = inode_dev_read(inode)?;
     let Some(&watch_id) = (unsafe { WATCHED_SOCKETS.get(FileKey { dev, _pad0: 0, ino }) }) else {
         return Ok(());
     };

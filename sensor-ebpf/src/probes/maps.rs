@@ -155,6 +155,8 @@ const ZERO_OFFSETS: KernelOffsets = KernelOffsets {
     xa_node_slots: 0,
     xa_slots_len: 0,
     ovl_file_realfile: 0,
+    btrfs_inode_root_back: 0,
+    btrfs_root_anon_dev: 0,
 };
 
 /// The loader's configuration, read field by field where used. `Global::load` copies the whole
