@@ -401,16 +401,25 @@ fn inspect_kernel(opts: &LoadOptions) -> Result<(KernelBtf, KernelOffsets, Kerne
     let offsets = btf.kernel_offsets()?;
     let mode = KernelMode::of(&btf, &offsets, opts);
     tracing::info!(reads = mode.reads(), ?mode, "kernel struct reads");
-    for gap in coverage_gaps(&offsets) {
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    for gap in coverage_gaps(&offsets, &filesystems) {
         tracing::warn!(gap, "not seen on this kernel");
     }
     Ok((btf, offsets, mode))
 }
 
 /// What the programs cannot see on this kernel although all of them load: the kernel's BTF
-/// lacks the struct members a path needs (an older or differently built kernel).
-pub fn coverage_gaps(o: &KernelOffsets) -> Vec<&'static str> {
+/// lacks the struct members a path needs (an older or differently built kernel, or a file
+/// system of `filesystems` — `/proc/filesystems` — built as a module, whose BTF is not read).
+pub fn coverage_gaps(o: &KernelOffsets, filesystems: &str) -> Vec<&'static str> {
     let mut gaps = Vec::new();
+    let btrfs = filesystems.lines().any(|l| l.split_whitespace().last() == Some("btrfs"));
+    if btrfs && o.btrfs_inode_root_back == NO_OFFSET {
+        gaps.push(
+            "watched files on btrfs (its subvolumes' own devices are not known: btrfs is a \
+             module, whose BTF is not read)",
+        );
+    }
     if o.io_kiocb_opcode != NO_OFFSET && o.io_ctx_files_nr == NO_OFFSET {
         gaps.push(
             "io_uring opens into fixed-file slots, and reads of those slots (the ring's \
@@ -741,7 +750,10 @@ pub fn probe() -> Result<ProbeReport, LoadError> {
     Ok(ProbeReport {
         programs: attach_all(&mut ebpf, None, kernel.2).0,
         mode: kernel.2,
-        gaps: coverage_gaps(&kernel.1),
+        gaps: coverage_gaps(
+            &kernel.1,
+            &std::fs::read_to_string("/proc/filesystems").unwrap_or_default(),
+        ),
     })
 }
 
@@ -764,7 +776,8 @@ mod tests {
             return;
         };
         let offsets = btf.kernel_offsets().expect("offsets");
-        let here = coverage_gaps(&offsets);
+        let filesystems = "nodev\tproc\n\text4\n\tbtrfs\n";
+        let here = coverage_gaps(&offsets, filesystems);
         if offsets.io_ctx_files_nr != NO_OFFSET {
             assert!(here.is_empty(), "this kernel has every member: {here:?}");
         }
@@ -772,10 +785,13 @@ mod tests {
             io_ctx_files_nr: NO_OFFSET,
             proc_inode_pid_back: NO_OFFSET,
             task_thread_pid: NO_OFFSET,
+            btrfs_inode_root_back: NO_OFFSET,
             ..offsets
         };
-        let gaps = coverage_gaps(&older);
-        assert_eq!(gaps.len(), 3, "{gaps:?}");
-        assert!(gaps[0].contains("fixed-file slots") && gaps[2].contains("ptrace"), "{gaps:?}");
+        let gaps = coverage_gaps(&older, filesystems);
+        assert_eq!(gaps.len(), 4, "{gaps:?}");
+        assert!(gaps[0].contains("btrfs") && gaps[3].contains("ptrace"), "{gaps:?}");
+        // Without btrfs in the kernel, nothing is missed for it.
+        assert_eq!(coverage_gaps(&older, "\text4\n").len(), 3);
     }
 }
