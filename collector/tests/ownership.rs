@@ -177,6 +177,24 @@ fn setup_yaml(hook: &str, jsonl: &Path) -> String {
     YAML.replace("{HOOK}", hook).replace("{JSONL}", &jsonl.display().to_string())
 }
 
+/// A collector on a manual clock at [`T0`] with [`YAML`] applied, routing to a local receiver.
+struct Declared {
+    dir: tempfile::TempDir,
+    hook: String,
+    got: Received,
+    clock: ManualClock,
+    kw: Kw,
+}
+
+async fn declared() -> Declared {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (hook, got) = local_receiver().await;
+    let clock = ManualClock::new(t(T0));
+    let kw = open(dir.path(), &clock);
+    apply(&kw.c.api(None), &kw.admin, &setup_yaml(&hook, &dir.path().join("a.jsonl"))).await;
+    Declared { dir, hook, got, clock, kw }
+}
+
 /// Evaluates and stores events as ingest does; returns the ids of new or folded alerts.
 fn raise(c: &Collector, host: &str, events: Vec<Event>) -> Vec<i64> {
     let host = common::host(host, &[("env", "prod")]);
@@ -651,12 +669,8 @@ async fn an_undeclared_use_of_a_declared_credential_reaches_secops_and_the_crede
 /// owners hear of it, beside the reader's owner or SecOps.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_secret_misuse_reaches_the_owners_of_the_process_read() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (hook, got) = local_receiver().await;
-    let clock = ManualClock::new(t(T0));
-    let kw = open(dir.path(), &clock);
+    let Declared { dir: _dir, got, kw, .. } = declared().await;
     let api = kw.c.api(None);
-    apply(&api, &kw.admin, &setup_yaml(&hook, &dir.path().join("a.jsonl"))).await;
     let read_wa = |reader: Process| {
         let mut e = secret(reader, T0, SecretMethod::ProcEnviron);
         let EventKind::SecretAccess { target, .. } = &mut e.kind else { unreachable!() };
@@ -808,12 +822,7 @@ async fn a_restart_between_alert_and_delivery_delivers_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_alert_is_delivered_at_once_not_at_the_next_poll() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (hook, got) = local_receiver().await;
-    let clock = ManualClock::new(t(T0));
-    let kw = open(dir.path(), &clock);
-    let api = kw.c.api(None);
-    apply(&api, &kw.admin, &setup_yaml(&hook, &dir.path().join("a.jsonl"))).await;
+    let Declared { dir: _dir, got, clock, kw, .. } = declared().await;
     // A worker that would look again only in an hour.
     let slow = OutboxConfig { poll: Duration::from_secs(3600), ..fast() };
     let stop = tokio_util::sync::CancellationToken::new();
@@ -844,12 +853,8 @@ async fn a_new_alert_is_delivered_at_once_not_at_the_next_poll() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unacknowledged_alerts_escalate_after_the_timer_and_acknowledged_ones_never() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (hook, got) = local_receiver().await;
-    let clock = ManualClock::new(t(T0));
-    let kw = open(dir.path(), &clock);
+    let Declared { dir, hook, got, clock, kw } = declared().await;
     let api = kw.c.api(None);
-    apply(&api, &kw.admin, &setup_yaml(&hook, &dir.path().join("a.jsonl"))).await;
     let owner = put_token(&kw.c, Role::Owner, Some("team-a"), "ann");
 
     let ignored = raise(&kw.c, "web-1", vec![wa_reads(T0)])[0];

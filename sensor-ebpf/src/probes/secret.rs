@@ -65,32 +65,39 @@ fn ptrace(request: u64, pid: u64) -> Result<(), i64> {
 /// `process_vm_readv(pid_t pid, …)`.
 #[tracepoint(category = "syscalls", name = "sys_enter_process_vm_readv")]
 pub fn sys_enter_process_vm_readv(ctx: TracePointContext) -> u32 {
-    let pid: u64 = tp_field(&ctx, ARG0);
-    match report(SecretMethod::ProcessVmReadv, pid as u32, 0) {
-        Ok(()) | Err(_) => 0,
-    }
+    vm_access_entered(&ctx, SecretMethod::ProcessVmReadv)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_process_vm_readv")]
 pub fn sys_exit_process_vm_readv(_ctx: TracePointContext) -> u32 {
-    match exit_args().and_then(|(pid, _)| report(SecretMethod::ProcessVmReadv, pid as u32, 0)) {
-        Ok(()) | Err(_) => 0,
-    }
+    vm_access_exited(SecretMethod::ProcessVmReadv)
 }
 
 /// `process_vm_writev(pid_t pid, …)`: writing another process's memory — injecting code that
 /// then reads its secrets from inside.
 #[tracepoint(category = "syscalls", name = "sys_enter_process_vm_writev")]
 pub fn sys_enter_process_vm_writev(ctx: TracePointContext) -> u32 {
-    let pid: u64 = tp_field(&ctx, ARG0);
-    match report(SecretMethod::ProcessVmWritev, pid as u32, 0) {
-        Ok(()) | Err(_) => 0,
-    }
+    vm_access_entered(&ctx, SecretMethod::ProcessVmWritev)
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_process_vm_writev")]
 pub fn sys_exit_process_vm_writev(_ctx: TracePointContext) -> u32 {
-    match exit_args().and_then(|(pid, _)| report(SecretMethod::ProcessVmWritev, pid as u32, 0)) {
+    vm_access_exited(SecretMethod::ProcessVmWritev)
+}
+
+/// Another process's memory read or written, its pid the first argument of the enter record.
+#[inline(always)]
+fn vm_access_entered(ctx: &TracePointContext, method: SecretMethod) -> u32 {
+    let pid: u64 = tp_field(ctx, ARG0);
+    match report(method, pid as u32, 0) {
+        Ok(()) | Err(_) => 0,
+    }
+}
+
+/// The same, the pid read from the saved registers at syscall exit.
+#[inline(always)]
+fn vm_access_exited(method: SecretMethod) -> u32 {
+    match exit_args().and_then(|(pid, _)| report(method, pid as u32, 0)) {
         Ok(()) | Err(_) => 0,
     }
 }
