@@ -237,7 +237,7 @@ fn fixed_file(req: *const u8, index: u32) -> Result<*const u8, i64> {
     if file.is_null() { Err(-1) } else { Ok(file) }
 }
 
-/// `s_dev` and `s_magic` of a superblock.
+/// The device `inode` is known by ([`inode_dev`]) and the magic of its superblock `sb`.
 #[inline(always)]
 fn superblock<F: Fields>(view: &mut F, sb: *const u8, inode: *const u8) -> Result<(u32, u64), i64> {
     let o = offsets();
@@ -262,7 +262,7 @@ pub(super) fn inode_dev(inode: *const u8, sb_dev: u32, magic: u64) -> u32 {
     root.and_then(|root| kread::at::<u32>(root, o.btrfs_root_anon_dev)).unwrap_or(sb_dev)
 }
 
-/// [`superblock`] with helper reads only.
+/// The device `inode` is known by ([`inode_dev`]), with helper reads only.
 #[inline(always)]
 fn inode_dev_read(inode: *const u8) -> Result<u32, i64> {
     let o = offsets();
