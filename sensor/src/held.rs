@@ -40,6 +40,7 @@ pub struct Holding {
 pub fn scan(proc_root: &Path, watches: &KernelWatches, own_pid: u32) -> Vec<Holding> {
     let mut found = Vec::new();
     let mut parents: HashMap<PathBuf, Option<FileKey>> = HashMap::new();
+    let watched_inos: HashSet<u64> = watches.files.keys().map(|k| k.ino).collect();
     for pid in numeric_entries(proc_root).filter(|&pid| pid != own_pid) {
         let mut seen = HashSet::new();
         let dir = proc_root.join(pid.to_string());
@@ -87,8 +88,12 @@ pub fn scan(proc_root: &Path, watches: &KernelWatches, own_pid: u32) -> Vec<Hold
         let maps = fs::read_to_string(dir.join("maps")).unwrap_or_default();
         for (file, path, flags) in maps.lines().filter_map(mapped_file) {
             // maps gives the superblock's device; btrfs files are watched by their
-            // subvolume's (what `stat` says), so the file at the path decides when it is this one.
-            let file = file_key(&path).ok().filter(|k| k.ino == file.ino).unwrap_or(file);
+            // subvolume's (what `stat` says): for a watched inode number, the file at the path
+            // decides when it is this one.
+            let file = match watched_inos.contains(&file.ino) {
+                true => file_key(&path).ok().filter(|k| k.ino == file.ino).unwrap_or(file),
+                false => file,
+            };
             hold(file, &path, &|| flags);
         }
     }
