@@ -140,6 +140,7 @@ async fn credential_reads_resolve_to_the_inode_whatever_the_path(opts: LoadOptio
             "through an overlay mount",
             vec!["overlay-read".into(), dir.clone(), "credentials".into()],
         ),
+        ("reopened from an O_PATH handle", vec!["reopen-path".into(), cred.display().to_string()]),
     ];
     for (what, args) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -48,6 +48,8 @@ fn main() -> ExitCode {
         "open-path" => {
             std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(arg(1)).map(drop)
         }
+        // reopen-path PATH: an O_PATH handle to PATH, then a read through /proc/self/fd/N.
+        "reopen-path" => reopen_path(arg(1)),
         // hold PATH: open PATH, print the fd number, wait to be killed.
         "hold" => File::open(arg(1)).and_then(hold),
         // hold-unix PATH: connect to the unix stream socket PATH, print the fd number, wait to
@@ -146,6 +148,12 @@ fn fastopen(addr: &str) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+fn reopen_path(path: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let handle = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH).open(path)?;
+    read(&format!("/proc/self/fd/{}", handle.as_raw_fd()))
 }
 
 fn overlay_read(dir: &str, name: &str) -> std::io::Result<()> {
