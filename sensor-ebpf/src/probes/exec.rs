@@ -158,11 +158,7 @@ fn exe_file_of<F: Fields>(view: &mut F, file: *const u8) -> Result<ExeFile, i64>
         let view = view.load(inode, NO_WINDOW)?;
         (view.at::<u16>(o.inode_i_mode)?, view.at::<u64>(o.inode_i_ino)?, view.ptr(o.inode_i_sb)?)
     };
-    let (dev, magic) = {
-        let view = view.load(sb, NO_WINDOW)?;
-        (view.at::<u32>(o.sb_s_dev)?, view.at::<u64>(o.sb_s_magic)?)
-    };
-    let dev = super::file::inode_dev(inode, dev, magic);
+    let (dev, _) = super::file::superblock(view, sb, inode)?;
     Ok(ExeFile { mode: mode as u32, ino, dev, file })
 }
 

@@ -239,7 +239,11 @@ fn fixed_file(req: *const u8, index: u32) -> Result<*const u8, i64> {
 
 /// The device `inode` is known by ([`inode_dev`]) and the magic of its superblock `sb`.
 #[inline(always)]
-fn superblock<F: Fields>(view: &mut F, sb: *const u8, inode: *const u8) -> Result<(u32, u64), i64> {
+pub(super) fn superblock<F: Fields>(
+    view: &mut F,
+    sb: *const u8,
+    inode: *const u8,
+) -> Result<(u32, u64), i64> {
     let o = offsets();
     let (dev, magic) = {
         let view = view.load(sb, windows().sb)?;
@@ -253,7 +257,7 @@ fn superblock<F: Fields>(view: &mut F, sb: *const u8, inode: *const u8) -> Resul
 /// number their inodes each from 256 and each have a device of their own
 /// (`btrfs_root.anon_dev`). Helper reads: `inode` need not be a BTF pointer.
 #[inline(always)]
-pub(super) fn inode_dev(inode: *const u8, sb_dev: u32, magic: u64) -> u32 {
+fn inode_dev(inode: *const u8, sb_dev: u32, magic: u64) -> u32 {
     let o = offsets();
     if magic != BTRFS_SUPER_MAGIC || o.btrfs_inode_root_back == NO_OFFSET {
         return sb_dev;

@@ -109,7 +109,7 @@ impl ExeHasher {
     ) -> io::Result<Option<String>> {
         let mut file = File::open(path)?;
         let meta = file.metadata()?;
-        if expected.is_some_and(|e| e != (crate::watch::kernel_dev(meta.dev()), meta.ino())) {
+        if expected.is_some_and(|e| e != super::kernel_file_id(&meta)) {
             return Err(io::Error::other("the file there is not the one the process executed"));
         }
         let key = FileKey {

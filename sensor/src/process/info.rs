@@ -102,3 +102,10 @@ impl From<&ProcessInfo> for Ancestor {
         }
     }
 }
+
+/// A file as the kernel's records name it: device in the kernel's encoding, and inode — what
+/// [`ProcessInfo::exe_file`] and an exec record's executed file hold.
+pub fn kernel_file_id(meta: &std::fs::Metadata) -> (u32, u64) {
+    use std::os::unix::fs::MetadataExt as _;
+    (crate::watch::kernel_dev(meta.dev()), meta.ino())
+}

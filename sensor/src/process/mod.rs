@@ -22,7 +22,7 @@ mod tests;
 
 pub use cgroup::{CgroupIdentity, parse_cgroup_path};
 pub use hash::{DEFAULT_MAX_HASH_SIZE, ExeHasher};
-pub use info::{Ancestor, ProcessInfo};
+pub use info::{Ancestor, ProcessInfo, kernel_file_id};
 pub use procfs::{DEFAULT_PROC_ROOT, ProcFs, ProcReadError, split_cmdline};
 pub use table::{DEFAULT_RETENTION_NS, ExecFacts, ProcessTable};
 pub use tty::tty_name;

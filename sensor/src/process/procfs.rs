@@ -135,9 +135,7 @@ impl ProcFs {
 
     /// Device (the kernel's encoding) and inode of the file `pid` runs.
     pub fn exe_file(&self, pid: u32) -> Option<(u32, u64)> {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = fs::metadata(self.path(pid, "exe")).ok()?;
-        Some((crate::watch::kernel_dev(meta.dev()), meta.ino()))
+        fs::metadata(self.path(pid, "exe")).ok().map(|meta| super::kernel_file_id(&meta))
     }
 
     /// The kernel's id of the cgroup at `path` (as `/proc/PID/cgroup` gives it): on cgroup v2

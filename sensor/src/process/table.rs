@@ -1,7 +1,6 @@
 //! The process table, kept exact by lifecycle events.
 
 use std::collections::VecDeque;
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use rustc_hash::FxHashMap;
@@ -9,7 +8,6 @@ use rustc_hash::FxHashMap;
 use super::cgroup::parse_cgroup_path;
 use super::info::{Ancestor, ProcessInfo};
 use super::procfs::{ProcFs, ProcReadError};
-use crate::watch::kernel_dev;
 
 /// What the kernel reported about one exec (see [`ProcessTable::on_exec`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -273,9 +271,7 @@ impl ProcessTable {
         if name.is_absolute() && !by_fd {
             return name.to_path_buf();
         }
-        let is_executed = |meta: std::fs::Metadata| {
-            exec.exe.is_some_and(|(dev, ino)| kernel_dev(meta.dev()) == dev && meta.ino() == ino)
-        };
+        let is_executed = |meta: std::fs::Metadata| exec.exe == Some(super::kernel_file_id(&meta));
         // A deleted or memfd program has no path to check: its link is taken as the kernel's.
         if let Ok(linked) = self.proc.read_exe(pid)
             && std::fs::metadata(&linked).map_or(true, is_executed)

@@ -16,11 +16,17 @@ fn ran(filename: &str) -> ExecFacts {
     ExecFacts { filename: filename.into(), ..ExecFacts::default() }
 }
 
-/// The kernel's identity of a file: (device in kernel encoding, inode).
+/// The kernel's identity of the file at `path` ([`super::kernel_file_id`]).
 fn kernel_file_id(path: &Path) -> (u32, u64) {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = fs::metadata(path).expect("stat");
-    (crate::watch::kernel_dev(meta.dev()), meta.ino())
+    super::kernel_file_id(&fs::metadata(path).expect("stat"))
+}
+
+/// A copy of `sleep` named `name` in a fresh directory (kept while the directory lives).
+fn copy_of_sleep(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join(name);
+    fs::copy(sleep_binary(), &copy).expect("copy sleep");
+    (dir, copy)
 }
 
 fn now_ns() -> u64 {
@@ -279,9 +285,7 @@ fn reads_a_fake_proc_tree() {
 
 #[test]
 fn hashes_a_running_exe_even_when_deleted() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let copy = dir.path().join("sleep-copy");
-    fs::copy(sleep_binary(), &copy).expect("copy sleep");
+    let (_dir, copy) = copy_of_sleep("sleep-copy");
     let expected = sha256_file(&copy).expect("hash file");
     let child = Spawned::new(copy.to_str().expect("utf-8"), &["30"]);
     wait_exec(child.pid(), &copy);
@@ -307,9 +311,7 @@ fn hashes_a_running_exe_even_when_deleted() {
 /// showed at that path.
 #[test]
 fn a_gone_process_is_hashed_from_its_path_only_if_the_file_there_is_the_one_it_ran() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("payments-api");
-    fs::copy(sleep_binary(), &path).expect("copy sleep");
+    let (dir, path) = copy_of_sleep("payments-api");
     let ran = kernel_file_id(&path);
     let original = sha256_file(&path).expect("hash");
     let gone = 4_000_000; // beyond pid_max: /proc has no such process
@@ -342,9 +344,7 @@ fn size_cap_skips_large_files() {
 
 #[test]
 fn relative_exec_resolves_to_the_file_the_kernel_ran() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let copy = dir.path().join("renamed-sleep");
-    fs::copy(sleep_binary(), &copy).expect("copy sleep");
+    let (dir, copy) = copy_of_sleep("renamed-sleep");
     let id = kernel_file_id(&copy);
     let copy = fs::canonicalize(&copy).expect("canonical copy");
     let me = std::process::id();
@@ -441,9 +441,7 @@ fn a_program_run_from_memory_is_named_as_proc_names_it() {
 #[test]
 fn a_program_run_through_a_descriptor_is_named_by_the_file_its_parent_holds() {
     use std::os::fd::AsRawFd as _;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let copy = dir.path().join("loader-payload");
-    fs::copy(sleep_binary(), &copy).expect("copy sleep");
+    let (_dir, copy) = copy_of_sleep("loader-payload");
     let id = kernel_file_id(&copy);
     let copy = fs::canonicalize(&copy).expect("canonical copy");
     // This test is the parent: it holds the file open, as a loader does before `fexecve`.
