@@ -106,6 +106,25 @@ async fn file_open_by(sensor: &mut Sensor, pid: u32, within: Duration) -> Option
     .await
 }
 
+/// The next secret access by `pid` within [`WAIT`].
+async fn secret_by(sensor: &mut Sensor, pid: u32) -> Option<Event> {
+    wait_for(sensor, WAIT, |e| e.process.pid == pid && matches!(e.detail, Detail::Secret { .. }))
+        .await
+}
+
+/// A unix socket this test listens on, like an ssh-agent, watched as `watch_id`; the socket's
+/// directory and listener are kept while the returned values live.
+fn watched_agent_socket(
+    sensor: &mut Sensor,
+    watch_id: u32,
+) -> (tempfile::TempDir, PathBuf, std::os::unix::net::UnixListener) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), watch_id).unwrap();
+    (dir, path, listener)
+}
+
 fn assert_file_open(event: &Event, path: &Path, watch: u32) {
     let key = file_key(path).unwrap();
     let Detail::FileOpen { watch_id, ino, dev, matched, .. } = &event.detail else {
@@ -259,16 +278,11 @@ async fn a_credential_fd_taken_from_another_process_is_reported() {
 #[tokio::test]
 async fn an_agent_socket_taken_from_another_process_is_a_secret_access() {
     let Some(mut sensor) = sensor() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("agent.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), 32).unwrap();
+    let (_dir, path, listener) = watched_agent_socket(&mut sensor, 32);
     let taker = take_from_a_holder("hold-unix", &path);
-    let event = wait_for(&mut sensor, WAIT, |e| {
-        e.process.pid == taker && matches!(e.detail, Detail::Secret { .. })
-    })
-    .await
-    .unwrap_or_else(|| panic!("no secret event for the socket taken by pid {taker}"));
+    let event = secret_by(&mut sensor, taker)
+        .await
+        .unwrap_or_else(|| panic!("no secret event for the socket taken by pid {taker}"));
     drop(listener);
     let Detail::Secret { method, target_pid, detail, .. } = event.detail else { unreachable!() };
     assert_eq!((method, target_pid), ("unix_socket", std::process::id()), "the listener");
@@ -411,11 +425,7 @@ async fn environ_of_another_process_by_relative_path_is_a_secret_access(opts: Lo
     let mut target = Command::new("sleep").arg("30").spawn().unwrap();
     let target_pid = target.id();
     let pid = act(&["environ", &target_pid.to_string()]);
-    let event = wait_for(&mut sensor, WAIT, |e| {
-        e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
-    })
-    .await
-    .expect("secret event for the environ read");
+    let event = secret_by(&mut sensor, pid).await.expect("secret event for the environ read");
     target.kill().unwrap();
     let _ = target.wait();
     let Detail::Secret { method, target_pid: t, .. } = event.detail else { unreachable!() };
@@ -588,16 +598,11 @@ async fn a_connect_to_a_watched_unix_socket_through_io_uring_is_seen() {
 /// kw-actor `action` connects to a watched socket this test listens on, like an ssh-agent.
 async fn unix_socket_connect_is_a_secret_access(opts: &LoadOptions, action: &str) {
     let Some(mut sensor) = start_sensor(opts) else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("agent.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    sensor.watch_maps().insert_socket(file_key(&path).unwrap(), 31).unwrap();
+    let (_dir, path, listener) = watched_agent_socket(&mut sensor, 31);
     let pid = act(&[action, path.to_str().unwrap()]);
-    let event = wait_for(&mut sensor, WAIT, |e| {
-        e.process.pid == pid && matches!(e.detail, Detail::Secret { .. })
-    })
-    .await
-    .unwrap_or_else(|| panic!("{action}: no secret event for the unix socket connect"));
+    let event = secret_by(&mut sensor, pid)
+        .await
+        .unwrap_or_else(|| panic!("{action}: no secret event for the unix socket connect"));
     drop(listener);
     let Detail::Secret { method, target_pid, detail, .. } = event.detail else { unreachable!() };
     assert_eq!(method, "unix_socket");
